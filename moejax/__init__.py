@@ -1,0 +1,8 @@
+"""moejax: high-throughput batched MoE inference with host offload, in JAX."""
+
+from moejax.checkpoints import load_pretrained
+from moejax.engine import Engine
+from moejax.model import MoEModel
+from moejax.model_config import ModelConfig, get_model
+
+__all__ = ["Engine", "MoEModel", "ModelConfig", "get_model", "load_pretrained"]

@@ -1,0 +1,117 @@
+"""Lazy, tensor-by-tensor reads of `*.safetensors` files into NumPy.
+
+The format (https://github.com/huggingface/safetensors): 8-byte little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw
+bytes. We parse it ourselves instead of `safetensors.safe_open(framework="np")` because
+NumPy has no bfloat16 and that backend refuses BF16 tensors; `ml_dtypes.bfloat16` (shipped
+with JAX) reads them without a cast. Each read allocates exactly the tensor and fills it
+with one `os.preadv`, so nothing but the tensor being read is ever resident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """Header of one file; `read(name)` returns a fresh NumPy array of that tensor."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(self._fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"unreadable safetensors file {path}: {e}") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            dt = _DTYPES.get(e.get("dtype"))
+            begin, end = e.get("data_offsets", (0, -1))
+            shape = tuple(e.get("shape", ()))
+            if dt is None or end - begin != int(np.prod(shape)) * np.dtype(dt).itemsize \
+                    or self._base + end > size:
+                raise ValueError(f"corrupt safetensors file {path}: bad entry for {name!r}")
+            self.entries[name] = (np.dtype(dt), shape, begin, end)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        dt, shape, begin, end = self.entries[name]
+        out = np.empty(shape, dt)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < end - begin:  # preadv may return short reads
+            k = os.preadv(self._fd, [view[got:]], self._base + begin + got)
+            if k <= 0:
+                raise ValueError(f"truncated safetensors file {self.path} at {name!r}")
+            got += k
+        return out
+
+    def close(self):
+        os.close(self._fd)
+
+
+class CheckpointFiles:
+    """All shards of a checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"unreadable index {index}: {e}") from None
+            shards = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            shards = ["model.safetensors"]
+        else:
+            raise ValueError(f"no model.safetensors or model.safetensors.index.json in "
+                             f"{directory}")
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        for s in shards:
+            p = os.path.join(directory, s)
+            if not os.path.exists(p):
+                raise ValueError(f"missing shard {p} named by the index")
+            self.files[s] = f = SafetensorsFile(p)
+            for name in f.entries:
+                self.where[name] = f
+        if os.path.exists(index):
+            bad = [n for n, s in weight_map.items() if n not in self.files[s].entries]
+            if bad:
+                raise ValueError(f"index {index} names tensors absent from their shard: "
+                                 f"{bad[:5]}")
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.where[name].read(name)
+
+    def file_of(self, name: str) -> str:
+        return self.where[name].path
+
+    def close(self):
+        for f in self.files.values():
+            f.close()

@@ -1,0 +1,62 @@
+"""MoEModel: a config plus its parameter tree, with the all-on-device reference forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.layers.decoder import MoETransformer
+from moejax.model_config.model import ModelConfig
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _forward(cfg, params, tokens, attention_mask):
+    return MoETransformer(cfg).apply({"params": params}, tokens, attention_mask)
+
+
+@dataclass
+class MoEModel:
+    """`config` and `params` (nested dict of arrays, see `MoETransformer`)."""
+
+    config: ModelConfig
+    params: dict
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> "MoEModel":
+        """Randomly initialised weights (benchmarks, tests)."""
+        params = MoETransformer(config).init(
+            jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+        return cls(config, params)
+
+    def check_tokens(self, tokens: np.ndarray) -> None:
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+
+    def logits(self, tokens, attention_mask=None) -> jax.Array:
+        """Full causal forward: int tokens [B, T] -> float32 logits [B, T, vocab].
+
+        `attention_mask` [B, T] (1 = real token) allows left- or right-padded rows.
+        """
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype} "
+                             f"{tokens.shape}")
+        if tokens.shape[1] > self.config.max_positions:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_positions "
+                             f"{self.config.max_positions}")
+        self.check_tokens(tokens)
+        mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(
+            attention_mask, np.int32)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != tokens {tokens.shape}")
+        return _forward(self.config, self.params, jnp.asarray(tokens, jnp.int32),
+                        jnp.asarray(mask))
+
+    def weight_bytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))

@@ -1,0 +1,229 @@
+"""Hardware as data: one frozen `HardwareSpec` per machine (GPU + host + link).
+
+Units are in the field names: `_bytes` (bytes), `_bytes_per_s` (bytes/s), `_flops_per_s`
+(FLOP/s), `_s` (seconds). Every constant below carries its source. The `*_moe_lightning`
+presets are MoE-Lightning's own constants (DESIGN.md §4) and exist to reproduce its model;
+`l4`, `t4`, `a40`, `h100` use vendor datasheets and typical measured link/host figures;
+`local` is measured on this machine by `moejax.schedule.calibrate()` and cached as JSON
+(default `~/.cache/moejax/local_hw.json`, override with `$MOEJAX_CALIBRATION`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+GiB = 2**30
+MiB = 2**20
+GB = 1e9
+TFLOP = 1e12
+
+CALIBRATION_ENV = "MOEJAX_CALIBRATION"
+DEFAULT_CALIBRATION_PATH = os.path.join("~", ".cache", "moejax", "local_hw.json")
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator ("GPU"), its host, and the link between them.
+
+    The optional `gemm_*` and `cpu_attention_bytes_per_s` fields hold calibrated kernel
+    rates (DESIGN.md §4, MoE-Lens calibration); where set, `moejax.schedule.costs` prices
+    device GEMMs as `gemm_intercept_s + flops / gemm_flops_per_s` and CPU attention at the
+    measured KV-read rate instead of the roofline peaks.
+    """
+
+    name: str
+    gpu_fp16_flops_per_s: float  # dense half precision (fp16/bf16) matmul peak
+    gpu_fp32_flops_per_s: float  # dense fp32 peak
+    gpu_memory_bytes: float
+    gpu_memory_bytes_per_s: float
+    cpu_flops_per_s: float  # host fp32 peak (all cores used for attention)
+    host_memory_bytes: float
+    host_memory_bytes_per_s: float  # host DRAM read bandwidth (shared by CPU and DMA)
+    h2d_bytes_per_s: float  # host -> device copy bandwidth (pinned)
+    d2h_bytes_per_s: float  # device -> host copy bandwidth (pinned)
+    cpu_cores: int
+    link_latency_s: float = 0.0  # fixed cost of one host<->device transfer
+    device_is_host: bool = False  # the "GPU" computes on the host cores (local testbed)
+    gemm_intercept_s: float | None = None  # calibrated: one expert FFN call, fixed part
+    gemm_flops_per_s: float | None = None  # calibrated: 1 / slope of that line, in FLOP/s
+    cpu_attention_bytes_per_s: float | None = None  # calibrated: KV bytes read per s
+    source: str = ""
+
+    def __post_init__(self):
+        positive = ("gpu_fp16_flops_per_s", "gpu_fp32_flops_per_s", "gpu_memory_bytes",
+                    "gpu_memory_bytes_per_s", "cpu_flops_per_s", "host_memory_bytes",
+                    "host_memory_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s",
+                    "cpu_cores")
+        optional = ("gemm_flops_per_s", "cpu_attention_bytes_per_s")
+        bad = [f"{k}={getattr(self, k)!r}" for k in positive
+               if not isinstance(getattr(self, k), (int, float)) or not getattr(self, k) > 0]
+        bad += [f"{k}={getattr(self, k)!r}" for k in optional
+                if getattr(self, k) is not None and not getattr(self, k) > 0]
+        for k in ("link_latency_s", "gemm_intercept_s"):
+            v = getattr(self, k)
+            if v is not None and not v >= 0:
+                bad.append(f"{k}={v!r}")
+        if bad:
+            raise ValueError(f"HardwareSpec {self.name!r}: must be > 0 (latencies >= 0): "
+                             + ", ".join(bad))
+        if (self.gemm_intercept_s is None) != (self.gemm_flops_per_s is None):
+            raise ValueError(f"HardwareSpec {self.name!r}: gemm_intercept_s and "
+                             "gemm_flops_per_s must be given together")
+
+    def gpu_flops_per_s(self, dtype: str) -> float:
+        """Device matmul peak for a weight dtype: fp32 or the half-precision tensor rate."""
+        if dtype == "float32":
+            return self.gpu_fp32_flops_per_s
+        if dtype in ("bfloat16", "float16", "int8"):
+            return self.gpu_fp16_flops_per_s
+        raise ValueError(f"unknown dtype {dtype!r}")
+
+    def replace(self, **changes) -> "HardwareSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HardwareSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"HardwareSpec JSON has unknown fields {unknown}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------- presets
+# MoE-Lightning's L4 constants, DESIGN.md §4 (its policy-search preset), reproduced exactly.
+L4_MOE_LIGHTNING = HardwareSpec(
+    name="l4_moe_lightning",
+    gpu_fp16_flops_per_s=104 * TFLOP,  # DESIGN §4: "GPU 104 TFLOP/s"
+    gpu_fp32_flops_per_s=30.3 * TFLOP,  # NVIDIA L4 datasheet (not used by MoE-Lightning)
+    gpu_memory_bytes=24 * GiB,  # DESIGN §4: "gmem 24 GiB"
+    gpu_memory_bytes_per_s=285 * GiB,  # DESIGN §4: "GPU memory 285 GiB/s"
+    cpu_flops_per_s=1.6 * TFLOP,  # DESIGN §4: "CPU 1.6 TFLOP/s"
+    host_memory_bytes=184.29 * GiB,  # DESIGN §4: "cmem 184.29 GiB"
+    host_memory_bytes_per_s=76 * GiB,  # DESIGN §4: "CPU memory 76 GiB/s"
+    h2d_bytes_per_s=16 * GiB,  # DESIGN §4: "PCIe 16 GiB/s"
+    d2h_bytes_per_s=16 * GiB,  # DESIGN §4: same link, each way
+    cpu_cores=24,  # assumed (not part of MoE-Lightning's formulas)
+    source="MoE-Lightning L4 preset (DESIGN.md §4)",
+)
+
+# MoE-Lightning's T4 constants, DESIGN.md §4; fields it does not restate are the L4 ones.
+T4_MOE_LIGHTNING = L4_MOE_LIGHTNING.replace(
+    name="t4_moe_lightning",
+    gpu_fp16_flops_per_s=65 * TFLOP,  # DESIGN §4: "65 TFLOP/s"
+    gpu_fp32_flops_per_s=8.1 * TFLOP,  # NVIDIA T4 datasheet (not used by MoE-Lightning)
+    gpu_memory_bytes=15 * GiB,  # DESIGN §4: "gmem 15 GiB"
+    gpu_memory_bytes_per_s=300 * GiB,  # DESIGN §4: "GPU 300 GiB/s"
+    cpu_flops_per_s=0.8 * TFLOP,  # DESIGN §4: "CPU 0.8 TFLOP/s"
+    source="MoE-Lightning T4 preset (DESIGN.md §4); host as its L4 preset",
+)
+
+# Host of the L4/T4 presets: the MoE-Lightning VM as DESIGN.md §1/§4 describe it.
+_GCP_HOST = dict(
+    cpu_flops_per_s=1.6 * TFLOP,  # MoE-Lightning's measured host figure (DESIGN §4)
+    host_memory_bytes=192 * GB,  # DESIGN §1: "192 GB of host RAM"
+    host_memory_bytes_per_s=76 * GiB,  # MoE-Lightning's measured host figure (DESIGN §4)
+    cpu_cores=24,  # assumed
+    link_latency_s=10e-6,  # typical cudaMemcpyAsync launch + DMA setup, ~5-10 us
+)
+
+L4 = HardwareSpec(
+    name="l4",
+    gpu_fp16_flops_per_s=121 * TFLOP,  # NVIDIA L4 datasheet: 242 TFLOP/s bf16 w/ sparsity
+    gpu_fp32_flops_per_s=30.3 * TFLOP,  # NVIDIA L4 datasheet
+    gpu_memory_bytes=23034 * MiB,  # nvidia-smi total on an L4 (24 GB GDDR6 nominal)
+    gpu_memory_bytes_per_s=300 * GB,  # NVIDIA L4 datasheet
+    h2d_bytes_per_s=25 * GB,  # PCIe 4.0 x16, pinned: ~25 GB/s typical of 31.5 GB/s nominal
+    d2h_bytes_per_s=25 * GB,  # idem, other direction
+    source="NVIDIA L4 datasheet; PCIe 4.0 typical measured; host as MoE-Lightning's VM",
+    **_GCP_HOST,
+)
+
+T4 = HardwareSpec(
+    name="t4",
+    gpu_fp16_flops_per_s=65 * TFLOP,  # NVIDIA T4 datasheet (mixed fp16 tensor cores)
+    gpu_fp32_flops_per_s=8.1 * TFLOP,  # NVIDIA T4 datasheet
+    gpu_memory_bytes=15360 * MiB,  # nvidia-smi total on a T4 (16 GB GDDR6 nominal)
+    gpu_memory_bytes_per_s=320 * GB,  # NVIDIA T4 datasheet
+    h2d_bytes_per_s=12 * GB,  # PCIe 3.0 x16, pinned: ~12 GB/s typical of 15.75 nominal
+    d2h_bytes_per_s=12 * GB,  # idem, other direction
+    source="NVIDIA T4 datasheet; PCIe 3.0 typical measured; host as MoE-Lightning's VM",
+    **_GCP_HOST,
+)
+
+# MoE-Lens testbed (seeds/moe-lens-abstract.txt): A40 + one socket of a dual Xeon 8380.
+A40 = HardwareSpec(
+    name="a40",
+    gpu_fp16_flops_per_s=149.7 * TFLOP,  # NVIDIA A40 datasheet (299.4 w/ sparsity)
+    gpu_fp32_flops_per_s=37.4 * TFLOP,  # NVIDIA A40 datasheet
+    gpu_memory_bytes=46068 * MiB,  # nvidia-smi total on an A40 (48 GB GDDR6 nominal)
+    gpu_memory_bytes_per_s=696 * GB,  # NVIDIA A40 datasheet
+    cpu_flops_per_s=2.94 * TFLOP,  # Xeon 8380: 40 cores x 2.3 GHz x 32 fp32 FLOP/cycle
+    host_memory_bytes=256 * GiB,  # assumed; MoE-Lens varies KV capacity 70-210 GB
+    host_memory_bytes_per_s=160 * GB,  # ~78% of 8ch DDR4-3200 (204.8 GB/s), STREAM-like
+    h2d_bytes_per_s=25 * GB,  # PCIe 4.0 x16, pinned: ~25 GB/s typical
+    d2h_bytes_per_s=25 * GB,  # idem
+    cpu_cores=40,  # Intel Xeon Platinum 8380 (one socket, numactl as in MoE-Lens)
+    link_latency_s=10e-6,  # typical cudaMemcpyAsync launch + DMA setup
+    source="NVIDIA A40 / Intel Xeon 8380 datasheets; MoE-Lens testbed (one socket)",
+)
+
+H100 = HardwareSpec(
+    name="h100",
+    gpu_fp16_flops_per_s=989 * TFLOP,  # NVIDIA H100 SXM5 datasheet, dense bf16
+    gpu_fp32_flops_per_s=67 * TFLOP,  # NVIDIA H100 SXM5 datasheet
+    gpu_memory_bytes=81559 * MiB,  # nvidia-smi total on an H100 80GB HBM3
+    gpu_memory_bytes_per_s=3.35e12,  # NVIDIA H100 SXM5 datasheet
+    cpu_flops_per_s=3.58 * TFLOP,  # Xeon 8480+: 56 cores x 2.0 GHz x 32 fp32 FLOP/cycle
+    host_memory_bytes=1024 * GiB,  # DGX H100: 2 TB over two sockets, one socket's share
+    host_memory_bytes_per_s=250 * GB,  # ~80% of 8ch DDR5-4800 (307 GB/s) per socket
+    h2d_bytes_per_s=50 * GB,  # PCIe 5.0 x16, pinned: ~50 GB/s typical of 63 nominal
+    d2h_bytes_per_s=50 * GB,  # idem
+    cpu_cores=56,  # Intel Xeon Platinum 8480+ (one socket)
+    link_latency_s=10e-6,  # typical cudaMemcpyAsync launch + DMA setup
+    source="NVIDIA H100 SXM5 / Intel Xeon 8480+ datasheets; PCIe 5.0 typical measured",
+)
+
+_PRESETS: dict[str, HardwareSpec] = {
+    h.name: h for h in (L4_MOE_LIGHTNING, T4_MOE_LIGHTNING, L4, T4, A40, H100)}
+
+
+def hardware_names() -> list[str]:
+    return sorted([*_PRESETS, "local"])
+
+
+def calibration_path() -> str:
+    """Where `local` is cached: `$MOEJAX_CALIBRATION` or ~/.cache/moejax/local_hw.json."""
+    return os.path.expanduser(os.environ.get(CALIBRATION_ENV) or DEFAULT_CALIBRATION_PATH)
+
+
+def load_local(path: str | None = None, recalibrate: bool = False) -> HardwareSpec:
+    """The calibrated `local` spec: read the JSON cache, calibrating (and caching) if it
+    is absent, unreadable or `recalibrate` is set."""
+    path = os.path.expanduser(path) if path else calibration_path()
+    if not recalibrate and os.path.exists(path):
+        try:
+            with open(path) as f:
+                return HardwareSpec.from_json(json.load(f)["spec"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logging.warning("calibration cache %s unusable (%s); recalibrating", path, e)
+    from moejax.schedule.calibrate import calibrate  # lazy: pulls in JAX
+
+    return calibrate(path=path)
+
+
+def get_hardware(name: str) -> HardwareSpec:
+    """Preset by name; `local` loads (or runs) the calibration. Unknown names raise
+    ValueError listing the valid ones."""
+    if name == "local":
+        return load_local()
+    if name not in _PRESETS:
+        raise ValueError(f"unknown hardware {name!r}; valid: {', '.join(hardware_names())}")
+    return _PRESETS[name]
