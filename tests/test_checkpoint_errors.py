@@ -1,0 +1,79 @@
+"""Broken checkpoints give one ValueError naming the file and tensor."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import moejax
+from tests.oracle import hf_model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    _, d = hf_model("mixtral", tmp_path_factory.mktemp("mixtral"))
+    return d
+
+
+def _copy_with(ckpt, tmp_path, edit):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+def test_missing_tensor_named(ckpt, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    d = _copy_with(ckpt, tmp_path, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=f"missing tensor '{name}'"):
+        moejax.load_pretrained(d)
+
+
+def test_extra_tensor_named_with_file(ckpt, tmp_path):
+    d = _copy_with(ckpt, tmp_path, lambda t: t.update(stray=np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match="model.safetensors: unexpected tensor 'stray'"):
+        moejax.load_pretrained(d)
+
+
+def test_misshaped_tensor_named(ckpt, tmp_path):
+    name = "model.layers.0.self_attn.q_proj.weight"
+    d = _copy_with(ckpt, tmp_path, lambda t: t.update({name: t[name][:, :-1].copy()}))
+    with pytest.raises(ValueError, match=f"'{name}' has shape"):
+        moejax.load_pretrained(d)
+
+
+def test_truncated_file(ckpt, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    f = out / "model.safetensors"
+    os.truncate(f, os.path.getsize(f) // 2)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        moejax.load_pretrained(out)
+
+
+def test_garbage_header(ckpt, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    (out / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="unreadable safetensors file"):
+        moejax.load_pretrained(out)
+
+
+def test_missing_directory_and_config():
+    with pytest.raises(ValueError, match="does not exist"):
+        moejax.load_pretrained("/nonexistent/ckpt")
+
+
+def test_bad_config_json(ckpt, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        moejax.load_pretrained(out)
