@@ -1,0 +1,173 @@
+"""The schedule is data: CGOPipe's static timeline (DESIGN.md §3; MoE-Lightning §4).
+
+`build_timeline` turns a Policy into a list of `Entry`s — (resource, op, layer,
+micro-batch, page, depends-on) plus the sizes that price it. Per resource, list order is
+execution order; `deps` point to earlier entries only, so the list is also a valid
+serial order. The simulator (`simulate.py`) prices this list, the executor
+(`executor.py`) runs it: one source of truth for prediction and execution.
+
+A *pass* is one layer of one forward (prefill, or one decode step); passes are numbered
+p = step·L + layer, and "the next layer" of the last layer of a step is layer 0 of the
+next step, so weight streaming runs across step boundaries as in steady state.
+
+CGOPipe order for pass p with micro-batches k = 0..n−1 (attention on the CPU):
+  gpu: pre(p,0), pre(p,1), post(p,0), pre(p,2), post(p,1), …, post(p,n−1)
+  d2h: qkv(p,0), …, qkv(p,n−1)          cpu: attn(p,0), …, attn(p,n−1)
+  h2d: pages(p+1, chunk 0), out(p,0), pages(p+1, chunk 1), out(p,1), …
+so while the CPU runs attention of micro-batch k the GPU runs post-attention of k−1 and
+pre-attention of k+1, and the link interleaves the next layer's weight pages with the
+attention outputs, which then wait behind at most one chunk of pages. Streamed pages of
+pass p land in device slot p mod 2 (the double buffer); the first page of pass p+1 waits
+until every micro-batch of pass p−1 — the slot's previous user — is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moejax.model_config.model import ModelConfig
+from moejax.schedule.policy import Policy
+
+RESOURCES = ("gpu", "cpu", "h2d", "d2h")
+# op → resource. "attn" runs on the gpu (prefill, or decode with attention_device="gpu").
+OPS = {"page": "h2d", "embed": "gpu", "pre_attn": "gpu", "attn": "gpu", "d2h_qkv": "d2h",
+       "cpu_attn": "cpu", "h2d_attn": "h2d", "d2h_kv": "d2h", "post_attn": "gpu",
+       "head": "gpu"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One op of the timeline. `tokens` rows of activations (micro-batch size × tokens
+    per sequence), attention `context` keys per query, `nbytes` for a page."""
+
+    id: int
+    resource: str
+    op: str
+    stage: str  # "prefill" | "decode"
+    step: int  # 0 for prefill, 1.. for decode steps
+    layer: int
+    micro_batch: int = -1
+    page: int = -1
+    deps: tuple[int, ...] = ()
+    tokens: int = 0
+    context: int = 0
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Pages of each layer's streamed (non-resident) expert bytes: `page_nbytes[layer]`
+    lists page sizes (empty for dense or fully resident layers)."""
+
+    page_nbytes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def uniform(cls, cfg: ModelConfig, policy: Policy) -> "StreamPlan":
+        """Pages of `policy.page_bytes` over (1 − wg)·W_E bytes, the last one partial."""
+        layers = []
+        for i in range(cfg.num_layers):
+            total = (round((1 - policy.gpu_weight_fraction) * cfg.expert_bytes_per_layer())
+                     if cfg.is_moe_layer(i) else 0)
+            full, rest = divmod(total, policy.page_bytes)
+            layers.append((policy.page_bytes,) * full + ((rest,) if rest else ()))
+        return cls(tuple(layers))
+
+
+class _Builder:
+    def __init__(self, cfg: ModelConfig, policy: Policy, plan: StreamPlan):
+        self.cfg, self.policy, self.plan = cfg, policy, plan
+        self.entries: list[Entry] = []
+        self.pages: dict[int, list[int]] = {}  # pass → ids of its page loads
+        self.slot_free: dict[int, int] = {}  # pass → id after which its slot is free
+
+    def add(self, op, stage, step, layer, mb=-1, page=-1, deps=(), **sizes) -> int:
+        i = len(self.entries)
+        self.entries.append(Entry(i, OPS[op], op, stage, step, layer, mb, page,
+                                  tuple(d for d in deps if d is not None), **sizes))
+        return i
+
+    def page_chunks(self, p: int, stage: str, step: int, layer: int, n: int):
+        """Issue-ready page loads of pass p split into n chunks (lists of thunks)."""
+        sizes = self.plan.page_nbytes[layer]
+        chunks = [[] for _ in range(n)]
+        for j, nbytes in enumerate(sizes):
+            chunks[j * n // max(len(sizes), 1)].append((j, nbytes))
+        self.pages[p] = []
+
+        def emit(chunk):
+            for j, nbytes in chunk:
+                dep = self.slot_free.get(p - 2) if not self.pages[p] else None
+                self.pages[p].append(self.add("page", stage, step, layer, page=j,
+                                              deps=(dep,), nbytes=nbytes))
+        return [lambda c=c: emit(c) for c in chunks]
+
+
+def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, context,
+                   cpu_attention: bool):
+    """Entries of one pass; returns the ids of each micro-batch's last op (post_attn)."""
+    n = b.policy.num_micro_batches
+    chunks = b.page_chunks(p + 1, *nxt, n) if nxt else [lambda: None] * n
+    pre, out, post = [None] * n, [None] * n, [None] * n
+    sizes = dict(tokens=tokens, context=context)
+    pages = lambda: tuple(b.pages.get(p, ()))
+
+    def pre_attn(k):
+        pre[k] = b.add("pre_attn", stage, step, layer, k, deps=(prev_out[k],), **sizes)
+        if stage == "prefill" or not cpu_attention:
+            # the host KV cache receives the new k, v (prefill: the whole prompt)
+            if b.policy.kv_cache_device == "cpu":
+                b.add("d2h_kv", stage, step, layer, k, deps=(pre[k],), **sizes)
+            out[k] = b.add("attn", stage, step, layer, k, deps=(pre[k],), **sizes)
+        else:
+            q = b.add("d2h_qkv", stage, step, layer, k, deps=(pre[k],), **sizes)
+            out[k] = b.add("cpu_attn", stage, step, layer, k, deps=(q,), **sizes)
+
+    def post_attn(k):
+        if stage == "decode" and cpu_attention:
+            chunks[k]()
+            out[k] = b.add("h2d_attn", stage, step, layer, k, deps=(out[k],), **sizes)
+        elif k == 0:
+            for c in chunks:
+                c()
+        post[k] = b.add("post_attn", stage, step, layer, k, deps=(out[k],) + pages(),
+                        **sizes)
+
+    pre_attn(0)
+    for k in range(n):
+        if k + 1 < n:
+            pre_attn(k + 1)
+        post_attn(k)
+    b.slot_free[p] = post[-1]
+    return post
+
+
+def build_timeline(cfg: ModelConfig, policy: Policy, prompt_len: int, decode_steps: int,
+                   plan: StreamPlan | None = None) -> list[Entry]:
+    """Prefill of `policy.batch_size` prompts of `prompt_len` tokens, then
+    `decode_steps` decode steps (each one new token per sequence), as one timeline."""
+    if prompt_len < 1 or decode_steps < 0:
+        raise ValueError(f"prompt_len={prompt_len} must be >= 1 and decode_steps="
+                         f"{decode_steps} >= 0")
+    if decode_steps and policy.attention_device == "gpu" and policy.kv_cache_device == "cpu":
+        raise ValueError("decode attention on the gpu needs kv_cache_device='gpu' "
+                         "(streaming a host KV cache to the device is not scheduled)")
+    b = _Builder(cfg, policy, plan or StreamPlan.uniform(cfg, policy))
+    n, ubs, L = policy.num_micro_batches, policy.micro_batch_size, cfg.num_layers
+    cpu_attention = policy.attention_device == "cpu"
+    passes = [("prefill", 0, j) for j in range(L)] + [
+        ("decode", s, j) for s in range(1, decode_steps + 1) for j in range(L)]
+    b.page_chunks(0, "prefill", 0, 0, 1)[0]()  # the very first layer's pages
+    prev = [None] * n
+    for p, (stage, step, layer) in enumerate(passes):
+        tokens = ubs * (prompt_len if stage == "prefill" else 1)
+        context = prompt_len + step  # keys each query sees (decode: incl. the new one)
+        if layer == 0:
+            prev = [b.add("embed", stage, step, 0, k, deps=(prev[k],), tokens=tokens)
+                    for k in range(n)]
+        nxt = passes[p + 1] if p + 1 < len(passes) else None
+        prev = _pass_schedule(b, p, stage, step, layer, nxt, prev, tokens, context,
+                              cpu_attention)
+        if layer == L - 1:
+            prev = [b.add("head", stage, step, layer, k, deps=(prev[k],), tokens=ubs)
+                    for k in range(n)]
+    return b.entries
