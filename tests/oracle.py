@@ -14,6 +14,23 @@ TINY = {
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
         num_experts_per_tok=2, max_position_embeddings=128, rope_theta=1e4,
         tie_word_embeddings=False)),
+    # clip_qkv 0.5: with the widened init q, k, v have std ≈ 1, so the clamp is active.
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM", dict(
+        vocab_size=101, d_model=48, n_heads=4, n_layers=2, max_seq_len=128,
+        attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=1e4),  # HF requires the
+        # (unused) attn_config.rope_theta; its rotary reads rope_parameters: keep them equal
+        ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2,
+                        moe_normalize_expert_weights=1.0),
+        rope_parameters=dict(rope_type="default", rope_theta=1e4),
+        tie_word_embeddings=False)),
+    # head_dim 16 ≠ hidden / heads = 12; 8 small experts, top-3.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=101, hidden_size=48, intermediate_size=56, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[],
+        decoder_sparse_step=1, max_position_embeddings=128, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4),
+        tie_word_embeddings=False)),
 }
 
 

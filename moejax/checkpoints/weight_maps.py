@@ -99,7 +99,75 @@ def mixtral_rules(c: ModelConfig) -> dict[Path, Rule]:
     return r
 
 
+def _rows_T(lo: int, hi: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows [lo, hi) of a fused [out, in] Linear weight, as an [in, hi − lo] kernel."""
+    return lambda a: a[lo:hi].T
+
+
+def dbrx_rules(c: ModelConfig) -> dict[Path, Rule]:
+    """DBRX (`transformer.` prefix). Fused Wqkv [h + 2·kv·d, h] is split into q, k, v;
+    experts are fused per layer as `ffn.experts.mlp.{w1, v1, w2}`, each [E·f, h] (the layout
+    transformers 5 keeps in memory and writes to disk): expert e computes
+    (silu(x·w1_eᵀ) ⊙ x·v1_eᵀ)·w2_e, so w1, v1 are transposed and w2 is taken as is."""
+    h, d, E, f = c.hidden_size, c.head_dim, c.num_experts, c.expert_ffn_size
+    q, kv = c.num_heads * d, c.num_kv_heads * d
+    r = {("embed", "embedding"): Rule(("transformer.wte.weight",), (c.vocab_size, h)),
+         ("final_norm", "scale"): _vector("transformer.norm_f.weight", h),
+         ("lm_head", "kernel"): _linear("lm_head.weight", c.vocab_size, h)}
+    gate_up = lambda a: a.reshape(E, f, h).transpose(0, 2, 1)  # [E·f, h] -> [E, h, f]
+    down = lambda a: a.reshape(E, f, h)  # [E·f, h] -> [E, f, h]
+    for i in range(c.num_layers):
+        p, lp = f"transformer.blocks.{i}.", f"layers_{i}"
+        na, wqkv = p + "norm_attn_norm.", p + "norm_attn_norm.attn.Wqkv.weight"
+        fused = (q + 2 * kv, h)
+        r.update({
+            (lp, "attn_norm", "scale"): _vector(na + "norm_1.weight", h),
+            (lp, "attn", "q_proj", "kernel"): Rule((wqkv,), fused, _rows_T(0, q)),
+            (lp, "attn", "k_proj", "kernel"): Rule((wqkv,), fused, _rows_T(q, q + kv)),
+            (lp, "attn", "v_proj", "kernel"): Rule((wqkv,), fused,
+                                                   _rows_T(q + kv, q + 2 * kv)),
+            (lp, "attn", "o_proj", "kernel"): _linear(na + "attn.out_proj.weight", h, q),
+            (lp, "ffn_norm", "scale"): _vector(na + "norm_2.weight", h),
+            (lp, "router", "gate", "kernel"): _linear(p + "ffn.router.layer.weight", E, h),
+        })
+        mlp = p + "ffn.experts.mlp."
+        for ours, theirs, tf in (("w1", "w1", gate_up), ("w3", "v1", gate_up),
+                                 ("w2", "w2", down)):
+            r[(lp, "experts", ours)] = Rule((mlp + theirs,), (E * f, h), tf)
+    return r
+
+
+def dense_mlp(c: ModelConfig, p: str, lp: str,
+              w: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+              ) -> dict[Path, Rule]:
+    """A dense SwiGLU MLP stored as three Linears `{p}{gate, up, down}.weight`."""
+    h, f = c.hidden_size, c.dense_ffn_size
+    return {(lp, "mlp", "w1"): _linear(f"{p}{w[0]}.weight", f, h),
+            (lp, "mlp", "w3"): _linear(f"{p}{w[1]}.weight", f, h),
+            (lp, "mlp", "w2"): _linear(f"{p}{w[2]}.weight", h, f)}
+
+
+def qwen3_moe_rules(c: ModelConfig) -> dict[Path, Rule]:
+    """Qwen3-MoE: Llama-style attention with q/k norms; MoE layers hold `mlp.gate` and
+    per-expert `mlp.experts.{e}.{gate,up,down}_proj` (transformers 5 fuses them in memory
+    but `save_pretrained` writes this per-expert layout); dense layers `mlp.*_proj`."""
+    r = embeddings(c)
+    for i in range(c.num_layers):
+        p, lp = f"model.layers.{i}.", f"layers_{i}"
+        r.update(llama_style_attention(c, p, lp))
+        if c.is_moe_layer(i):
+            r[(lp, "router", "gate", "kernel")] = _linear(p + "mlp.gate.weight",
+                                                          c.num_experts, c.hidden_size)
+            r.update(stacked_experts(lambda e, w: f"{p}mlp.experts.{e}.{w}.weight", c, lp,
+                                     ("gate_proj", "up_proj", "down_proj")))
+        else:
+            r.update(dense_mlp(c, p + "mlp.", lp))
+    return r
+
+
 # family → rules(cfg)
 WEIGHT_MAPS: dict[str, Callable[[ModelConfig], dict[Path, Rule]]] = {
     "mixtral": mixtral_rules,
+    "dbrx": dbrx_rules,
+    "qwen3_moe": qwen3_moe_rules,
 }

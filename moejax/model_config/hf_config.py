@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from moejax.model_config.model import ModelConfig
@@ -56,8 +57,102 @@ def _mixtral(d: dict, name: str) -> ModelConfig:
         topk_norm_p=1.0, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
 
 
+def _dbrx(d: dict, name: str) -> ModelConfig:
+    """DBRX: sizes at the top level (`d_model`, `n_layers`, ...) plus nested `attn_config`
+    and `ffn_config`; LayerNorm without bias (torch default eps 1e-5), fused Wqkv clamped to
+    ±`clip_qkv`, top-k probabilities divided by their `moe_normalize_expert_weights`-norm.
+
+    rope θ: the released checkpoints keep it in `attn_config.rope_theta` (5e5). transformers
+    5.23 requires that key but ignores it: its rotary reads `rope_parameters`, which for a
+    legacy config is the generic default 1e4, and `save_pretrained` then writes both. The
+    DBRX-specific key wins here when present (a warning when the two disagree).
+    """
+    attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
+    # transformers' attribute_map aliases (hidden_size → d_model, ...) may appear instead.
+    alias = {"d_model": "hidden_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "max_seq_len": "max_position_embeddings"}
+    d = {**{k: d[v] for k, v in alias.items() if d.get(k) is None and v in d}, **d}
+    vocab, h, L, heads = _need(d, "vocab_size", "d_model", "n_layers", "n_heads")
+    f, E, k = _need({**ffn, "model_type": "dbrx ffn_config"}, "ffn_hidden_size",
+                    "moe_num_experts", "moe_top_k")
+    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+    if act != "silu":
+        raise ValueError(f"HF config (dbrx): ffn_act_fn {act!r} is not supported (silu only)")
+    if h % heads:
+        raise ValueError(f"HF config (dbrx): d_model={h} is not a multiple of n_heads={heads}")
+    if d.get("tie_word_embeddings"):
+        raise ValueError("HF config (dbrx): tie_word_embeddings=true is not supported "
+                         "(transformers rejects it for DBRX too)")
+    theta = _rope_theta(d, 10000.0)
+    if attn.get("rope_theta") is not None:
+        if "rope_parameters" in d and float(attn["rope_theta"]) != theta:
+            warnings.warn(f"HF config (dbrx): attn_config.rope_theta={attn['rope_theta']} "
+                          f"and rope_parameters rope_theta={theta} disagree; using "
+                          "attn_config's (transformers 5 would use rope_parameters')")
+        theta = float(attn["rope_theta"])
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    return ModelConfig(
+        name=name, family="dbrx", vocab_size=vocab, hidden_size=h, expert_ffn_size=f,
+        num_layers=L, num_heads=heads,
+        num_kv_heads=attn.get("kv_n_heads") or d.get("num_key_value_heads") or 1,
+        head_dim=h // heads, num_experts=E, top_k=k, rope_theta=theta, norm_eps=1e-5,
+        max_positions=d.get("max_seq_len") or 2048, dtype=_dtype(d),
+        norm_type="layernorm", clip_qkv=None if attn.get("clip_qkv") is None
+        else float(attn["clip_qkv"]), topk_norm_p=None if p is None else float(p),
+        tie_word_embeddings=False)
+
+
+def qwen3_moe_dense_layers(num_layers: int, mlp_only_layers, decoder_sparse_step: int
+                           ) -> tuple[int, ...]:
+    """Layers with a dense MLP (HF Qwen3MoeDecoderLayer): listed in `mlp_only_layers`, or
+    i with (i + 1) % decoder_sparse_step != 0."""
+    only = set(mlp_only_layers or ())
+    return tuple(i for i in range(num_layers)
+                 if i in only or (i + 1) % decoder_sparse_step != 0)
+
+
+def _qwen3_moe(d: dict, name: str) -> ModelConfig:
+    """Qwen3-MoE: per-head q/k RMSNorm, `head_dim` independent of hidden size, optional
+    top-k renormalisation (`norm_topk_prob`), no shared experts; dense layers by
+    `mlp_only_layers` / `decoder_sparse_step` with `intermediate_size`."""
+    _check_window(d)
+    if d.get("attention_bias"):
+        raise ValueError("HF config (qwen3_moe): attention_bias=true is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"HF config (qwen3_moe): hidden_act {d['hidden_act']!r} is not "
+                         "supported (silu only)")
+    vocab, h, f, L, heads = _need(d, "vocab_size", "hidden_size", "moe_intermediate_size",
+                                  "num_hidden_layers", "num_attention_heads")
+    # transformers 5 writes `num_local_experts`; released configs say `num_experts`.
+    E = d.get("num_experts", d.get("num_local_experts", 128))
+    if not E:
+        raise ValueError("HF config (qwen3_moe): num_experts=0 (a dense model) is not "
+                         "supported")
+    step = d.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"HF config (qwen3_moe): decoder_sparse_step={step!r} must be a "
+                         "positive integer")
+    dense = qwen3_moe_dense_layers(L, d.get("mlp_only_layers"), step)
+    if len(dense) == L:
+        raise ValueError(f"HF config (qwen3_moe): every layer is dense "
+                         f"(mlp_only_layers={d.get('mlp_only_layers')}, "
+                         f"decoder_sparse_step={step})")
+    dense_f = _need(d, "intermediate_size")[0] if dense else 0
+    return ModelConfig(
+        name=name, family="qwen3_moe", vocab_size=vocab, hidden_size=h, expert_ffn_size=f,
+        num_layers=L, num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or h // heads, num_experts=E,
+        top_k=d.get("num_experts_per_tok", 8), rope_theta=_rope_theta(d, 10000.0),
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_positions=d.get("max_position_embeddings", 32768), dtype=_dtype(d),
+        qk_norm=True, topk_norm_p=1.0 if d.get("norm_topk_prob", False) else None,
+        dense_layers=dense, dense_ffn_size=dense_f,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+
+
 # model_type → parser(config dict, name) -> ModelConfig
-PARSERS: dict[str, Callable[[dict, str], ModelConfig]] = {"mixtral": _mixtral}
+PARSERS: dict[str, Callable[[dict, str], ModelConfig]] = {
+    "mixtral": _mixtral, "dbrx": _dbrx, "qwen3_moe": _qwen3_moe}
 
 
 def config_from_hf(d: dict, name: str) -> ModelConfig:

@@ -218,6 +218,13 @@ _PRESETS: dict[str, ModelConfig] = {
         expert_ffn_size=10752, num_layers=40, num_heads=48, num_kv_heads=8, head_dim=128,
         num_experts=16, top_k=4, rope_theta=5e5, norm_eps=1e-5, max_positions=32768,
         norm_type="layernorm", clip_qkv=8.0, topk_norm_p=1.0),
+    # HF Qwen/Qwen3-30B-A3B config.json: head_dim 128 ≠ hidden/heads = 64, 128 small experts
+    # (moe_intermediate_size 768) top-8 renormalised, q/k RMSNorm, every layer sparse.
+    "qwen3_30b_a3b": ModelConfig(
+        name="qwen3_30b_a3b", family="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        expert_ffn_size=768, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+        num_experts=128, top_k=8, rope_theta=1e6, norm_eps=1e-6, max_positions=40960,
+        qk_norm=True, topk_norm_p=1.0, tie_word_embeddings=False),
     # Tiny shapes for tests and the CPU demo.
     "tiny_mixtral": ModelConfig(
         name="tiny_mixtral", family="mixtral", vocab_size=128, hidden_size=64,

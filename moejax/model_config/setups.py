@@ -1,0 +1,71 @@
+"""Experiment setups: a model on a machine running a workload (data, not code).
+
+`--config mixtral_l4` in the experiments names one of these. Multi-GPU setups follow
+MoE-Lightning's evaluation (Mixtral 8x22B on 2×T4, DBRX on 4×T4, tensor parallel); the
+performance model sees them as one device with k× the memory, compute, device bandwidth
+and link bandwidth (k PCIe x16 links) sharing one host — an ideal tensor-parallel
+approximation, said so wherever a figure comes from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moejax.model_config.hardware import HardwareSpec, get_hardware
+from moejax.model_config.model import ModelConfig, get_model
+from moejax.model_config.workload import Workload, get_workload
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    model_name: str
+    hardware_name: str
+    workload_name: str
+    num_gpus: int = 1
+
+    @property
+    def model(self) -> ModelConfig:
+        return get_model(self.model_name)
+
+    @property
+    def workload(self) -> Workload:
+        return get_workload(self.workload_name)
+
+    @property
+    def hardware(self) -> HardwareSpec:
+        return scale_gpus(get_hardware(self.hardware_name), self.num_gpus)
+
+
+def scale_gpus(hw: HardwareSpec, k: int) -> HardwareSpec:
+    """k identical GPUs, ideal tensor parallelism, one shared host."""
+    if k == 1:
+        return hw
+    return hw.replace(
+        name=f"{hw.name}x{k}", gpu_fp16_flops_per_s=k * hw.gpu_fp16_flops_per_s,
+        gpu_fp32_flops_per_s=k * hw.gpu_fp32_flops_per_s,
+        gpu_memory_bytes=k * hw.gpu_memory_bytes,
+        gpu_memory_bytes_per_s=k * hw.gpu_memory_bytes_per_s,
+        h2d_bytes_per_s=k * hw.h2d_bytes_per_s, d2h_bytes_per_s=k * hw.d2h_bytes_per_s,
+        source=f"{k} x ({hw.source}), ideal tensor parallel")
+
+
+_SETUPS = {s.name: s for s in (
+    Setup("mixtral_l4", "mixtral_8x7b", "l4", "mtbench_g32"),
+    Setup("mixtral_t4", "mixtral_8x7b", "t4", "mtbench_g32"),
+    Setup("mixtral_l4_moe_lightning", "mixtral_8x7b", "l4_moe_lightning", "mtbench_g32"),
+    Setup("mixtral_8x22b_t4x2", "mixtral_8x22b", "t4", "mtbench_g32", num_gpus=2),
+    Setup("dbrx_t4x4", "dbrx", "t4", "mtbench_g32", num_gpus=4),
+    Setup("qwen3_l4", "qwen3_30b_a3b", "l4", "mtbench_g32"),
+)}
+
+
+def setup_names() -> list[str]:
+    return sorted(_SETUPS)
+
+
+def get_setup(name: str) -> Setup:
+    """Setup by name; an unknown name raises ValueError listing the valid ones."""
+    if name not in _SETUPS:
+        raise ValueError(f"unknown config {name!r}; valid: {', '.join(setup_names())}")
+    return _SETUPS[name]
