@@ -1,0 +1,63 @@
+"""Workloads as data: prompt and generation lengths of an offline batch job."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An offline generation job: every sequence has a `prompt_len`-token prompt and
+    generates `gen_len` tokens (the first by prefill, `gen_len - 1` by decode steps).
+
+    `num_sequences`, when given, is the size of the whole job: the search never picks a
+    batch larger than it. `kv_bytes_per_elem` overrides the KV-cache element size
+    (None: the model's dtype; 1 for an int8 cache).
+    """
+
+    prompt_len: int
+    gen_len: int
+    num_sequences: int | None = None
+    kv_bytes_per_elem: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        for k in ("prompt_len", "gen_len"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Workload: {k}={v!r} must be a positive integer")
+        for k in ("num_sequences", "kv_bytes_per_elem"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"Workload: {k}={v!r} must be a positive integer or None")
+
+    @property
+    def context_len(self) -> int:
+        """Tokens per sequence at the end of generation: s + n."""
+        return self.prompt_len + self.gen_len
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+
+_PRESETS: dict[str, Workload] = {
+    # MoE-Lightning's MTBench setting (DESIGN.md §4): mean prompt 77 tokens,
+    # generation 32 / 64 / 128 / 256.
+    **{f"mtbench_g{n}": Workload(77, n, name=f"mtbench_g{n}") for n in (32, 64, 128, 256)},
+    # Small shapes for the CPU testbed and tests.
+    "tiny": Workload(16, 8, name="tiny"),
+    "local_demo": Workload(64, 32, name="local_demo"),
+}
+_PRESETS["mtbench"] = _PRESETS["mtbench_g32"].replace(name="mtbench")
+
+
+def workload_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_workload(name: str) -> Workload:
+    """Preset by name; an unknown name raises ValueError listing the valid ones."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown workload {name!r}; valid: {', '.join(workload_names())}")
+    return _PRESETS[name]

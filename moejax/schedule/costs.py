@@ -1,0 +1,160 @@
+"""Op prices: the one place that says how long an op takes (DESIGN.md §3-§4).
+
+Every function prices one op of one layer for one micro-batch (or one transfer) from
+(model, hardware, sizes) with the hierarchical roofline: time = max(compute, memory),
+compute = FLOPs / peak (or the calibrated GEMM line where the spec has one), memory =
+bytes / bandwidth. `predict()` composes these; the timeline simulator prices each
+timeline entry with the same functions, so the two agree in steady state.
+
+Sizes may be Python numbers or NumPy arrays (they broadcast), so the policy search can
+price many candidates at once. Activations are in the model's dtype; the KV cache in
+`kv_bytes_per_elem` bytes per element (None: the model's dtype).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moejax.model_config.hardware import HardwareSpec
+from moejax.model_config.model import ModelConfig
+
+LOGITS_BYTES = 4  # LM-head logits are kept in float32
+
+
+# ------------------------------------------------------------------ generic roofs
+def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0):
+    """Device time of `flops` of GEMM work: the calibrated line
+    `calls·gemm_intercept_s + flops / gemm_flops_per_s` where the spec has one, else
+    `flops / P_gpu(dtype)`. The intercept was fitted on one expert FFN of the
+    calibration model, so only expert FFN calls (`calls` = experts run) pay it."""
+    if hw.gemm_flops_per_s is not None:
+        return calls * hw.gemm_intercept_s + flops / hw.gemm_flops_per_s
+    return flops / hw.gpu_flops_per_s(m.dtype)
+
+
+def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0):
+    """Roofline of one device op: max(compute, bytes / B_gpu)."""
+    return np.maximum(device_compute_s(m, hw, flops, calls),
+                      nbytes / hw.gpu_memory_bytes_per_s)
+
+
+def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
+    """Host → device copy: transfers·latency + bytes / B_h2d."""
+    return transfers * hw.link_latency_s + nbytes / hw.h2d_bytes_per_s
+
+
+def d2h_s(hw: HardwareSpec, nbytes, transfers=1):
+    """Device → host copy: transfers·latency + bytes / B_d2h."""
+    return transfers * hw.link_latency_s + nbytes / hw.d2h_bytes_per_s
+
+
+def num_pages(nbytes, page_bytes):
+    """Pages needed to stream `nbytes` (DESIGN.md §2)."""
+    return np.ceil(np.asarray(nbytes, dtype=float) / page_bytes)
+
+
+# --------------------------------------------------------------------- sizes
+def qkv_bytes(m: ModelConfig, tokens):
+    """q and the new k, v of `tokens` tokens: what CPU attention needs from the device."""
+    return tokens * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim * m.bytes_per_param
+
+
+def attn_out_bytes(m: ModelConfig, tokens):
+    """Attention output of `tokens` tokens, sent back to the device."""
+    return tokens * m.num_heads * m.head_dim * m.bytes_per_param
+
+
+def kv_bytes(m: ModelConfig, tokens, kv_bytes_per_elem=None):
+    """K and V of `tokens` cached tokens in one layer."""
+    return tokens * m.kv_bytes_per_token_per_layer(kv_bytes_per_elem)
+
+
+def streamed_expert_bytes(m: ModelConfig, gpu_weight_fraction):
+    """Expert bytes of one MoE layer streamed per pass: (1 − wg)·W_E."""
+    return (1 - gpu_weight_fraction) * m.expert_bytes_per_layer()
+
+
+def expected_active_experts(m: ModelConfig, tokens):
+    """Experts hit by `tokens` tokens under uniform top-k routing: E·(1 − (1 − k/E)^t)."""
+    e = m.num_experts
+    return e * (1 - (1 - m.top_k / e) ** np.asarray(tokens, dtype=float))
+
+
+# ----------------------------------------------------------------- device ops
+def gpu_pre_attention_s(m: ModelConfig, hw: HardwareSpec, tokens):
+    """RMSNorm + QKV projection + rotary for `tokens` tokens of one layer."""
+    qkv_cols = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    flops = 2 * tokens * m.hidden_size * qkv_cols
+    nbytes = (m.hidden_size * qkv_cols + tokens * (m.hidden_size + qkv_cols)) \
+        * m.bytes_per_param
+    return device_op_s(m, hw, flops, nbytes)
+
+
+def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0):
+    """Output projection, residual, RMSNorm and (MoE layers) the router: softmax, top-k."""
+    h, o_in = m.hidden_size, m.num_heads * m.head_dim
+    router = m.num_experts if m.is_moe_layer(layer) else 0
+    flops = 2 * tokens * h * (o_in + router)
+    nbytes = (h * (o_in + router) + tokens * (o_in + 3 * h)) * m.bytes_per_param
+    return device_op_s(m, hw, flops, nbytes)
+
+
+def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0):
+    """The layer's FFN for `tokens` tokens: for a MoE layer, the SwiGLU of the expected
+    active experts (all weights resident or already streamed into the device buffer, so
+    the resident fraction does not change this price); for a dense layer, its MLP."""
+    h, b = m.hidden_size, m.bytes_per_param
+    if m.is_moe_layer(layer):
+        active = expected_active_experts(m, tokens)
+        flops = tokens * m.expert_flops_per_token()
+        routed = tokens * m.top_k
+        nbytes = active * m.expert_bytes() + routed * (2 * h + 3 * m.expert_ffn_size) * b
+        return device_op_s(m, hw, flops, nbytes, calls=active)
+    f = m.dense_ffn_size
+    flops = tokens * 2 * 3 * h * f
+    nbytes = (3 * h * f + tokens * (2 * h + 3 * f)) * b
+    return device_op_s(m, hw, flops, nbytes)
+
+
+def gpu_lm_head_s(m: ModelConfig, hw: HardwareSpec, tokens):
+    """Final norm + LM head for `tokens` tokens (one per sequence and step)."""
+    flops = 2 * tokens * m.hidden_size * m.vocab_size
+    nbytes = (m.hidden_size * m.vocab_size + tokens * m.hidden_size) * m.bytes_per_param \
+        + tokens * m.vocab_size * LOGITS_BYTES
+    return device_op_s(m, hw, flops, nbytes)
+
+
+def gpu_decode_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
+                           kv_bytes_per_elem=None):
+    """Decode attention on the device: `tokens` queries, each over `context_len` keys."""
+    flops = tokens * m.attention_core_flops(context_len)
+    nbytes = kv_bytes(m, tokens * context_len, kv_bytes_per_elem) \
+        + 2 * attn_out_bytes(m, tokens)
+    return device_op_s(m, hw, flops, nbytes)
+
+
+def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
+    """Causal prefill attention of `seqs` prompts of `prompt_len` tokens on the device:
+    query i sees i keys, so FLOPs = seqs·heads·(2·head_dim + 2)·s(s+1)/2."""
+    s = prompt_len
+    flops = seqs * m.num_heads * (2 * m.head_dim + 2) * s * (s + 1) / 2
+    nbytes = qkv_bytes(m, seqs * s) + attn_out_bytes(m, seqs * s)
+    return device_op_s(m, hw, flops, nbytes)
+
+
+# -------------------------------------------------------------------- host ops
+def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
+                    kv_bytes_per_elem=None, concurrent_host_bytes=0.0):
+    """CPU decode attention of `tokens` queries over `context_len` cached keys each,
+    appending the new k, v (DESIGN.md §2 step 3).
+
+    time = max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes) / B_host):
+    B_attn is the calibrated kernel rate (or B_host); the last term is the MoE-Lens
+    contention B_mem ≥ B_kv + B_io, with `concurrent_host_bytes` the weight pages and
+    activations the link moves through host memory while this attention runs."""
+    flops = tokens * m.attention_core_flops(context_len)
+    nbytes = kv_bytes(m, tokens * (context_len + 1), kv_bytes_per_elem) \
+        + qkv_bytes(m, tokens) + attn_out_bytes(m, tokens)
+    b_attn = hw.cpu_attention_bytes_per_s or hw.host_memory_bytes_per_s
+    return np.maximum(np.maximum(flops / hw.cpu_flops_per_s, nbytes / b_attn),
+                      (nbytes + concurrent_host_bytes) / hw.host_memory_bytes_per_s)

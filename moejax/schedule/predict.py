@@ -1,0 +1,299 @@
+"""moejax's performance model (DESIGN.md §4): prefill + decode, end to end.
+
+Composes the op prices of `costs.py` into layer, step and job times:
+
+* A layer of a decode step (attention on the CPU) moves (1 − wg)·W_E of expert weights
+  in pages plus q/k/v out and attention outputs back, runs n_ub micro-batches of device
+  work (pre-attention, post-attention + router, expert FFN) and n_ub CPU attentions.
+  With `overlap` (CGOPipe steady state) it costs max(h2d, d2h, cpu, gpu); without, the
+  sum. CPU attention shares host bandwidth with the link (`costs.cpu_attention_s`).
+  On `device_is_host` hardware (the local testbed) gpu and cpu work share cores and add.
+* A decode step at context c sums its layers, plus the LM head and a pipeline fill (one
+  micro-batch's latency, outside the steady state). Decode runs n − 1 steps at
+  c = s+1 … s+n−1; prefill (whole prompts, attention on the device, new k/v copied to
+  the host cache) produces the first token.
+* tokens_per_s = N·n / (prefill_s + decode_s), the figure users see.
+
+Every prediction carries the MoE-Lens capacity bound (`moe_lens_bound`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moejax.model_config.hardware import HardwareSpec
+from moejax.model_config.model import ModelConfig
+from moejax.model_config.workload import Workload
+from moejax.schedule import costs
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
+
+DEVICE_MEMORY_USABLE = 0.9  # of gpu_memory_bytes: runtime context, allocator slack
+HOST_MEMORY_USABLE = 0.9  # of host_memory_bytes: OS, page cache, the Python process
+RESOURCES = ("gpu", "cpu", "h2d", "d2h")
+CAPACITY_SLACK = 1.25  # expert capacity buckets round token counts up (layers/experts.py)
+
+
+# ----------------------------------------------------------------- MoE-Lens bound
+@dataclass(frozen=True)
+class MoELensBound:
+    """MoE-Lens hardware limit (DESIGN.md §4): T_max = min(PME·M/δ, T_gpu).
+
+    PME = 2(p+g)/((2p+g)·g); M = KV tokens that fit in host memory next to the expert
+    weights; δ = model bytes / B_h2d (one pass over the weights); T_gpu = device FLOP/s /
+    FLOPs per token. T_max counts processed tokens (prompt + generated: PME's p+g
+    numerator); `generated_tokens_per_s` = T_max·g/(p+g) is the figure comparable with
+    `Prediction.tokens_per_s`. Resident weights cross no link, so a policy keeping many
+    weights on the device can exceed it."""
+
+    pme: float
+    kv_capacity_tokens: float  # M
+    delta_s: float  # δ
+    kv_bound_tokens_per_s: float  # PME·M/δ
+    gpu_bound_tokens_per_s: float  # T_gpu
+    processed_tokens_per_s: float  # T_max
+    generated_tokens_per_s: float
+
+
+def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> MoELensBound:
+    p, g = workload.prompt_len, workload.gen_len
+    pme = 2 * (p + g) / ((2 * p + g) * g)
+    host = hw.host_memory_bytes * HOST_MEMORY_USABLE - model.expert_bytes_total()
+    m_tokens = max(host, 0.0) / model.kv_bytes_per_token(workload.kv_bytes_per_elem)
+    delta = model.weight_bytes() / hw.h2d_bytes_per_s
+    per_layer = sum(model.attention_proj_flops_per_token()
+                    + (model.expert_flops_per_token() if model.is_moe_layer(i)
+                       else 2 * 3 * model.hidden_size * model.dense_ffn_size)
+                    for i in range(model.num_layers))
+    flops = per_layer + 2 * model.hidden_size * model.vocab_size * g / (p + g)
+    rate = hw.gemm_flops_per_s or hw.gpu_flops_per_s(model.dtype)
+    kv_bound, gpu_bound = pme * m_tokens / delta, rate / flops
+    t_max = min(kv_bound, gpu_bound)
+    return MoELensBound(pme, m_tokens, delta, kv_bound, gpu_bound, t_max, t_max * g / (p + g))
+
+
+# ---------------------------------------------------------------------- memory
+def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
+                 attention_device: str = "cpu", kv_cache_device: str = "cpu"):
+    """(peak device bytes, peak host bytes); NumPy-broadcastable, affine in wg.
+
+    device = non-expert weights + wg·experts + 2·(1−wg)·W_E (double buffer of one layer's
+             streamed experts) + max(prefill, decode) activations [+ KV cache if on gpu]
+    host   = (1−wg)·experts [+ KV cache] + activation staging for the whole batch."""
+    m, s, n = model, workload.prompt_len, workload.gen_len
+    b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
+    kv_total = big_n * (s + n) * m.kv_bytes_per_token(workload.kv_bytes_per_elem)
+    qkv_cols = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    attn_cols = qkv_cols + m.num_heads * m.head_dim
+    ffn_cols = max(m.top_k * CAPACITY_SLACK * (2 * h + 2 * m.expert_ffn_size),
+                   2 * h + 2 * m.dense_ffn_size)
+    cols = h + max(attn_cols, ffn_cols)  # residual + the larger of the two blocks
+
+    def working_set(tokens):  # live temporaries of one micro-batch
+        return tokens * cols * b
+
+    logits = ubs * m.vocab_size * costs.LOGITS_BYTES
+    # decode: the batch's hidden states (residual + normed), two micro-batches in flight
+    decode = 2 * big_n * h * b + 2 * working_set(ubs) + logits
+    if attention_device == "gpu":
+        decode = decode + 2 * ubs * m.num_heads * (s + n) * 4  # fp32 scores
+        if kv_cache_device == "cpu":  # staged cache of two micro-batches
+            decode = decode + 2 * costs.kv_bytes(m, ubs * (s + n), workload.kv_bytes_per_elem)
+    # prefill: every prompt's hidden states, one micro-batch at a time, fp32 scores
+    prefill = big_n * s * h * b + working_set(ubs * s) + ubs * m.num_heads * s * s * 4 + logits
+    stream = 2 * costs.streamed_expert_bytes(m, wg) if m.num_moe_layers else 0.0
+    device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
+              + np.maximum(prefill, decode) + (kv_total if kv_cache_device == "gpu" else 0))
+    host = ((1 - wg) * m.expert_bytes_total() + (kv_total if kv_cache_device == "cpu" else 0)
+            + big_n * (qkv_cols + m.num_heads * m.head_dim) * b)
+    return device, host
+
+
+def memory_budgets(hw: HardwareSpec, device_memory_bytes: float | None = None):
+    """(device, host) bytes the search may use. `device_memory_bytes` overrides the
+    device budget as is (it emulates a smaller GPU on the local testbed)."""
+    dev = (hw.gpu_memory_bytes * DEVICE_MEMORY_USABLE if device_memory_bytes is None
+           else float(device_memory_bytes))
+    return dev, hw.host_memory_bytes * HOST_MEMORY_USABLE
+
+
+# ---------------------------------------------------------------- layer times
+def _layer_kinds(m: ModelConfig):
+    """(representative layer index, count) per distinct layer kind: MoE and dense."""
+    moe = [i for i in range(m.num_layers) if m.is_moe_layer(i)]
+    dense = [i for i in range(m.num_layers) if not m.is_moe_layer(i)]
+    return [(ls[0], len(ls)) for ls in (moe, dense) if ls]
+
+
+def _combine(hw, overlap, h2d, d2h, gpu, cpu):
+    """Layer time from per-resource busy times: CGOPipe max, or the serial sum."""
+    if not overlap:
+        return h2d + d2h + gpu + cpu
+    compute = gpu + cpu if hw.device_is_host else np.maximum(gpu, cpu)
+    return np.maximum(np.maximum(h2d, d2h), compute)
+
+
+def _stream(m, hw, layer, wg, page_bytes):
+    """h2d time and bytes of one layer's streamed expert pages."""
+    if not m.is_moe_layer(layer):
+        return 0.0, 0.0
+    nbytes = costs.streamed_expert_bytes(m, wg)
+    return costs.h2d_s(hw, nbytes, costs.num_pages(nbytes, page_bytes)), nbytes
+
+
+def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cache_device,
+                 page_bytes, overlap):
+    """Busy time per resource, layer time and pipeline fill of one decode layer."""
+    kvb = wl.kv_bytes_per_elem
+    gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
+              + costs.gpu_post_attention_s(m, hw, ubs, layer)
+              + costs.gpu_ffn_s(m, hw, ubs, layer))
+    h2d, io = _stream(m, hw, layer, wg, page_bytes)
+    h2d_mb = d2h_mb = cpu_mb = 0.0
+    if attention_device == "cpu":
+        h2d_mb = costs.h2d_s(hw, costs.attn_out_bytes(m, ubs))
+        d2h_mb = costs.d2h_s(hw, costs.qkv_bytes(m, ubs))
+        io = io + n_ub * (costs.attn_out_bytes(m, ubs) + costs.qkv_bytes(m, ubs))
+        cpu_mb = costs.cpu_attention_s(m, hw, ubs, ctx, kvb,
+                                       io / n_ub if overlap else 0.0)
+    else:
+        gpu_mb = gpu_mb + costs.gpu_decode_attention_s(m, hw, ubs, ctx, kvb)
+        if kv_cache_device == "cpu":  # stream the host cache in, new k/v out
+            h2d_mb = costs.h2d_s(hw, costs.kv_bytes(m, ubs * ctx, kvb))
+            d2h_mb = costs.d2h_s(hw, costs.kv_bytes(m, ubs, kvb))
+    busy = dict(gpu=n_ub * gpu_mb, cpu=n_ub * cpu_mb, h2d=h2d + n_ub * h2d_mb,
+                d2h=n_ub * d2h_mb)
+    fill = (gpu_mb + cpu_mb + h2d_mb + d2h_mb) if overlap else 0.0
+    return busy, _combine(hw, overlap, **busy), fill
+
+
+def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, overlap):
+    """Busy time per resource, layer time and fill of one prefill layer."""
+    s, tok = wl.prompt_len, ubs * wl.prompt_len
+    gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
+              + costs.gpu_prefill_attention_s(m, hw, ubs, s)
+              + costs.gpu_post_attention_s(m, hw, tok, layer)
+              + costs.gpu_ffn_s(m, hw, tok, layer))
+    h2d, _ = _stream(m, hw, layer, wg, page_bytes)
+    d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
+              if kv_cache_device == "cpu" else 0.0)
+    busy = dict(gpu=n_ub * gpu_mb, cpu=0.0 * gpu_mb, h2d=h2d, d2h=n_ub * d2h_mb)
+    fill = (gpu_mb + d2h_mb + h2d) if overlap else 0.0
+    return busy, _combine(hw, overlap, **busy), fill
+
+
+# ------------------------------------------------------------------ evaluation
+def _rows(x, shape):
+    return np.broadcast_to(x, shape)
+
+
+def evaluate(model: ModelConfig, hw: HardwareSpec, workload: Workload, ubs, n_ub, wg,
+             attention_device: str = "cpu", kv_cache_device: str = "cpu",
+             page_bytes: int = DEFAULT_PAGE_BYTES, overlap: bool = True) -> dict:
+    """Times of one batch for candidates given as equal-length arrays ubs, n_ub, wg [C].
+
+    Returns a dict of [C] arrays: prefill_s, decode_s, tokens_per_s,
+    decode_tokens_per_s, decode_layer_s (first decode step, per layer of the first kind),
+    pipeline_fill_s (all steps) and busy_<gpu|cpu|h2d|d2h>_s. `predict` and the policy
+    search both call this, so a searched policy's prediction is this very number."""
+    m, wl = model, workload
+    ubs, n_ub, wg = (np.asarray(a, dtype=float).reshape(-1, 1) for a in (ubs, n_ub, wg))
+    c = ubs.shape[0]
+    ctx = wl.prompt_len + np.arange(1, wl.gen_len, dtype=float)[None, :]  # steps [1, n-1]
+    steps = (c, ctx.shape[1])
+    busy = {r: np.zeros((c, 1)) for r in RESOURCES}
+    prefill, step, fill_p, fill_d, first_layer = (np.zeros((c, 1)), np.zeros(steps),
+                                                  np.zeros((c, 1)), np.zeros(steps), None)
+    for layer, count in _layer_kinds(m):
+        b, t, f = prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device,
+                                page_bytes, overlap)
+        prefill, fill_p = prefill + count * t, np.maximum(fill_p, f)
+        for r in RESOURCES:
+            busy[r] = busy[r] + count * _rows(b[r], (c, 1))
+        b, t, f = decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device,
+                               kv_cache_device, page_bytes, overlap)
+        step, fill_d = step + count * _rows(t, steps), np.maximum(fill_d, f)
+        first_layer = _rows(t, steps)[:, :1] if first_layer is None else first_layer
+        for r in RESOURCES:
+            busy[r] = busy[r] + count * _rows(b[r], steps).sum(axis=1, keepdims=True)
+    lm = n_ub * costs.gpu_lm_head_s(m, hw, ubs)  # one token per sequence, per pass
+    n_steps = ctx.shape[1]
+    busy["gpu"] = busy["gpu"] + (1 + n_steps) * lm
+    prefill = prefill + lm + fill_p
+    decode = (step + lm + fill_d).sum(axis=1, keepdims=True)
+    big_n = ubs * n_ub
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dec_tps = np.where(n_steps > 0, big_n * n_steps / decode, 0.0)
+    out = dict(prefill_s=prefill, decode_s=decode,
+               tokens_per_s=big_n * wl.gen_len / (prefill + decode),
+               decode_tokens_per_s=dec_tps,
+               decode_layer_s=first_layer if n_steps else np.zeros((c, 1)),
+               pipeline_fill_s=fill_p + fill_d.sum(axis=1, keepdims=True))
+    out.update({f"busy_{r}_s": busy[r] for r in RESOURCES})
+    return {k: np.asarray(v, dtype=float).reshape(c) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ prediction
+@dataclass(frozen=True)
+class Prediction:
+    """moejax's prediction for one (model, hardware, workload, policy).
+
+    Times in seconds for one batch of `policy.batch_size` sequences; throughputs in
+    generated tokens/s; memory peaks in bytes; `busy_s` maps gpu/cpu/h2d/d2h to the
+    seconds each resource works (prefill + decode). `limit_tokens_per_s` is the MoE-Lens
+    bound in generated tokens/s (`bound` holds its parts)."""
+
+    policy: Policy
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float  # N·n / (prefill_s + decode_s), end to end
+    decode_tokens_per_s: float  # N·(n−1) / decode_s
+    limit_tokens_per_s: float
+    busy_s: dict = field(default_factory=dict)
+    peak_device_bytes: float = 0.0
+    peak_host_bytes: float = 0.0
+    decode_layer_s: float = 0.0  # one MoE layer of the first decode step
+    pipeline_fill_s: float = 0.0
+    bound: MoELensBound | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def bottleneck(self) -> str:
+        """The busiest resource over the whole batch."""
+        return max(RESOURCES, key=lambda r: self.busy_s[r])
+
+
+def _check_inputs(model, hw, workload):
+    for name, v, t in (("model", model, ModelConfig), ("hw", hw, HardwareSpec),
+                       ("workload", workload, Workload)):
+        if not isinstance(v, t):
+            raise ValueError(f"{name}={v!r} is not a {t.__name__}")
+
+
+def predict(model: ModelConfig, hw: HardwareSpec, workload: Workload,
+            policy: Policy) -> Prediction:
+    """Predict prefill, decode and end-to-end throughput of `policy` (module docstring).
+    Budgets are not enforced here: compare the peaks with `memory_budgets(hw)`."""
+    _check_inputs(model, hw, workload)
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy={policy!r} is not a Policy")
+    p = policy
+    r = evaluate(model, hw, workload, [p.micro_batch_size], [p.num_micro_batches],
+                 [p.gpu_weight_fraction], p.attention_device, p.kv_cache_device,
+                 p.page_bytes, p.overlap)
+    dev, host = memory_bytes(model, workload, p.micro_batch_size, p.num_micro_batches,
+                             p.gpu_weight_fraction, p.attention_device, p.kv_cache_device)
+    bound = moe_lens_bound(model, hw, workload)
+    f = {k: float(v[0]) for k, v in r.items()}
+    return Prediction(
+        policy=p, prefill_s=f["prefill_s"], decode_s=f["decode_s"],
+        tokens_per_s=f["tokens_per_s"], decode_tokens_per_s=f["decode_tokens_per_s"],
+        limit_tokens_per_s=bound.generated_tokens_per_s,
+        busy_s={res: f[f"busy_{res}_s"] for res in RESOURCES},
+        peak_device_bytes=float(dev), peak_host_bytes=float(host),
+        decode_layer_s=f["decode_layer_s"], pipeline_fill_s=f["pipeline_fill_s"],
+        bound=bound)

@@ -1,0 +1,139 @@
+"""Policy search: the policy that maximises predicted end-to-end tokens/s under both
+memory budgets (DESIGN.md §4).
+
+Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, cpu), (gpu, gpu)};
+micro-batch sizes of MoE-Lightning's grid (1, 2, 3, 4, 36, 68, … in steps of 32);
+every feasible number of micro-batches (memory grows with both, so each loop stops at
+the first infeasible value). The inner problem over wg is exact: predicted time is
+non-increasing in wg (only the streamed bytes depend on it) and both memories are affine
+in it, so the best wg is the largest the device budget allows (rounded down to 1e-6),
+provided the host budget still holds. The grid does not depend on the hardware, so more
+host memory or a faster link can never lower the optimum. Deterministic: the first best
+candidate in grid order wins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moejax.model_config.hardware import GiB, HardwareSpec
+from moejax.model_config.model import ModelConfig
+from moejax.model_config.workload import Workload
+from moejax.schedule.hrm import ubs_candidates
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
+from moejax.schedule.predict import (Prediction, _check_inputs, evaluate, memory_budgets,
+                                     memory_bytes, predict)
+
+PLACEMENTS = (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))
+MAX_BATCH_SIZE = 1 << 14  # sequences in flight when the workload does not cap them
+WG_STEP = 1e-6  # resolution of gpu_weight_fraction
+_CHUNK_ELEMS = 1 << 21  # candidates × decode steps priced per NumPy call
+
+
+def _interval(a, b, cap):
+    """Vectorised {wg ∈ [0, 1] : a + b·wg ≤ cap} as (lo, hi); empty when lo > hi."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = (cap - a) / b
+    lo = np.where(b < 0, np.maximum(x, 0.0), np.where(a <= cap, 0.0, 2.0))
+    hi = np.where(b > 0, np.minimum(x, 1.0), np.where((b < 0) | (a <= cap), 1.0, -1.0))
+    return lo, hi
+
+
+def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
+    """Largest feasible wg per candidate (NaN where none fits)."""
+    dev_cap, host_cap = budgets
+    d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement)
+    d1, h1 = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)
+    lo, hi = _interval(d0, d1 - d0, dev_cap)
+    host_terms = [(h0, h1 - h0)]
+    if hw.device_is_host:  # device and host share the same RAM
+        host_terms.append((d0 + h0, d1 + h1 - d0 - h0))
+    for a, b in host_terms:
+        lo2, hi2 = _interval(a, b, host_cap)
+        lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
+    wg = np.floor(hi / WG_STEP) / (1 / WG_STEP)
+    return np.where(wg >= np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, wg, np.nan)
+
+
+def _max_feasible(ok, limit: int) -> int:
+    """Largest n in [1, limit] with ok(n), given ok is monotone (true then false)."""
+    if not ok(1):
+        return 0
+    n = 1
+    while n < limit and ok(min(2 * n, limit)):
+        n = min(2 * n, limit)
+    if n == limit:
+        return n
+    lo, hi = n, min(2 * n, limit)  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _infeasible_error(model, hw, wl, budgets) -> ValueError:
+    dev_cap, host_cap = budgets
+    d0, h0 = memory_bytes(model, wl, 1, 1, 0.0)
+    d1, h1 = memory_bytes(model, wl, 1, 1, 1.0)
+    parts = []
+    if min(d0, d1) > dev_cap:
+        parts.append(f"device memory is short by {(min(d0, d1) - dev_cap) / GiB:.2f} GiB "
+                     f"(needs {min(d0, d1) / GiB:.2f} GiB, budget {dev_cap / GiB:.2f} GiB)")
+    else:
+        hi = 1.0 if d1 <= dev_cap else (dev_cap - d0) / (d1 - d0)
+        host = h0 + (h1 - h0) * hi + ((d0 + (d1 - d0) * hi) if hw.device_is_host else 0)
+        parts.append(f"host memory is short by {(host - host_cap) / GiB:.2f} GiB (needs "
+                     f"{host / GiB:.2f} GiB, budget {host_cap / GiB:.2f} GiB)")
+    return ValueError(f"no policy fits {model.name} on {hw.name} (prompt "
+                      f"{wl.prompt_len}, gen {wl.gen_len}) even at batch 1: "
+                      + "; ".join(parts))
+
+
+def _search_placement(model, hw, wl, placement, budgets, cap):
+    """Best (tokens/s, ubs, n_ub, wg) for one placement, or None."""
+    best = None
+    steps = max(wl.gen_len - 1, 1)
+    for ubs in ubs_candidates():
+        if ubs > cap:
+            break
+        feasible = lambda n: not np.isnan(_best_wg(model, hw, wl, ubs, n, placement, budgets))
+        n_max = _max_feasible(feasible, cap // ubs)
+        if n_max == 0:
+            break
+        n_ub = np.arange(1, n_max + 1, dtype=float)
+        wg = _best_wg(model, hw, wl, ubs, n_ub, placement, budgets)
+        chunk = max(1, _CHUNK_ELEMS // steps)
+        for i in range(0, n_max, chunk):
+            sl = slice(i, i + chunk)
+            tps = evaluate(model, hw, wl, np.full(n_ub[sl].shape, float(ubs)), n_ub[sl],
+                           wg[sl], *placement, DEFAULT_PAGE_BYTES, True)["tokens_per_s"]
+            j = int(np.argmax(tps))
+            if best is None or tps[j] > best[0]:
+                best = (float(tps[j]), ubs, int(n_ub[sl][j]), float(wg[sl][j]))
+    return best
+
+
+def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,
+                  device_memory_bytes: float | None = None) -> tuple[Policy, Prediction]:
+    """The policy with the highest predicted end-to-end tokens/s that fits the device
+    budget (`device_memory_bytes`, default 90 % of the device) and 90 % of host memory.
+    Raises ValueError naming the short memory when nothing fits."""
+    _check_inputs(model, hw, workload)
+    if device_memory_bytes is not None and not (
+            isinstance(device_memory_bytes, (int, float)) and device_memory_bytes > 0):
+        raise ValueError(f"device_memory_bytes={device_memory_bytes!r} must be > 0")
+    budgets = memory_budgets(hw, device_memory_bytes)
+    cap = min(workload.num_sequences or MAX_BATCH_SIZE, MAX_BATCH_SIZE)
+    best, best_placement = None, None
+    for placement in PLACEMENTS:
+        r = _search_placement(model, hw, workload, placement, budgets, cap)
+        if r is not None and (best is None or r[0] > best[0]):
+            best, best_placement = r, placement
+    if best is None:
+        raise _infeasible_error(model, hw, workload, budgets)
+    _, ubs, n_ub, wg = best
+    policy = Policy.from_micro_batches(ubs, n_ub, gpu_weight_fraction=wg,
+                                       attention_device=best_placement[0],
+                                       kv_cache_device=best_placement[1],
+                                       page_bytes=DEFAULT_PAGE_BYTES, overlap=True)
+    return policy, predict(model, hw, workload, policy)

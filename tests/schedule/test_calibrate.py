@@ -1,0 +1,45 @@
+"""A tiny calibration (seconds, not the real 1 GB copies) and its JSON cache."""
+import json
+
+import pytest
+
+from moejax.model_config.hardware import get_hardware
+from moejax.model_config.model import get_model
+from moejax.model_config.workload import Workload
+from moejax.schedule import calibrate, search_policy
+
+TINY = dict(token_counts=(4, 8, 16), copy_bytes=1 << 20, read_bytes=1 << 20,
+            attention_batch=2, attention_context=16, repeats=1)
+
+
+def test_tiny_calibration_round_trips(tmp_path, monkeypatch):
+    path = tmp_path / "local_hw.json"
+    spec = calibrate("tiny_mixtral", path=str(path), **TINY)
+    assert spec.name == "local" and spec.device_is_host  # CPU-only test machine
+    for k in ("h2d_bytes_per_s", "d2h_bytes_per_s", "host_memory_bytes_per_s",
+              "gpu_memory_bytes_per_s", "gemm_flops_per_s", "cpu_attention_bytes_per_s"):
+        assert getattr(spec, k) > 0, k
+    assert spec.gemm_intercept_s >= 0
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["model"] == "tiny_mixtral" and len(meta["gemm_points"]) == 3
+    monkeypatch.setenv("MOEJAX_CALIBRATION", str(path))
+    local = get_hardware("local")
+    assert local == spec
+    policy, pred = search_policy(get_model("tiny_mixtral"), local,
+                                 Workload(16, 8, num_sequences=64), device_memory_bytes=2e6)
+    assert pred.tokens_per_s > 0 and pred.peak_device_bytes <= 2e6
+
+
+def test_no_save(tmp_path):
+    spec = calibrate("tiny_mixtral", path=str(tmp_path / "x.json"), save=False, **TINY)
+    assert spec.gemm_flops_per_s > 0 and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("kw, bad", [(dict(token_counts=()), "token_counts"),
+                                     (dict(copy_bytes=0), "copy_bytes=0"),
+                                     (dict(repeats=0), "repeats=0")])
+def test_bad_arguments(kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        calibrate("tiny_mixtral", save=False, **{**TINY, **kw})
+    with pytest.raises(ValueError, match="unknown model"):
+        calibrate("nope", save=False, **TINY)

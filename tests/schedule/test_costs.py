@@ -1,0 +1,71 @@
+"""Op prices, hand-computed on a tiny config (bf16: 2 bytes; h=4, f=8, Hq=2, Hkv=1,
+head_dim=2, E=2, k=1, V=10) and round-number hardware."""
+import numpy as np
+import pytest
+
+from moejax.model_config.hardware import HardwareSpec
+from moejax.model_config.model import ModelConfig
+from moejax.schedule import costs
+
+M = ModelConfig(name="hand", family="mixtral", vocab_size=10, hidden_size=4,
+                expert_ffn_size=8, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=2,
+                num_experts=2, top_k=1, dtype="bfloat16")
+HW = HardwareSpec(name="hand", gpu_fp16_flops_per_s=1000, gpu_fp32_flops_per_s=500,
+                  gpu_memory_bytes=10_000, gpu_memory_bytes_per_s=100, cpu_flops_per_s=10,
+                  host_memory_bytes=100_000, host_memory_bytes_per_s=50,
+                  h2d_bytes_per_s=20, d2h_bytes_per_s=25, cpu_cores=1)
+
+
+def test_sizes():
+    assert costs.qkv_bytes(M, 3) == 48  # 3·(2+2)·2·2
+    assert costs.attn_out_bytes(M, 3) == 24  # 3·2·2·2
+    assert costs.kv_bytes(M, 3) == 24 and costs.kv_bytes(M, 3, 1) == 12
+    assert costs.streamed_expert_bytes(M, 0.25) == pytest.approx(288)  # 0.75·384
+    assert costs.expected_active_experts(M, 2) == pytest.approx(1.5)  # 2·(1 − 0.5²)
+    assert costs.num_pages(300, 100) == 3 and costs.num_pages(301, 100) == 4
+
+
+def test_links():
+    hw = HW.replace(link_latency_s=0.5)
+    assert costs.h2d_s(hw, 40, transfers=2) == pytest.approx(3.0)  # 2·0.5 + 40/20
+    assert costs.d2h_s(hw, 50) == pytest.approx(2.5)  # 0.5 + 50/25
+
+
+def test_device_ops():
+    # flops 2·3·4·8 = 192 → 0.192 s; bytes (4·8 + 3·12)·2 = 136 → 1.36 s
+    assert costs.gpu_pre_attention_s(M, HW, 3) == pytest.approx(1.36)
+    # flops 2·3·4·(4+2) = 144; bytes (4·6 + 3·(4+12))·2 = 144 → 1.44 s
+    assert costs.gpu_post_attention_s(M, HW, 3) == pytest.approx(1.44)
+    # flops 2·(2·96) = 384; bytes 1.5·192 + 2·1·(8+24)·2 = 416 → 4.16 s
+    assert costs.gpu_ffn_s(M, HW, 2) == pytest.approx(4.16)
+    # flops 2·2·4·10 = 160; bytes (40 + 8)·2 + 2·10·4 = 176 → 1.76 s
+    assert costs.gpu_lm_head_s(M, HW, 2) == pytest.approx(1.76)
+    # flops 2·2·5·6 = 120 → 0.12 s; bytes 8·10 + 2·16 = 112 → 1.12 s
+    assert costs.gpu_decode_attention_s(M, HW, 2, 5) == pytest.approx(1.12)
+    # flops 2·2·6·(3·4/2) = 144; bytes qkv(6) 96 + out(6) 48 = 144 → 1.44 s
+    assert costs.gpu_prefill_attention_s(M, HW, 2, 3) == pytest.approx(1.44)
+
+
+def test_calibrated_gemm_line():
+    hw = HW.replace(gemm_intercept_s=0.1, gemm_flops_per_s=50)
+    # compute = 1.5 calls·0.1 + 384/50 = 7.83 > memory 4.16
+    assert costs.gpu_ffn_s(M, hw, 2) == pytest.approx(7.83)
+    assert costs.device_compute_s(M, hw, 100, calls=2) == pytest.approx(2.2)
+    assert costs.device_compute_s(M, HW, 100) == pytest.approx(0.1)  # 100/1000 (bf16)
+
+
+def test_cpu_attention_and_contention():
+    # flops 120/10 = 12 s; bytes kv(12) 96 + qkv(2) 32 + out(2) 16 = 144 → 2.88 s
+    assert costs.cpu_attention_s(M, HW, 2, 5) == pytest.approx(12.0)
+    # B_mem ≥ B_kv + B_io: (144 + 1000)/50 once the link's traffic dominates
+    t = costs.cpu_attention_s(M, HW, 2, 5, concurrent_host_bytes=1000)
+    assert t == pytest.approx(22.88)
+    hw = HW.replace(cpu_attention_bytes_per_s=4)  # calibrated kernel rate: 144/4
+    assert costs.cpu_attention_s(M, hw, 2, 5) == pytest.approx(36.0)
+
+
+def test_broadcasting():
+    t = costs.cpu_attention_s(M, HW, np.array([[1.0], [2.0]]), np.array([[5.0, 6.0, 7.0]]))
+    assert t.shape == (2, 3)
+    assert t[1, 0] == pytest.approx(12.0)
+    assert np.all(np.diff(t, axis=1) > 0) and np.all(np.diff(t, axis=0) > 0)

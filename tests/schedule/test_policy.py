@@ -1,0 +1,36 @@
+import pytest
+
+from moejax.schedule.policy import Policy, affine_interval
+
+
+def test_from_micro_batches():
+    p = Policy.from_micro_batches(324, 14, gpu_weight_fraction=0.056)
+    assert p.batch_size == 4536 and p.overlap and p.attention_device == "cpu"
+
+
+@pytest.mark.parametrize("kw, bad", [
+    (dict(batch_size=10, micro_batch_size=3, num_micro_batches=3), "batch_size=10"),
+    (dict(batch_size=0, micro_batch_size=0, num_micro_batches=1), "batch_size=0"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, gpu_weight_fraction=1.5),
+     "gpu_weight_fraction=1.5"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, attention_device="tpu"),
+     "attention_device='tpu'"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, kv_cache_device="gpu"),
+     "kv_cache_device='gpu'"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, page_bytes=0),
+     "page_bytes=0"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, overlap=1), "overlap=1"),
+])
+def test_validation_names_bad_value(kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        Policy(**kw)
+
+
+def test_affine_interval():
+    assert affine_interval(2.0, 4.0, 4.0) == (0.0, 0.5)  # 2 + 4x <= 4
+    assert affine_interval(5.0, -4.0, 3.0) == (0.5, 1.0)  # 5 - 4x <= 3
+    assert affine_interval(1.0, 0.0, 2.0) == (0.0, 1.0)
+    lo, hi = affine_interval(3.0, 0.0, 2.0)
+    assert lo > hi
+    lo, hi = affine_interval(5.0, 1.0, 2.0)
+    assert lo > hi

@@ -1,0 +1,136 @@
+"""moejax's own model: composition of the op prices, hand-computed memory and bound."""
+import numpy as np
+import pytest
+
+from moejax.model_config.hardware import HardwareSpec, get_hardware
+from moejax.model_config.model import ModelConfig, get_model
+from moejax.model_config.workload import Workload
+from moejax.schedule import Policy, costs, predict
+from moejax.schedule.predict import memory_bytes, memory_budgets, moe_lens_bound
+
+M = ModelConfig(name="hand", family="mixtral", vocab_size=10, hidden_size=4,
+                expert_ffn_size=8, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=2,
+                num_experts=2, top_k=1, dtype="bfloat16")
+HW = HardwareSpec(name="hand", gpu_fp16_flops_per_s=1000, gpu_fp32_flops_per_s=500,
+                  gpu_memory_bytes=10_000, gpu_memory_bytes_per_s=100, cpu_flops_per_s=10,
+                  host_memory_bytes=100_000, host_memory_bytes_per_s=50,
+                  h2d_bytes_per_s=20, d2h_bytes_per_s=25, cpu_cores=1, link_latency_s=0.01)
+WL = Workload(3, 2)
+POL = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.25, page_bytes=100)
+
+
+def _layer_from_costs(hw, overlap):
+    """One decode layer at context s+1 = 4, priced op by op as a timeline would."""
+    gpu = 3 * (costs.gpu_pre_attention_s(M, hw, 2) + costs.gpu_post_attention_s(M, hw, 2)
+               + costs.gpu_ffn_s(M, hw, 2))
+    h2d = costs.h2d_s(hw, 288, transfers=3) + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
+    d2h = 3 * costs.d2h_s(hw, costs.qkv_bytes(M, 2))
+    io = 288 + 3 * (costs.attn_out_bytes(M, 2) + costs.qkv_bytes(M, 2))
+    cpu = 3 * costs.cpu_attention_s(M, hw, 2, 4,
+                                    concurrent_host_bytes=io / 3 if overlap else 0)
+    return (max(h2d, d2h, gpu, cpu) if overlap else h2d + d2h + gpu + cpu), cpu
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_decode_layer_is_composed_from_op_prices(overlap):
+    p = predict(M, HW, WL, POL.replace(overlap=overlap))
+    layer, _ = _layer_from_costs(HW, overlap)
+    assert p.decode_layer_s == pytest.approx(layer)
+
+
+def test_contention_slows_cpu_attention():
+    hw = HW.replace(cpu_flops_per_s=1e6)  # attention memory-bound: contention visible
+    p = predict(M, hw, WL, POL)
+    layer, cpu = _layer_from_costs(hw, True)
+    assert p.decode_layer_s == pytest.approx(layer)
+    io = 288 + 3 * (costs.attn_out_bytes(M, 2) + costs.qkv_bytes(M, 2))
+    kv = 3 * (costs.kv_bytes(M, 2 * 5) + costs.qkv_bytes(M, 2) + costs.attn_out_bytes(M, 2))
+    assert cpu == pytest.approx((kv + io) / hw.host_memory_bytes_per_s)
+
+
+def test_device_is_host_adds_gpu_and_cpu():
+    hw = HW.replace(device_is_host=True)
+    p = predict(M, hw, WL, POL)
+    gpu = 3 * (costs.gpu_pre_attention_s(M, hw, 2) + costs.gpu_post_attention_s(M, hw, 2)
+               + costs.gpu_ffn_s(M, hw, 2))
+    _, cpu = _layer_from_costs(hw, True)
+    assert p.decode_layer_s == pytest.approx(gpu + cpu)
+
+
+def test_totals_and_fields():
+    p = predict(M, HW, WL, POL)
+    assert p.tokens_per_s == pytest.approx(6 * 2 / (p.prefill_s + p.decode_s))
+    assert p.decode_tokens_per_s == pytest.approx(6 * 1 / p.decode_s)
+    assert set(p.busy_s) == {"gpu", "cpu", "h2d", "d2h"}
+    assert p.bottleneck in p.busy_s and p.total_s == p.prefill_s + p.decode_s
+    # the one decode step (context 4): 3 layers + LM head + one micro-batch's fill
+    io = 288 + 3 * (costs.attn_out_bytes(M, 2) + costs.qkv_bytes(M, 2))
+    fill = (costs.gpu_pre_attention_s(M, HW, 2) + costs.gpu_post_attention_s(M, HW, 2)
+            + costs.gpu_ffn_s(M, HW, 2) + costs.cpu_attention_s(M, HW, 2, 4, None, io / 3)
+            + costs.h2d_s(HW, costs.attn_out_bytes(M, 2))
+            + costs.d2h_s(HW, costs.qkv_bytes(M, 2)))
+    lm = 3 * costs.gpu_lm_head_s(M, HW, 2)
+    assert p.decode_s == pytest.approx(3 * p.decode_layer_s + lm + fill)
+    assert p.limit_tokens_per_s == p.bound.generated_tokens_per_s
+
+
+def test_gen_len_one_is_prefill_only():
+    p = predict(M, HW, Workload(3, 1), POL)
+    assert p.decode_s == 0 and p.decode_tokens_per_s == 0
+    assert p.tokens_per_s == pytest.approx(6 / p.prefill_s)
+
+
+def test_memory_hand_computed():
+    # device: non-expert 552 + wg·experts 288 + stream 2·288 + prefill activations 776
+    # (hidden 6·3·4·2 = 144, working set 6·34·2 = 408, scores 2·2·9·4 = 144, logits 80)
+    dev, host = memory_bytes(M, WL, 2, 3, 0.25)
+    assert dev == pytest.approx(2192)
+    # host: 0.75·1152 streamed experts + KV 6·5·24 + staging 6·12·2
+    assert host == pytest.approx(1728)
+    d1, h1 = memory_bytes(M, WL, 2, 3, 1.0)
+    d0, h0 = memory_bytes(M, WL, 2, 3, 0.0)
+    assert dev == pytest.approx(d0 + 0.25 * (d1 - d0))  # affine in wg
+    assert host == pytest.approx(h0 + 0.25 * (h1 - h0))
+    dk, hk = memory_bytes(M, WL, 2, 3, 0.25, "gpu", "gpu")
+    assert hk == pytest.approx(host - 720) and dk > dev + 720 - 1e-9
+
+
+def test_moe_lens_bound_hand_computed():
+    b = moe_lens_bound(M, HW, WL)
+    assert b.pme == pytest.approx(0.625)  # 2·5 / (8·2)
+    assert b.kv_capacity_tokens == pytest.approx((90_000 - 1152) / 24)
+    assert b.delta_s == pytest.approx((552 + 1152) / 20)
+    assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3702 / 85.2)
+    assert b.gpu_bound_tokens_per_s == pytest.approx(1000 / 896)  # 3·(96+192) + 160·2/5
+    assert b.processed_tokens_per_s == pytest.approx(1000 / 896)
+    assert b.generated_tokens_per_s == pytest.approx(1000 / 896 * 2 / 5)
+
+
+def test_mixtral_l4_moe_lightning_policy():
+    m, hw = get_model("mixtral_8x7b"), get_hardware("l4_moe_lightning")
+    p = predict(m, hw, Workload(77, 32), Policy.from_micro_batches(324, 14,
+                                                                 gpu_weight_fraction=0.056))
+    assert 0 < p.tokens_per_s < p.decode_tokens_per_s
+    assert p.tokens_per_s < p.limit_tokens_per_s
+    assert p.peak_device_bytes <= memory_budgets(hw)[0]
+    assert p.peak_host_bytes <= memory_budgets(hw)[1]
+    slow = predict(m, hw.replace(host_memory_bytes_per_s=5e9), Workload(77, 32), p.policy)
+    assert slow.busy_s["cpu"] > p.busy_s["cpu"]
+
+
+def test_kv_and_attention_placements_and_local_like_spec():
+    hw = HW.replace(gemm_intercept_s=1e-3, gemm_flops_per_s=500, device_is_host=True,
+                    cpu_attention_bytes_per_s=40)
+    for a, k in (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu")):
+        p = predict(M, hw, WL, POL.replace(attention_device=a, kv_cache_device=k))
+        assert np.isfinite(p.tokens_per_s) and p.tokens_per_s > 0
+        assert (p.busy_s["cpu"] > 0) == (a == "cpu")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="policy="):
+        predict(M, HW, WL, "fast")
+    with pytest.raises(ValueError, match="model='mixtral_8x7b'"):
+        predict("mixtral_8x7b", HW, WL, POL)
+    with pytest.raises(ValueError, match="workload="):
+        predict(M, HW, (3, 2), POL)

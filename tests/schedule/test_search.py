@@ -1,0 +1,108 @@
+"""Policy search: speed, determinism, budgets, monotonicity, optimality, errors."""
+import itertools
+import time
+
+import pytest
+
+from moejax.model_config.hardware import HardwareSpec, get_hardware
+from moejax.model_config.model import ModelConfig, get_model, model_names
+from moejax.model_config.workload import Workload
+from moejax.schedule import Policy, predict, search_policy
+from moejax.schedule.hrm import ubs_candidates
+from moejax.schedule.predict import memory_budgets, memory_bytes
+
+MIXTRAL = get_model("mixtral_8x7b")
+MTBENCH = Workload(77, 32)
+
+
+def _within_budgets(model, hw, wl, policy, pred, device_memory_bytes=None):
+    dev, host = memory_budgets(hw, device_memory_bytes)
+    assert pred.peak_device_bytes <= dev * (1 + 1e-9)
+    assert pred.peak_host_bytes + (pred.peak_device_bytes if hw.device_is_host else 0) \
+        <= host * (1 + 1e-9)
+    d, h = memory_bytes(model, wl, policy.micro_batch_size, policy.num_micro_batches,
+                        policy.gpu_weight_fraction, policy.attention_device,
+                        policy.kv_cache_device)
+    assert (d, h) == pytest.approx((pred.peak_device_bytes, pred.peak_host_bytes))
+
+
+def test_l4_fast_deterministic_and_consistent():
+    hw = get_hardware("l4")
+    t = time.perf_counter()
+    policy, pred = search_policy(MIXTRAL, hw, MTBENCH)
+    assert time.perf_counter() - t < 5
+    assert search_policy(MIXTRAL, hw, MTBENCH) == (policy, pred)
+    assert predict(MIXTRAL, hw, MTBENCH, policy) == pred
+    assert 0 < pred.tokens_per_s <= pred.limit_tokens_per_s
+    _within_budgets(MIXTRAL, hw, MTBENCH, policy, pred)
+
+
+CASES = [("mixtral_8x7b", hw, g) for hw in ("l4_moe_lightning", "t4", "a40", "h100")
+         for g in (32, 256)]
+CASES += [("qwen3_30b_a3b", "l4", 64)] if "qwen3_30b_a3b" in model_names() else []
+
+
+@pytest.mark.parametrize("model, hw, gen", CASES)
+def test_never_breaks_a_budget(model, hw, gen):
+    m, h, wl = get_model(model), get_hardware(hw), Workload(77, gen)
+    policy, pred = search_policy(m, h, wl)
+    _within_budgets(m, h, wl, policy, pred)
+
+
+def test_device_budget_and_sequence_cap():
+    hw = get_hardware("l4").replace(device_is_host=True, host_memory_bytes=40e9)
+    m, wl = get_model("mixtral_4l_1024"), Workload(64, 16, num_sequences=300)
+    policy, pred = search_policy(m, hw, wl, device_memory_bytes=2e9)
+    assert policy.batch_size <= 300
+    _within_budgets(m, hw, wl, policy, pred, 2e9)
+
+
+@pytest.mark.parametrize("field, factors", [("host_memory_bytes", (1.0, 1.25, 1.6)),
+                                            ("h2d_bytes_per_s", (1.0, 1.5, 3.0))])
+@pytest.mark.parametrize("hw_name, gen", [("l4", 128), ("t4", 32)])
+def test_monotone_in_host_memory_and_link(field, factors, hw_name, gen):
+    hw, wl = get_hardware(hw_name), Workload(77, gen)
+    best = [search_policy(MIXTRAL, hw.replace(**{field: getattr(hw, field) * f}), wl)[1]
+            .tokens_per_s for f in factors]
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(best, best[1:]))
+
+
+M = ModelConfig(name="hand", family="mixtral", vocab_size=10, hidden_size=4,
+                expert_ffn_size=8, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=2,
+                num_experts=2, top_k=1, dtype="bfloat16")
+HW = HardwareSpec(name="hand", gpu_fp16_flops_per_s=1e5, gpu_fp32_flops_per_s=5e4,
+                  gpu_memory_bytes=1e6, gpu_memory_bytes_per_s=1e4, cpu_flops_per_s=1e3,
+                  host_memory_bytes=1e6, host_memory_bytes_per_s=5e3,
+                  h2d_bytes_per_s=200, d2h_bytes_per_s=250, cpu_cores=1)
+
+
+def test_optimal_over_brute_force_grid():
+    wl, budget = Workload(3, 4, num_sequences=40), 9000
+    policy, pred = search_policy(M, HW, wl, device_memory_bytes=budget)
+    dev_cap, host_cap = memory_budgets(HW, budget)
+    ubs_grid = list(itertools.takewhile(lambda u: u <= 40, ubs_candidates()))
+    for ubs, n_ub, wg, (a, k) in itertools.product(
+            ubs_grid, range(1, 41), (0.0, 0.3, 0.6, 1.0),
+            (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))):
+        if ubs * n_ub > 40:
+            continue
+        d, h = memory_bytes(M, wl, ubs, n_ub, wg, a, k)
+        if d > dev_cap or h > host_cap:
+            continue
+        p = Policy.from_micro_batches(ubs, n_ub, gpu_weight_fraction=wg,
+                                      attention_device=a, kv_cache_device=k)
+        assert predict(M, HW, wl, p).tokens_per_s <= pred.tokens_per_s * (1 + 1e-9)
+
+
+def test_infeasible_names_the_short_memory():
+    with pytest.raises(ValueError, match=r"device memory is short by \d+\.\d+ GiB"):
+        search_policy(MIXTRAL, get_hardware("l4"), MTBENCH, device_memory_bytes=4e9)
+    with pytest.raises(ValueError, match=r"host memory is short by \d+\.\d+ GiB"):
+        search_policy(MIXTRAL, get_hardware("l4").replace(host_memory_bytes=50e9), MTBENCH)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="device_memory_bytes=-1"):
+        search_policy(MIXTRAL, get_hardware("l4"), MTBENCH, device_memory_bytes=-1)
+    with pytest.raises(ValueError, match="hw='l4'"):
+        search_policy(MIXTRAL, "l4", MTBENCH)
