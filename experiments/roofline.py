@@ -21,17 +21,12 @@ from absl import app, flags
 
 from moejax.model_config.hardware import get_hardware, hardware_names
 from moejax.model_config.model import get_model, model_names
+from moejax.model_config.setups import get_setup, setup_names
 from moejax.model_config.workload import Workload, get_workload, workload_names
 
-CONFIGS = {  # name: (model, hardware, workload, emulated device memory GiB or None)
-    "mixtral_l4": ("mixtral_8x7b", "l4_moe_lightning", "mtbench_g32", None),
-    "mixtral_t4": ("mixtral_8x7b", "t4_moe_lightning", "mtbench_g32", None),
-    "mixtral_l4_vendor": ("mixtral_8x7b", "l4", "mtbench_g32", None),
-    "tiny_local": ("mixtral_4l_1024", "local", "local_demo", 1.0),
-}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "mixtral_l4", sorted(CONFIGS), "model + hardware + workload")
+flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "model + hardware + workload")
 flags.DEFINE_string("out", None,
                     "PNG path (default experiments/results/roofline_<config>.png)")
 flags.DEFINE_string("hardware", None, f"override the hardware: {', '.join(hardware_names())}")
@@ -158,12 +153,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from moejax.schedule import search_policy
 
-    m_name, hw_name, wl_name, dev_gib = CONFIGS[FLAGS.config]
-    dev_gib = FLAGS.device_memory_gib or dev_gib
+    setup = get_setup(FLAGS.config)
+    dev_gib = FLAGS.device_memory_gib or setup.device_memory_gib
     dev_bytes = None if dev_gib is None else dev_gib * 2**30
-    model = get_model(FLAGS.model or m_name)
-    hw = get_hardware(FLAGS.hardware or hw_name)
-    workload = get_workload(FLAGS.workload or wl_name)
+    model = get_model(FLAGS.model) if FLAGS.model else setup.model
+    hw = get_hardware(FLAGS.hardware) if FLAGS.hardware else setup.hardware
+    workload = get_workload(FLAGS.workload) if FLAGS.workload else setup.workload
     out = FLAGS.out or os.path.join("experiments", "results", f"roofline_{FLAGS.config}.png")
     try:
         policy, pred = search_policy(model, hw, workload, device_memory_bytes=dev_bytes)

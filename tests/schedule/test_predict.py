@@ -96,14 +96,21 @@ def test_memory_hand_computed():
 
 
 def test_moe_lens_bound_hand_computed():
-    b = moe_lens_bound(M, HW, WL)
+    b = moe_lens_bound(M, HW.replace(gpu_memory_bytes=1000), WL)
     assert b.pme == pytest.approx(0.625)  # 2·5 / (8·2)
     assert b.kv_capacity_tokens == pytest.approx((90_000 - 1152) / 24)
-    assert b.delta_s == pytest.approx((552 + 1152) / 20)
-    assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3702 / 85.2)
+    # only what cannot stay on the device moves: 552 + 1152 − 0.9·1000 bytes
+    assert b.delta_s == pytest.approx((552 + 1152 - 900) / 20)
+    assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3702 / 40.2)
     assert b.gpu_bound_tokens_per_s == pytest.approx(1000 / 896)  # 3·(96+192) + 160·2/5
     assert b.processed_tokens_per_s == pytest.approx(1000 / 896)
     assert b.generated_tokens_per_s == pytest.approx(1000 / 896 * 2 / 5)
+
+
+def test_moe_lens_bound_when_the_model_fits_is_the_gpu_bound():
+    b = moe_lens_bound(M, HW, WL)  # 1704 weight bytes fit in 0.9·10000
+    assert b.delta_s == 0 and b.kv_bound_tokens_per_s == float("inf")
+    assert b.processed_tokens_per_s == pytest.approx(b.gpu_bound_tokens_per_s)
 
 
 def test_mixtral_l4_moe_lightning_policy():
