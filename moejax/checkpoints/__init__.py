@@ -1,26 +1,88 @@
-"""Checkpoint formats: Hugging Face safetensors (and the native format of host offload)."""
+"""Checkpoint formats: Hugging Face safetensors and moejax's native (orbax) format."""
 
 from __future__ import annotations
 
 import os
 
+import jax
+
 from moejax.checkpoints.hf import is_hf_checkpoint, load_hf_params
+from moejax.checkpoints.native import is_native_checkpoint, load_native, native_config
+from moejax.host_offload.memory import loading_memory
 from moejax.model import MoEModel
 from moejax.model_config.model import ModelConfig
 
+EXPERT_PLACES = ("device", "host")
 
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> MoEModel:
-    """Load a checkpoint directory (HF `config.json` + `*.safetensors`) as a MoEModel.
 
-    `dtype` ("float32", "bfloat16", "float16") overrides the checkpoint's dtype.
-    """
+def _bounded(place):
+    """`place`, then wait for its copies, so loading holds the placed weights plus one
+    tensor in flight (not a queue of pending transfers, each pinning its source)."""
+    def placed(path, arr):
+        return jax.block_until_ready(place(path, arr))
+    return placed
+
+
+def _read(path: str, dtype: str | None, place) -> tuple[ModelConfig, dict]:
+    """(config, params) of a native or HF checkpoint directory, leaves through `place`."""
     path = os.fspath(path)
+    place = _bounded(place or jax.device_put)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint directory {path!r} does not exist")
+    if is_native_checkpoint(path):
+        with loading_memory():
+            return load_native(path, dtype, place)
     if is_hf_checkpoint(path):
         cfg = ModelConfig.from_hf(path)
         if dtype is not None:
             cfg = cfg.replace(dtype=dtype)
-        return MoEModel(cfg, load_hf_params(path, cfg))
-    raise ValueError(f"{path!r} is not a checkpoint: expected config.json with "
-                     "model.safetensors or model.safetensors.index.json")
+        with loading_memory():
+            return cfg, load_hf_params(path, cfg, place)
+    raise ValueError(f"{path!r} is not a checkpoint: expected moejax_native.json (native) "
+                     "or config.json with model.safetensors[.index.json] (HF)")
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
+                    experts: str = "device") -> MoEModel:
+    """Load a native or HF checkpoint directory as a MoEModel.
+
+    `dtype` ("float32", "bfloat16", "float16") overrides the checkpoint's dtype.
+    `experts="host"` leaves expert tensors as host NumPy arrays (everything else on the
+    device): `Engine(model, <offload knobs>)` then pages them in place, with no second
+    host copy. "device" puts every parameter on the device (the reference placement).
+    """
+    if experts not in EXPERT_PLACES:
+        raise ValueError(f"experts={experts!r} not in {EXPERT_PLACES}")
+
+    def place(p, a):
+        if experts == "host" and len(p) == 3 and p[1] == "experts":
+            return a
+        return jax.device_put(a)  # a copy: `a` is freed once placed
+
+    cfg, params = _read(path, dtype, place)
+    return MoEModel(cfg, params)
+
+
+def load_store(path: str | os.PathLike, dtype: str | None = None, **store_knobs):
+    """Load a checkpoint straight into a HostWeightStore (knobs: gpu_weight_fraction,
+    page_bytes, device_memory_bytes, host_memory): each tensor goes to its final place
+    (device, or host pages) as it is read. Use as `Engine(load_store(dir, ...))`."""
+    from moejax.host_offload.weight_store import HostWeightStore
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and is_native_checkpoint(path):
+        cfg = native_config(path)
+    elif os.path.isdir(path) and is_hf_checkpoint(path):
+        cfg = ModelConfig.from_hf(path)
+    else:
+        return _read(path, dtype, None)  # raises the right ValueError
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    store = HostWeightStore(cfg, **store_knobs)
+    _read(path, dtype, store.place)
+    store.check_complete()
+    return store
+
+
+__all__ = ["load_pretrained", "load_store", "load_hf_params", "load_native",
+           "is_hf_checkpoint", "is_native_checkpoint"]

@@ -11,7 +11,7 @@ A decoder layer is split where the offloaded schedule splits it (DESIGN.md §2):
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
+
 import jax.numpy as jnp
 
 from moejax.layers.attention import (AttentionProjections, causal_mask, gqa_attention,

@@ -85,3 +85,25 @@ def get_setup(name: str) -> Setup:
     if name not in _SETUPS:
         raise ValueError(f"unknown config {name!r}; valid: {', '.join(setup_names())}")
     return _SETUPS[name]
+
+
+def scaled_for_local(cfg: ModelConfig, hidden_size: int = 1024, num_layers: int = 4,
+                     max_vocab: int = 32000) -> ModelConfig:
+    """The same architecture shrunk to run on a small CPU machine: the family switches,
+    expert count, top-k, GQA group size and ffn/hidden ratio are kept; hidden size,
+    layer count and vocabulary shrink; float32 (XLA's CPU GEMMs are fastest in fp32).
+    Returns `cfg` itself (as float32) when it is already no larger."""
+    if cfg.hidden_size <= hidden_size and cfg.num_layers <= num_layers:
+        return cfg.replace(dtype="float32")
+    head_dim = min(cfg.head_dim, 128)
+    heads = max(hidden_size // head_dim, cfg.group_size)
+    heads -= heads % cfg.group_size
+    scale = hidden_size / cfg.hidden_size
+    dense = tuple(i for i in cfg.dense_layers if i < num_layers)
+    return cfg.replace(
+        name=f"{cfg.name}_local", hidden_size=hidden_size, num_layers=num_layers,
+        expert_ffn_size=max(16, round(cfg.expert_ffn_size * scale / 16) * 16),
+        num_heads=heads, num_kv_heads=heads // cfg.group_size, head_dim=head_dim,
+        vocab_size=min(cfg.vocab_size, max_vocab), dtype="float32", dense_layers=dense,
+        dense_ffn_size=max(16, round(cfg.dense_ffn_size * scale / 16) * 16) if dense else 0,
+        max_positions=min(cfg.max_positions, 4096))

@@ -1,0 +1,41 @@
+"""Convert a Hugging Face checkpoint to moejax's native format (orbax, page layout).
+
+    python -m experiments.convert --checkpoint HF_DIR --out DIR [--dtype bfloat16]
+                                  [--page_bytes 16777216]
+
+Experts are written in moejax layout ([E, h, f] / [E, f, h], flattened, chunked on disk
+at --page_bytes), optionally cast to --dtype; see moejax/checkpoints/native.py.
+Host memory: the whole model once (NumPy), while orbax writes it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+import sys
+
+from moejax.checkpoints.native import convert_hf
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (config.json + safetensors)",
+                    required=True)
+flags.DEFINE_string("out", None, "output directory (must not exist)", required=True)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "cast weights to")
+flags.DEFINE_integer("page_bytes", None, "on-disk chunk (= store page) size in bytes")
+
+
+def main(argv):
+    del argv
+    t = time.perf_counter()
+    try:
+        cfg = convert_hf(FLAGS.checkpoint, FLAGS.out, FLAGS.dtype, FLAGS.page_bytes)
+    except ValueError as e:
+        sys.exit(f"convert: {e}")
+    print(f"wrote {FLAGS.out}: {cfg.name} {cfg.dtype}, {cfg.weight_bytes() / 2**20:.1f} MiB "
+          f"in {time.perf_counter() - t:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

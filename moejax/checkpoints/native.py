@@ -1,0 +1,209 @@
+"""moejax's native checkpoint format: orbax-checkpoint, laid out as the host store streams.
+
+    DIR/moejax_native.json   format, version, ModelConfig, page_bytes, and per leaf its
+                             stored shape, dtype and CRC-32 (written last: its presence
+                             marks a complete checkpoint)
+    DIR/params/              orbax PyTree checkpoint (OCDBT + tensorstore)
+
+Non-expert leaves are stored as in the moejax parameter tree. Expert tensors w1, w3
+[E, h, f] and w2 [E, f, h] are stored flattened in moejax layout (already transposed from
+HF's [out, in], stacked by expert), so a store page is a contiguous element range of one
+leaf, and chunked on disk at `page_bytes` so one page is one chunk. Loading restores one
+leaf at a time and hands it to `place(path, array)` (as `load_hf_params` does), so host
+memory holds the placed weights plus one leaf in flight. Every leaf's CRC-32 is checked:
+a truncated, missing or altered leaf is a ValueError naming it, never a silent half-model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import zlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.checkpoints.hf import param_shapes, unflatten
+from moejax.host_offload.memory import DEFAULT_PAGE_BYTES
+from moejax.model_config.model import ModelConfig
+
+FORMAT, VERSION = "moejax-native", 1
+META, PARAMS = "moejax_native.json", "params"
+Path = tuple[str, ...]
+Placer = Callable[[Path, np.ndarray], object]
+
+
+def is_native_checkpoint(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, META))
+
+
+def _is_expert(path: Path) -> bool:
+    return len(path) == 3 and path[1] == "experts"
+
+
+def _key(path: Path) -> str:
+    return "/".join(path)
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def _config_dict(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["dense_layers"] = list(cfg.dense_layers)
+    return d
+
+
+def save_native(directory: str, cfg: ModelConfig, params: dict,
+                page_bytes: int | None = None) -> None:
+    """Write `params` (leaves NumPy or jax, already in `cfg.dtype`) to `directory`.
+
+    Written under `directory.tmp` and renamed at the end, metadata last, so an
+    interrupted save never leaves something that looks like a checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    page_bytes = DEFAULT_PAGE_BYTES if page_bytes is None else int(page_bytes)
+    if page_bytes <= 0 or page_bytes % cfg.bytes_per_param:
+        raise ValueError(f"page_bytes={page_bytes} must be a positive multiple of "
+                         f"{cfg.bytes_per_param}")
+    if os.path.exists(directory):
+        raise ValueError(f"output directory {directory!r} already exists")
+    shapes = param_shapes(cfg)
+    flat = {tuple(k.key for k in kp): leaf
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(flat) != set(shapes):
+        bad = sorted(set(flat) ^ set(shapes))[0]
+        raise ValueError(f"params do not match the config at {_key(bad)}")
+    dtype = np.dtype(jnp.dtype(cfg.dtype))
+    tree, leaves = {}, {}
+    for path, leaf in flat.items():
+        a = np.asarray(leaf)
+        if a.shape != shapes[path].shape or a.dtype != dtype:
+            raise ValueError(f"{_key(path)}: {a.dtype}{a.shape}, expected "
+                             f"{dtype}{shapes[path].shape}")
+        a = a.reshape(-1) if _is_expert(path) else a
+        tree[path] = a
+        leaves[_key(path)] = {"shape": list(a.shape), "crc32": _crc(a)}
+    save_args = {p: ocp.SaveArgs(chunk_byte_size=page_bytes if _is_expert(p) else None)
+                 for p in tree}
+    tmp = directory.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS), args=ocp.args.PyTreeSave(
+        unflatten(tree), save_args=unflatten(save_args)))
+    meta = {"format": FORMAT, "version": VERSION, "config": _config_dict(cfg),
+            "page_bytes": page_bytes, "dtype": cfg.dtype, "leaves": leaves}
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.rename(tmp, directory)
+
+
+def read_meta(directory: str) -> dict:
+    file = os.path.join(directory, META)
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable native checkpoint metadata {file}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a {FORMAT} checkpoint")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{file}: format version {meta.get('version')!r}, this moejax "
+                         f"reads {VERSION}")
+    for k in ("config", "leaves", "page_bytes"):
+        if k not in meta:
+            raise ValueError(f"{file}: missing {k!r}")
+    return meta
+
+
+def native_config(directory: str) -> ModelConfig:
+    d = dict(read_meta(directory)["config"])
+    d["dense_layers"] = tuple(d.get("dense_layers", ()))
+    try:
+        return ModelConfig(**d)
+    except TypeError as e:
+        raise ValueError(f"{directory}: bad config in {META}: {e}") from None
+
+
+def _check_leaves(directory: str, cfg: ModelConfig, leaves: dict) -> dict[Path, tuple]:
+    """{path: stored shape}, after checking the metadata names exactly the model's leaves."""
+    shapes = param_shapes(cfg)
+    want = {_key(p): p for p in shapes}
+    missing, extra = sorted(set(want) - set(leaves)), sorted(set(leaves) - set(want))
+    if missing or extra:
+        what = f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"
+        raise ValueError(f"native checkpoint {directory}: {what}")
+    out = {}
+    for key, path in want.items():
+        shape = tuple(shapes[path].shape)
+        stored = (int(np.prod(shape)),) if _is_expert(path) else shape
+        if tuple(leaves[key]["shape"]) != stored:
+            raise ValueError(f"native checkpoint {directory}: leaf {key!r} has shape "
+                             f"{tuple(leaves[key]['shape'])}, expected {stored}")
+        out[path] = stored
+    return out
+
+
+def load_native(directory: str, dtype: str | None = None,
+                place: Placer | None = None) -> tuple[ModelConfig, dict]:
+    """(config, parameter tree) from a native checkpoint, one leaf at a time through
+    `place(path, host array)` (default: onto the device). `dtype` casts on load."""
+    import orbax.checkpoint as ocp
+
+    meta = read_meta(directory)
+    cfg = native_config(directory)
+    stored_dtype = np.dtype(jnp.dtype(cfg.dtype))
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    target = np.dtype(jnp.dtype(cfg.dtype))
+    stored = _check_leaves(directory, cfg, meta["leaves"])
+    shapes = param_shapes(cfg)
+    ckpt = os.path.join(directory, PARAMS)
+    if not os.path.isdir(ckpt):
+        raise ValueError(f"native checkpoint {directory}: no {PARAMS}/ directory")
+    place = place or (lambda path, a: jax.device_put(a))
+    ckptr = ocp.PyTreeCheckpointer()
+    out = {}
+    for path, shape in stored.items():
+        item = unflatten({path: jax.ShapeDtypeStruct(shape, stored_dtype)})
+        args = unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+        try:
+            got = ckptr.restore(ckpt, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=args, partial_restore=True))
+            for k in path:
+                got = got[k]
+        except Exception as e:  # orbax/tensorstore raise many kinds; name the leaf
+            raise ValueError(f"corrupt native checkpoint {directory}: cannot read leaf "
+                             f"{_key(path)!r}: {type(e).__name__}: {str(e)[:200]}") from None
+        a = np.asarray(got)
+        if a.shape != shape or a.dtype != stored_dtype or \
+                _crc(a) != meta["leaves"][_key(path)]["crc32"]:
+            raise ValueError(f"corrupt native checkpoint {directory}: leaf {_key(path)!r} "
+                             "fails its CRC-32/shape check")
+        del got
+        a = a.reshape(shapes[path].shape).astype(target, copy=False)
+        out[path] = place(path, a)
+        del a
+    return cfg, unflatten(out)
+
+
+def convert_hf(checkpoint: str, out: str, dtype: str | None = None,
+            page_bytes: int | None = None) -> ModelConfig:
+    """HF checkpoint directory → native directory `out`; returns the saved config."""
+    from moejax.checkpoints.hf import is_hf_checkpoint, load_hf_params
+
+    if not is_hf_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint!r} is not an HF checkpoint (config.json + "
+                         "model.safetensors[.index.json])")
+    cfg = ModelConfig.from_hf(checkpoint)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    params = load_hf_params(checkpoint, cfg, place=lambda path, a: a)  # host NumPy
+    save_native(out, cfg, params, page_bytes)
+    return cfg

@@ -1,0 +1,134 @@
+"""Host memory kinds and host-thread plumbing shared by the weight store and CPU attention.
+
+Host memory is a `pinned_host` memory-kind JAX array where the backend offers that kind
+(page-locked: the DMA engine reads it directly, so H2D runs at link speed) and NumPy
+otherwise. `jax.devices()[0].addressable_memories()` lists the kinds; the CPU backend of
+jax 0.10 offers `device`, `pinned_host` and `unpinned_host`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+MiB = 2**20
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES  # noqa: E402,F401  (one default)
+HOST_MEMORY_KINDS = ("auto", "pinned_host", "numpy")
+
+
+def default_device() -> jax.Device:
+    """The accelerator ("GPU"); on the CPU-only testbed, the default CPU device."""
+    return jax.devices()[0]
+
+
+def has_pinned_host(device: jax.Device) -> bool:
+    return "pinned_host" in {m.kind for m in device.addressable_memories()}
+
+
+def device_sharding(device: jax.Device) -> SingleDeviceSharding:
+    return SingleDeviceSharding(device, memory_kind="device")
+
+
+def pinned_sharding(device: jax.Device) -> SingleDeviceSharding:
+    return SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+def check_host_memory(kind: str) -> str:
+    if kind not in HOST_MEMORY_KINDS:
+        raise ValueError(f"host_memory={kind!r} not in {HOST_MEMORY_KINDS}")
+    return kind
+
+
+def to_host_copy(x) -> np.ndarray:
+    """D2H: a NumPy copy that owns its memory (never a view of a device buffer)."""
+    return np.array(x, copy=True)
+
+
+# --------------------------------------------------------------- BLAS and threads
+@functools.cache
+def _openblas_set_local():
+    """`openblas_set_num_threads_local` of the OpenBLAS NumPy links, or None.
+
+    CPU attention parallelises over rows with its own thread pool; each worker must run
+    its small GEMMs single-threaded or OpenBLAS serialises the concurrent calls (measured
+    here: 2 workers × 2 BLAS threads ran no faster than 1 worker). The `_local` variant
+    (OpenBLAS ≥ 0.3.27) changes only the calling thread, not the rest of the process.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(libs):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+def single_threaded_blas() -> None:
+    """Make this thread's BLAS calls single-threaded (thread-pool initializer)."""
+    fn = _openblas_set_local()
+    if fn is not None:
+        fn(1)
+
+
+def host_threads() -> int:
+    """Host cores available to this process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def host_pool(num_threads: int) -> ThreadPoolExecutor:
+    """One shared pool per size (thread-safe to submit to from any thread)."""
+    return ThreadPoolExecutor(num_threads, thread_name_prefix="moejax-host",
+                              initializer=single_threaded_blas)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@contextlib.contextmanager
+def loading_memory():
+    """Make freed tensors leave the resident set at once while a checkpoint loads.
+
+    glibc serves allocations below its *dynamic* mmap threshold (it climbs to 32 MiB after
+    the first large free) from heaps and per-thread arenas, and keeps freed heap memory
+    resident. Loading frees one tensor per parameter (and tensorstore allocates from its
+    worker threads' arenas), so without this RSS grew by 1.5-1.9x the weight bytes
+    (native format) instead of ~1.1x. Inside: allocations >= 1 MiB are mmapped, so a free
+    returns them. After: the thresholds glibc's dynamic rule settles at anyway (mmap 32
+    MiB, trim 64 MiB), and a trim. No-op where glibc is absent.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)

@@ -1,0 +1,156 @@
+"""HostWeightStore: page layout, budget accounting, streaming = the original experts."""
+
+import jax
+import numpy as np
+import pytest
+
+import moejax
+from moejax.host_offload import HostWeightStore, has_pinned_host, make_plan
+from moejax.model import MoEModel
+
+CFG = moejax.get_model("tiny_mixtral").replace(num_layers=5)  # 5 MoE layers, float32
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MoEModel.random(CFG, seed=3)
+
+
+def experts(model, i):
+    return {k: np.asarray(v) for k, v in model.params[f"layers_{i}"]["experts"].items()}
+
+
+def test_pages_tile_each_tensor_once_with_a_short_last_page():
+    plan = make_plan(CFG, page_bytes=4 * 1000)  # 1000 elements; w1 has 24576
+    for name in ("w1", "w3", "w2"):
+        pages = [p for p in plan.pages if p.tensor == name]
+        assert [p.start for p in pages] == [1000 * j for j in range(len(pages))]
+        assert sum(p.size for p in pages) == 4 * 64 * 96 and pages[-1].size == 576
+
+
+@pytest.mark.parametrize("wg,page_bytes", [(0.0, 4 * 1000), (0.37, 4 * 777), (1.0, None)])
+def test_wait_returns_the_exact_experts(model, wg, page_bytes):
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
+                                        page_bytes=page_bytes)
+    for i in range(CFG.num_layers):
+        got = store.wait(i)
+        for k, v in experts(model, i).items():
+            np.testing.assert_array_equal(np.asarray(got[k]), v)
+        store.release(i)
+
+
+def test_pages_issued_in_any_order_assemble_the_layer(model):
+    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 999)
+    n = store.num_pages(2)
+    for p in np.random.default_rng(0).permutation(n):
+        store.prefetch_page(2, int(p))
+    got = store.wait(2)
+    for k, v in experts(model, 2).items():
+        np.testing.assert_array_equal(np.asarray(got[k]), v)
+
+
+def test_resident_fraction_is_rounded_down_to_whole_pages(model):
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.5,
+                                        page_bytes=4 * 5000)
+    plan, w = store.plan, CFG.expert_bytes_per_layer()
+    resident = 4 * sum(p.size for p in plan.resident_pages)
+    assert resident <= 0.5 * w < resident + 4 * plan.streamed_pages[0].size
+    assert plan.streamed_bytes == w - resident
+    assert store.num_pages(0) == len(store.plan.pages) - store.plan.num_resident
+
+
+def test_accounting_matches_placed_arrays(model):
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.25,
+                                        page_bytes=4 * 1000)
+    kinds = store.device_bytes_by_kind
+    assert kinds == store.plan.device_bytes_by_kind()
+    assert kinds["non_expert"] == CFG.non_expert_bytes()
+    w = CFG.expert_bytes_per_layer()
+    assert kinds["stream_slots"] == 2 * w
+    assert store.host_bytes == CFG.num_layers * store.plan.streamed_bytes
+
+
+def test_budget_picks_the_largest_fraction_that_fits():
+    w, ne = CFG.expert_bytes_per_layer(), CFG.non_expert_bytes()
+    stream_all = make_plan(CFG, 4 * 1000, 0.0).device_bytes()
+    assert stream_all == ne + 3 * w
+    assert make_plan(CFG, 4 * 1000, device_memory_bytes=stream_all).num_resident == 0
+    assert make_plan(CFG, 4 * 1000, device_memory_bytes=ne + 5 * w).gpu_weight_fraction == 1
+    mid = make_plan(CFG, 4 * 1000, device_memory_bytes=ne + 4 * w)
+    assert 0 < mid.gpu_weight_fraction < 1 and mid.device_bytes() <= ne + 4 * w
+
+
+def test_budget_too_small_says_by_how_much():
+    need = make_plan(CFG, 4 * 1000, 0.0).device_bytes()
+    with pytest.raises(ValueError, match=f"too small by 100 bytes"):
+        make_plan(CFG, 4 * 1000, device_memory_bytes=need - 100)
+
+
+def test_explicit_fraction_over_budget_is_refused():
+    need = make_plan(CFG, 4 * 1000, 1.0).device_bytes()
+    with pytest.raises(ValueError, match="gpu_weight_fraction=1.0"):
+        make_plan(CFG, 4 * 1000, 1.0, device_memory_bytes=need - 1)
+
+
+@pytest.mark.parametrize("page_bytes,needle", [(0, "positive"), (-8, "positive"),
+                                               (6, "multiple of the 4-byte"),
+                                               (True, "positive")])
+def test_bad_page_bytes(page_bytes, needle):
+    with pytest.raises(ValueError, match=f"page_bytes={page_bytes!r}.*{needle}"):
+        make_plan(CFG, page_bytes)
+
+
+@pytest.mark.parametrize("wg", [-0.1, 1.5, "half"])
+def test_bad_fraction(wg):
+    with pytest.raises(ValueError, match="gpu_weight_fraction"):
+        make_plan(CFG, None, wg)
+
+
+def test_reservation_over_budget_is_refused(model):
+    need = make_plan(CFG, 4 * 1000, 0.0).device_bytes()
+    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 1000,
+                                        device_memory_bytes=need + 10)
+    store.reserve("kv_cache", 10)
+    with pytest.raises(ValueError, match="exceeds device_memory_bytes=.* by 1 bytes"):
+        store.reserve("scratch", 1)
+
+
+def test_third_layer_needs_a_released_slot(model):
+    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 4000)
+    store.prefetch(0)
+    store.prefetch(1)
+    with pytest.raises(RuntimeError, match="both stream slots are busy"):
+        store.prefetch(2)
+    store.release(0)
+    store.prefetch(2)
+
+
+def test_host_pages_are_pinned_where_offered(model):
+    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 4000)
+    page = store._host[0][0]
+    if has_pinned_host(jax.devices()[0]):
+        assert page.sharding.memory_kind == "pinned_host"
+    else:
+        assert isinstance(page, np.ndarray)
+
+
+def test_numpy_leaves_are_adopted_without_a_copy(model):
+    params = jax.tree.map(np.asarray, model.params)
+    params = jax.tree.map(np.array, params)  # host-owned NumPy leaves
+    store = HostWeightStore.from_params(CFG, params, page_bytes=4 * 4000)
+    assert np.shares_memory(store._host[1][0], params["layers_1"]["experts"]["w1"])
+
+
+def test_dense_layers_have_no_pages():
+    cfg = CFG.replace(dense_layers=(1,), dense_ffn_size=32)
+    store = HostWeightStore.from_params(cfg, MoEModel.random(cfg).params)
+    assert store.num_pages(1) == 0 and store.num_pages(0) > 0
+    with pytest.raises(ValueError, match="layer 1 is dense"):
+        store.wait(1)
+
+
+def test_incomplete_store_names_the_missing_parameter(model):
+    store = HostWeightStore(CFG)
+    store.place(("embed", "embedding"), model.params["embed"]["embedding"])
+    with pytest.raises(ValueError, match="incomplete: .* was never placed"):
+        store.check_complete()
