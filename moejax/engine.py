@@ -1,41 +1,44 @@
-"""Greedy batched generation with a KV cache, all on the device or offloaded.
+"""Greedy batched generation: a Policy → a CGOPipe timeline → the executor.
 
-The loop reads like the paper's pseudocode: prefill the whole (right-padded) batch, then
-one decode step per new token; every layer i is
+`generate` is MoE-Lightning's loop as data (DESIGN.md §3): the policy fixes micro-batch
+size and count, resident expert fraction, page size, where attention and the KV cache
+live and whether resources overlap; `build_timeline` turns it into entries for the
+prefill and every decode step; `execute` runs them — overlapped (one thread per
+resource) or serially (the reference) — through the data plane:
 
-    prefetch(next MoE layer)                 H2D: its expert pages stream meanwhile
-    q, k, v = pre_attention(x)               device
-    o = attention(q, k, v)                   host (D2H, CPU attention over the host KV
-                                             cache, H2D) or device
-    h, ... = post_attention(x, o)            device: o_proj, residual, norm, router
-    experts = wait(i); x = ffn(h, experts)   device: resident + streamed experts
-    release(i)
+    embed → per layer: pre_attention (device) → attention (host: D2H q/k/v, CPU
+    attention over the host KV cache, H2D; or device) → post_attention + experts
+    (device: resident + streamed pages) … → head → next token
 
-Two placements:
+Placements:
 - reference (all on device): `Engine(model)` with no knob; weights, KV cache and
   attention on the device. `offload=False` forces it.
-- offloaded: any knob given (or `offload=True`, or a `HostWeightStore` as the model).
-  Experts live in a `HostWeightStore` (resident fraction on the device, the rest streamed
-  in pages), the KV cache on the host with CPU attention (`attention_device="cpu"`,
-  the default) or on the device (`"gpu"`, for ablation; it is then accounted in the
-  store's device budget). Without a budget or fraction, every expert streams (wg = 0).
+- offloaded: any knob given (or `offload=True`, a `HostWeightStore` as the model, or a
+  `policy`). Experts live in a `HostWeightStore` (resident fraction on the device, the
+  rest streamed in pages), the KV cache on the host with CPU attention (`"cpu"`, the
+  default) or on the device (`"gpu"`, for ablation; then accounted in the store's
+  budget). Without a budget or fraction every expert streams (wg = 0).
+- `policy=Policy(...)` runs that policy; `policy=None` when offloading picks the
+  micro-batching with the performance model for the calibrated local hardware.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from moejax import ops
 from moejax.host_offload.kv_cache import KV_DTYPES, HostKVCache
 from moejax.host_offload.weight_store import HostWeightStore
-from moejax.layers.attention import causal_mask
 from moejax.model import MoEModel
+from moejax.schedule.executor import BatchRun, DeviceWeights, Trace, execute
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
+from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
 
 ATTENTION_DEVICES = ("cpu", "gpu")
+MICRO_BATCH_CHOICES = (1, 2, 4, 8)  # micro-batch counts the local search considers
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -70,67 +73,25 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
                              f"{max_new_tokens} exceeds max_positions {cfg.max_positions}")
 
 
-# ------------------------------------------------------------ attention backends
-class DeviceAttention:
-    """KV cache [B, S, Hkv, d] per layer on the device; attention jitted there."""
 
-    def __init__(self, cfg, batch: int, max_len: int):
-        shape, dt = (batch, max_len, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype)
-        self.caches = [[jnp.zeros(shape, dt), jnp.zeros(shape, dt)]
-                       for _ in range(cfg.num_layers)]
-        self.nbytes = 2 * cfg.num_layers * int(np.prod(shape)) * dt.itemsize
+@dataclass
+class RunRecord:
+    """What the last batch did: its policy, timeline and the measured trace."""
 
-    def prefill(self, i, q, k, v, lengths, mask):
-        c = self.caches[i]
-        c[0], c[1] = ops.write_prefill(c[0], c[1], k, v)
-        return ops.attend(q, k, v, mask)
+    policy: Policy
+    entries: list[Entry]
+    trace: Trace
+    rows: int  # real (unpadded) rows
+    prompt_len: int  # padded prompt length T
+    steps: int  # tokens generated per row (1 by prefill + decode steps run)
 
-    def decode(self, i, q, k, v, positions):
-        c = self.caches[i]
-        o, c[0], c[1] = ops.decode_attention(c[0], c[1], q, k, v, jnp.asarray(positions))
-        return o
+    @property
+    def prefill_s(self) -> float:
+        return self.trace.stage_s(self.entries, "prefill")
 
-
-class HostAttention:
-    """The whole batch as one row slice of a `HostKVCache` (CPU attention)."""
-
-    def __init__(self, cfg, batch: int, max_len: int, kv_dtype: str | None):
-        self.kv = HostKVCache(cfg, batch, max_len, kv_dtype)
-        self.rows = slice(0, batch)
-
-    def prefill(self, i, q, k, v, lengths, mask):
-        return self.kv.prefill(i, self.rows, q, k, v, lengths)
-
-    def decode(self, i, q, k, v, positions):
-        return self.kv.decode(i, self.rows, q, k, v, positions)
-
-
-# ------------------------------------------------------------------------ engine
-def _resolve_placement(model, store_knobs, attention_device, kv_dtype, host_memory,
-                       offload) -> tuple[bool, str]:
-    """(offload?, attention device) from Engine's knobs; ValueError naming a bad one."""
-    is_store = isinstance(model, HostWeightStore)
-    if not is_store and not isinstance(model, MoEModel):
-        raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
-                         f"{type(model).__name__}")
-    given = any(v is not None for v in (*store_knobs.values(), attention_device,
-                                         kv_dtype)) or host_memory != "auto"
-    offload = (given or is_store) if offload is None else bool(offload)
-    if not offload and (given or is_store):
-        raise ValueError("offload=False takes no offload knobs and no HostWeightStore")
-    if attention_device is not None and attention_device not in ATTENTION_DEVICES:
-        raise ValueError(f"attention_device={attention_device!r} not in "
-                         f"{ATTENTION_DEVICES}")
-    attention_device = attention_device or ("cpu" if offload else "gpu")
-    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype={kv_dtype!r} not in {KV_DTYPES}")
-    if kv_dtype is not None and attention_device != "cpu":
-        raise ValueError(f"kv_dtype={kv_dtype!r} needs attention_device='cpu' (the "
-                         "device KV cache keeps the model dtype)")
-    if is_store and (any(v is not None for v in store_knobs.values())
-                     or host_memory != "auto"):
-        raise ValueError("a HostWeightStore was given: its knobs are already set")
-    return offload, attention_device
+    @property
+    def decode_s(self) -> float:
+        return self.trace.stage_s(self.entries, "decode")
 
 
 class Engine:
@@ -143,6 +104,9 @@ class Engine:
     gpu_weight_fraction  resident fraction of every MoE layer's experts (wg ∈ [0, 1]).
     attention_device     "cpu" (host KV cache, default when offloaded) or "gpu".
     page_bytes           streamed page size (default 16 MiB).
+    policy               a schedule.Policy: its wg, page size, placement, micro-batching
+                         and overlap (the knobs above then may not be given).
+    micro_batch_size     fix the micro-batch size instead of searching it.
     kv_dtype             host KV cache dtype (default the model's; "int8" quantised).
     host_memory          "auto" | "pinned_host" | "numpy" (see HostWeightStore).
     offload              None: offload iff a knob is given; True/False force it.
@@ -151,139 +115,160 @@ class Engine:
     def __init__(self, model, device_memory_bytes: int | None = None,
                  gpu_weight_fraction: float | None = None,
                  attention_device: str | None = None, page_bytes: int | None = None, *,
+                 policy: Policy | None = None, micro_batch_size: int | None = None,
                  kv_dtype: str | None = None, host_memory: str = "auto",
                  offload: bool | None = None):
+        if policy is not None:
+            if not isinstance(policy, Policy):
+                raise ValueError(f"policy must be a moejax.schedule.Policy, got "
+                                 f"{type(policy).__name__}")
+            if gpu_weight_fraction is not None or page_bytes is not None or (
+                    attention_device is not None
+                    and attention_device != policy.attention_device):
+                raise ValueError("policy given: gpu_weight_fraction, page_bytes and "
+                                 "attention_device come from it")
+            gpu_weight_fraction, page_bytes = policy.gpu_weight_fraction, policy.page_bytes
+            attention_device = policy.attention_device
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not
+                                             isinstance(micro_batch_size, int)
+                                             or micro_batch_size < 1):
+            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive "
+                             "integer")
         store_knobs = dict(device_memory_bytes=device_memory_bytes,
                            gpu_weight_fraction=gpu_weight_fraction, page_bytes=page_bytes)
+        given = any(v is not None for v in (*store_knobs.values(), attention_device,
+                                             kv_dtype, policy)) or host_memory != "auto"
         is_store = isinstance(model, HostWeightStore)
-        self.offload, self.attention_device = _resolve_placement(
-            model, store_knobs, attention_device, kv_dtype, host_memory, offload)
-        self.kv_dtype = kv_dtype
+        if not is_store and not isinstance(model, MoEModel):
+            raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
+                             f"{type(model).__name__}")
+        self.offload = (given or is_store) if offload is None else bool(offload)
+        if not self.offload and (given or is_store):
+            raise ValueError("offload=False takes no offload knobs and no HostWeightStore")
+        if attention_device is not None and attention_device not in ATTENTION_DEVICES:
+            raise ValueError(f"attention_device={attention_device!r} not in "
+                             f"{ATTENTION_DEVICES}")
+        self.attention_device = attention_device or ("cpu" if self.offload else "gpu")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} not in {KV_DTYPES}")
+        if kv_dtype is not None and self.attention_device != "cpu":
+            raise ValueError(f"kv_dtype={kv_dtype!r} needs attention_device='cpu' (the "
+                             "device KV cache keeps the model dtype)")
+        self.kv_dtype, self.policy, self.micro_batch_size = kv_dtype, policy, micro_batch_size
         self.cfg = model.cfg if is_store else model.config
         self.model = None if is_store else model
         self.store: HostWeightStore | None = None
         if is_store:
+            if any(v is not None for v in store_knobs.values()) or host_memory != "auto":
+                raise ValueError("a HostWeightStore was given: its knobs are already set")
             self.store = model
         elif self.offload:
             self.store = HostWeightStore.from_params(self.cfg, model.params,
                                                      host_memory=host_memory, **store_knobs)
-        g = self.store.global_params() if self.store else model.params
-        self._embed_params = {"embed": g["embed"]}
-        self._head_params = {k: g[k] for k in ("embed", "final_norm", "lm_head") if k in g}
-        self._moe_layers = [i for i in range(self.cfg.num_layers) if self.cfg.is_moe_layer(i)]
+        self.weights = self.store if self.store is not None else DeviceWeights(
+            self.cfg, model.params)
+        self.last_run: RunRecord | None = None
 
-    # ------------------------------------------------------------ placement hooks
-    def _layer_params(self, i: int) -> dict:
-        return self.store.device_params(i) if self.store else self.model.params[f"layers_{i}"]
+    # ------------------------------------------------------------------ policy
+    def _base_policy(self, ubs: int, n_ub: int) -> Policy:
+        wg = self.store.gpu_weight_fraction if self.store is not None else 1.0
+        kv = "cpu" if self.attention_device == "cpu" else "gpu"
+        return Policy.from_micro_batches(
+            ubs, n_ub, gpu_weight_fraction=float(wg), attention_device=self.attention_device,
+            kv_cache_device=kv, page_bytes=self.store.plan.page_bytes if self.store else
+            DEFAULT_PAGE_BYTES, overlap=True)
 
-    def _experts(self, i: int) -> dict:
-        return self.store.wait(i) if self.store else self.model.params[f"layers_{i}"]["experts"]
+    def policy_for(self, batch: int, prompt_len: int, gen_len: int) -> Policy:
+        """The policy one batch of `batch` rows runs with: the given one (micro-batch size
+        capped at the batch), or the placement's knobs with the micro-batching that the
+        performance model predicts fastest on the calibrated local hardware."""
+        if self.policy is not None:
+            ubs = min(self.policy.micro_batch_size, batch)
+            return self.policy.replace(micro_batch_size=ubs, num_micro_batches=math.ceil(
+                batch / ubs), batch_size=ubs * math.ceil(batch / ubs))
+        if not self.offload:
+            return self._base_policy(batch, 1)
+        if self.micro_batch_size is not None:
+            ubs = min(self.micro_batch_size, batch)
+            return self._base_policy(ubs, math.ceil(batch / ubs))
+        from moejax.model_config.hardware import get_hardware
+        from moejax.model_config.workload import Workload
+        from moejax.schedule.predict import predict
 
-    def _next_moe(self, i: int) -> int | None:
-        """The MoE layer after i, cyclically (the next step's first one after the last)."""
-        later = [j for j in self._moe_layers if j > i]
-        return later[0] if later else (self._moe_layers[0] if self._moe_layers else None)
+        hw, wl = get_hardware("local"), Workload(prompt_len, gen_len)
+        best = None
+        for n in MICRO_BATCH_CHOICES:
+            ubs = math.ceil(batch / n)
+            if n > 1 and ubs * (n - 1) >= batch:
+                continue
+            pol = self._base_policy(ubs, n)
+            tps = predict(self.cfg, hw, wl, pol).tokens_per_s
+            if best is None or tps > best[0]:
+                best = (tps, pol)
+        return best[1]
 
-    def _prefetch_after(self, i: int) -> None:
-        j = self._next_moe(i)
-        if self.store is not None and j is not None:
-            self.store.prefetch(j)
+    # ------------------------------------------------------------------ running
+    def _stream_plan(self) -> StreamPlan:
+        w = self.weights
+        return StreamPlan(tuple(tuple(w.page_bytes(i, p) for p in range(w.num_pages(i)))
+                                for i in range(self.cfg.num_layers)))
 
-    def _release(self, i: int) -> None:
-        if self.store is not None and self.cfg.is_moe_layer(i):
-            self.store.release(i)
-
-    # ------------------------------------------------------------ one layer / pass
-    def _layer(self, i: int, x, positions, attention):
-        """x [B, T, h] through layer i; `attention(i, q, k, v) -> o` owns the KV cache."""
-        cfg, moe, lp = self.cfg, self.cfg.is_moe_layer(i), self._layer_params(i)
-        q, k, v = ops.pre_attention(cfg, moe, lp, x, positions)
-        h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, x, attention(i, q, k, v))
-        cap = None
-        if moe:
-            cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
-            lp = {**lp, "experts": self._experts(i)}
-        y = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap)
-        self._release(i)
-        return y
-
-    def _pass(self, x, positions, attention):
-        """One pass over all layers, streaming layer i+1's experts while i computes."""
-        self._prefetch_after(-1)
-        for i in range(self.cfg.num_layers):
-            self._prefetch_after(i)
-            x = self._layer(i, x, positions, attention)
-        return x
-
-    # ------------------------------------------------------------------ generate
-    def _attention(self, batch: int, max_len: int):
-        if self.attention_device == "cpu":
-            return HostAttention(self.cfg, batch, max_len, self.kv_dtype)
-        attn = DeviceAttention(self.cfg, batch, max_len)
-        if self.store is not None:
-            self.store.reserve("kv_cache", attn.nbytes)
-        return attn
-
-    def _free(self, attention) -> None:
-        if self.store is not None and isinstance(attention, DeviceAttention):
-            self.store.unreserve("kv_cache")
-
-    def _prefill(self, prompts, max_new_tokens: int, attention_factory=None):
-        """Embed and run the right-padded prompts through every layer.
-        Returns (x [B, T, h], lengths [B], attention backend)."""
+    def _run(self, prompts, max_new_tokens: int, eos_token_id=None, progress=None,
+             full_logits: bool = False) -> BatchRun:
+        """One batch: pad it to the policy's rows, build and execute the timeline."""
         cfg, b = self.cfg, len(prompts)
-        lens = np.array([len(p) for p in prompts], np.int32)
+        lens = np.array([len(p) for p in prompts], np.int64)
         t = bucket(int(lens.max()))
-        s = int(lens.max()) + max_new_tokens
-        tokens = np.zeros((b, t), np.int32)
-        for r, p in enumerate(prompts):
+        policy = self.policy_for(b, int(lens.max()), max_new_tokens)
+        rows = policy.batch_size
+        tokens = np.zeros((rows, t), np.int32)
+        for r in range(rows):  # padding rows repeat prompt 0; their output is dropped
+            p = prompts[r] if r < b else prompts[0]
             tokens[r, :len(p)] = p
-        attention = self._attention(b, s if self.attention_device == "cpu" else bucket(s))
-        am = jnp.asarray(np.arange(t)[None, :] < lens[:, None], jnp.int32)
-        mask, positions = causal_mask(am), jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = ops.embed(cfg, self._embed_params, jnp.asarray(tokens))
+        lens = np.concatenate([lens, np.full(rows - b, lens[0])])
+        steps = max_new_tokens - 1
+        entries = build_timeline(cfg, policy, t, steps, self._stream_plan())
+        cache_len = int(lens.max()) + max_new_tokens
+        kv, reserved = None, False
+        if policy.attention_device == "cpu":
+            kv = HostKVCache(cfg, rows, cache_len, self.kv_dtype)
+        else:
+            cache_len = bucket(cache_len)
+            if self.store is not None:
+                nbytes = 2 * cfg.num_layers * rows * cache_len * cfg.num_kv_heads \
+                    * cfg.head_dim * cfg.bytes_per_param
+                self.store.reserve("kv_cache", nbytes)
+                reserved = True
+        on_step = None if progress is None else (lambda s: progress(s + 1, max_new_tokens))
+        run = BatchRun(cfg, self.weights, kv, policy, tokens, lens, cache_len, steps,
+                       eos_token_id, on_step, full_logits)
         try:
-            x = self._pass(x, positions, lambda i, q, k, v: attention.prefill(
-                i, q, k, v, lens, mask))
-        except BaseException:
-            self._free(attention)
-            raise
-        return x, lens, attention
+            trace = execute(entries, run.handlers(), overlap=policy.overlap)
+        finally:
+            if reserved:
+                self.store.unreserve("kv_cache")
+        self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run)
+        return run
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 logits [B, max prompt length, vocab] of right-padded prompts, through
         this engine's placement (the reference is `model.logits`)."""
         validate_request(self.cfg, prompts, 1, None)
-        x, lens, attention = self._prefill(prompts, 1)
-        self._free(attention)
-        return np.asarray(ops.head(self.cfg, self._head_params, x))[:, :int(lens.max())]
+        run = self._run(prompts, 1, full_logits=True)
+        return np.concatenate(run.logits)[:len(prompts), :max(map(len, prompts))]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[list[int]]:
+                 eos_token_id: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """Greedy decoding of a ragged batch; rows are `max_new_tokens` long, or end at
-        (and include) `eos_token_id` when given."""
-        cfg = self.cfg
-        validate_request(cfg, prompts, max_new_tokens, eos_token_id)
-        b = len(prompts)
-        x, lens, attention = self._prefill(prompts, max_new_tokens)
-        try:
-            last = x[jnp.arange(b), jnp.asarray(lens - 1)][:, None]
-            nxt = np.asarray(jnp.argmax(ops.head(cfg, self._head_params, last)[:, 0], -1))
-            out = [[int(tok)] for tok in nxt]
-            done = np.zeros(b, bool) if eos_token_id is None else nxt == eos_token_id
-            pos = lens.copy()
-            for _ in range(max_new_tokens - 1):
-                if done.all():
-                    break
-                x = ops.embed(cfg, self._embed_params, jnp.asarray(nxt, jnp.int32)[:, None])
-                x = self._pass(x, jnp.asarray(pos)[:, None],
-                               lambda i, q, k, v, p=pos: attention.decode(i, q, k, v, p))
-                nxt = np.asarray(jnp.argmax(ops.head(cfg, self._head_params, x)[:, 0], -1))
-                pos = pos + 1
-                for r in np.flatnonzero(~done):
-                    out[r].append(int(nxt[r]))
-                if eos_token_id is not None:
-                    done |= nxt == eos_token_id
-        finally:
-            self._free(attention)
+        (and include) `eos_token_id` when given. `progress(tokens_done, max_new_tokens)`
+        is called after every step. A batch larger than a given policy's batch size runs
+        as several batches."""
+        validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
+        size = self.policy.batch_size if self.policy is not None else len(prompts)
+        out = []
+        for i in range(0, len(prompts), size):
+            chunk = list(prompts[i:i + size])
+            run = self._run(chunk, max_new_tokens, eos_token_id, progress)
+            out += run.tokens_out(len(chunk))
         return out

@@ -123,6 +123,16 @@ class HostKVCache:
             return None, None
         return self.k_scale[layer][rows], self.v_scale[layer][rows]
 
+    def write_prefill(self, layer: int, rows: slice, k, v, lengths) -> None:
+        """Store prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) without
+        attending: the path where prefill attention ran on the device."""
+        b = k.shape[0]
+        r = self._rows(layer, rows, b)
+        lengths = self._lengths(lengths, b, "lengths")
+        for i in range(b):
+            self._store(layer, r.start + i, slice(0, int(lengths[i])), k[i, :lengths[i]],
+                        v[i, :lengths[i]])
+
     def prefill_host(self, layer: int, rows: slice, q, k, v, lengths) -> np.ndarray:
         """Write prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) and
         attend q [b, T, Hq, d] causally over them -> o [b, T, Hq, d] float32."""

@@ -427,9 +427,10 @@ class HostWeightStore:
         s.layer, s.issued = layer, set()
         return s
 
-    def prefetch_page(self, layer: int, page: int) -> None:
+    def prefetch_page(self, layer: int, page: int) -> jax.Array | None:
         """Start copying streamed page `page` of `layer` into its slot; returns at once
-        (an async `device_put` and an async in-place copy). Re-issuing is a no-op."""
+        (an async `device_put` and an async in-place copy) the slot tensor the page is
+        written into — block on it to wait for this page. Re-issuing is a no-op (None)."""
         self._check_page(layer, page)
         with self._lock:
             host = self._host.get(layer, [None] * (page + 1))[page]
@@ -437,11 +438,12 @@ class HostWeightStore:
                 raise ValueError(f"layer {layer} page {page} was never placed")
             s = self._slot_of(layer)
             if page in s.issued:
-                return
+                return None
             p = self.plan.streamed_pages[page]
             t = EXPERTS.index(p.tensor)
             s.bufs[t] = _write(s.bufs[t], jax.device_put(host, self._dev), np.int32(p.start))
             s.issued.add(page)
+            return s.bufs[t]
 
     def prefetch(self, layer: int) -> None:
         """prefetch_page for every streamed page of the layer (returns at once)."""

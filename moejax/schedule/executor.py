@@ -23,6 +23,10 @@ from moejax.schedule.timeline import RESOURCES, Entry
 Handler = Callable[[Entry], None]
 
 
+class StopTimeline(Exception):
+    """Raised by a handler to end the run early (e.g. every row hit its EOS token)."""
+
+
 @dataclass(frozen=True)
 class Trace:
     """Measured start/end of every entry, seconds from the start of the run."""
@@ -50,7 +54,11 @@ class Trace:
 def _serial(entries, handlers, start, end, t0):
     for e in entries:
         start[e.id] = time.perf_counter() - t0
-        handlers[e.op](e)
+        try:
+            handlers[e.op](e)
+        except StopTimeline:
+            end[e.id] = time.perf_counter() - t0
+            return
         end[e.id] = time.perf_counter() - t0
 
 
@@ -62,7 +70,7 @@ def _overlapped(entries, handlers, start, end, t0, lane):
         try:
             for e in mine:
                 for d in e.deps:
-                    while not done[d].wait(0.5):
+                    while not done[d].wait(0.05):
                         if errors:
                             return
                 if errors:
@@ -71,7 +79,7 @@ def _overlapped(entries, handlers, start, end, t0, lane):
                 handlers[e.op](e)
                 end[e.id] = time.perf_counter() - t0
                 done[e.id].set()
-        except BaseException as err:  # surfaced in the calling thread
+        except BaseException as err:  # surfaced in the calling thread (Stop: quietly)
             errors.append(err)
 
     lanes: dict[str, list[Entry]] = {}
@@ -83,8 +91,9 @@ def _overlapped(entries, handlers, start, end, t0, lane):
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
+    real = [e for e in errors if not isinstance(e, StopTimeline)]
+    if real:
+        raise real[0]
 
 
 def execute(entries: list[Entry], handlers: Mapping[str, Handler], overlap: bool = True,
@@ -100,3 +109,202 @@ def execute(entries: list[Entry], handlers: Mapping[str, Handler], overlap: bool
     else:
         _serial(entries, handlers, start, end, t0)
     return Trace(start, end)
+
+
+# ---------------------------------------------------------------- the data plane
+class DeviceWeights:
+    """All parameters already on the device (the all-on-device reference): the weight
+    interface of `HostWeightStore` with nothing to stream."""
+
+    def __init__(self, cfg, params: dict):
+        self.cfg, self.params = cfg, params
+
+    def device_params(self, layer: int) -> dict:
+        return self.params[f"layers_{layer}"]
+
+    def global_params(self) -> dict:
+        return {k: self.params[k] for k in ("embed", "final_norm", "lm_head")
+                if k in self.params}
+
+    def num_pages(self, layer: int) -> int:
+        return 0
+
+    def wait(self, layer: int) -> dict:
+        return self.params[f"layers_{layer}"]["experts"]
+
+    def release(self, layer: int) -> None:
+        pass
+
+
+class BatchRun:
+    """One padded batch through a timeline: the handler of every op (DESIGN.md §2).
+
+    weights   HostWeightStore or DeviceWeights (device_params, wait, prefetch_page, …)
+    kv        HostKVCache (attention on the host) or None (device KV cache)
+    rows      micro-batch k owns rows [k·ubs, (k+1)·ubs) of the batch
+    Values flow between entries through dicts keyed by (step, layer, micro-batch); a
+    consumer pops what no later entry reads, so at most a pass or two stays alive.
+    """
+
+    def __init__(self, cfg, weights, kv, policy, tokens: np.ndarray, lengths: np.ndarray,
+                 cache_len: int, steps: int, eos_token_id=None, on_step=None,
+                 full_logits: bool = False):
+        import jax.numpy as jnp
+
+        from moejax.layers.attention import causal_mask
+
+        self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
+        ubs, n = policy.micro_batch_size, policy.num_micro_batches
+        self.rows = [slice(k * ubs, (k + 1) * ubs) for k in range(n)]
+        self.lengths = lengths
+        self.tokens = [jnp.asarray(tokens[r]) for r in self.rows]
+        t = tokens.shape[1]
+        am = np.arange(t)[None, :] < lengths[:, None]
+        self.masks = [causal_mask(jnp.asarray(am[r], jnp.int32)) for r in self.rows]
+        self.positions = jnp.broadcast_to(jnp.arange(t), (ubs, t))
+        self.last = [jnp.asarray(lengths[r] - 1) for r in self.rows]
+        g = weights.global_params()
+        self.embed_params = {"embed": g["embed"]}
+        self.head_params = g
+        self.eos, self.on_step, self.full_logits = eos_token_id, on_step, full_logits
+        self.out = np.zeros((steps + 1, len(lengths)), np.int64)
+        self.logits: list = [None] * n
+        self.done = np.zeros(len(lengths), bool)
+        self.steps_run = 0
+        self.x, self.qkv, self.host, self.o, self.nxt = {}, {}, {}, {}, {}
+        self.new_kv = {}  # prefill k, v awaiting their copy to the host cache
+        self.dev_cache = None
+        if kv is None:
+            shape = (ubs, cache_len, cfg.num_kv_heads, cfg.head_dim)
+            z = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
+            self.dev_cache = {(i, k): [z(), z()] for i in range(cfg.num_layers)
+                              for k in range(n)}
+
+    def handlers(self) -> dict:
+        return {op: getattr(self, f"_{op}") for op in
+                ("page", "embed", "pre_attn", "attn", "d2h_qkv", "cpu_attn", "h2d_attn",
+                 "d2h_kv", "post_attn", "head")}
+
+    def _pos(self, e):
+        """Decode: slot of the new token = prompt length + step − 1."""
+        import jax.numpy as jnp
+        return jnp.asarray(self.lengths[self.rows[e.micro_batch]] + e.step - 1)
+
+    # --------------------------------------------------------------- transfers
+    def _page(self, e):
+        buf = self.w.prefetch_page(e.layer, e.page)
+        if buf is not None:
+            buf.block_until_ready()
+
+    def _d2h_kv(self, e):
+        kh, vh = self.kv.to_host(*self.new_kv.pop((e.step, e.layer, e.micro_batch)))
+        r = self.rows[e.micro_batch]
+        self.kv.write_prefill(e.layer, r, kh, vh, self.lengths[r])
+
+    def _d2h_qkv(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        self.host[key] = self.kv.to_host(*self.qkv.pop(key))
+
+    def _h2d_attn(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        self.o[key] = self.kv.to_device(self.host.pop(key)).block_until_ready()
+
+    # ------------------------------------------------------------------ compute
+    def _embed(self, e):
+        from moejax import ops
+
+        k = e.micro_batch
+        tok = self.tokens[k] if e.stage == "prefill" else self.nxt[k][:, None]
+        self.x[k] = ops.embed(self.cfg, self.embed_params, tok).block_until_ready()
+
+    def _pre_attn(self, e):
+        from moejax import ops
+
+        pos = self.positions if e.stage == "prefill" else self._pos(e)[:, None]
+        moe = self.cfg.is_moe_layer(e.layer)
+        qkv = ops.pre_attention(self.cfg, moe, self.w.device_params(e.layer),
+                                self.x[e.micro_batch], pos)
+        key = (e.step, e.layer, e.micro_batch)
+        self.qkv[key] = jax_ready(qkv)
+        if e.stage == "prefill" and self.kv is not None:
+            self.new_kv[key] = qkv[1:]
+
+    def _attn(self, e):
+        from moejax import ops
+
+        key, k = (e.step, e.layer, e.micro_batch), e.micro_batch
+        q, kk, v = self.qkv.pop(key)
+        cache = self.dev_cache[(e.layer, k)] if self.dev_cache is not None else None
+        if e.stage == "prefill":
+            if cache is not None:
+                cache[0], cache[1] = ops.write_prefill(cache[0], cache[1], kk, v)
+            o = ops.attend(q, kk, v, self.masks[k])
+        else:
+            o, cache[0], cache[1] = ops.decode_attention(cache[0], cache[1], q, kk, v,
+                                                         self._pos(e))
+        self.o[key] = o.block_until_ready()
+
+    def _cpu_attn(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        q, k, v = self.host.pop(key)
+        r = self.rows[e.micro_batch]
+        self.host[key] = self.kv.decode_host(e.layer, r, q, k, v,
+                                             self.lengths[r] + e.step - 1)
+
+    def _post_attn(self, e):
+        import jax.numpy as jnp
+
+        from moejax import ops
+
+        cfg, i, k = self.cfg, e.layer, e.micro_batch
+        moe = cfg.is_moe_layer(i)
+        lp = self.w.device_params(i)
+        if moe:
+            lp = {**lp, "experts": self.w.wait(i)}
+        o = self.o.pop((e.step, i, k))
+        h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
+        cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0]) if moe else None
+        self.x[k] = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap).block_until_ready()
+        if moe and k == self.policy.num_micro_batches - 1:
+            self.w.release(i)
+
+    def _head(self, e):
+        import jax.numpy as jnp
+
+        from moejax import ops
+
+        k, r = e.micro_batch, self.rows[e.micro_batch]
+        x = self.x.pop(k)
+        if e.stage == "prefill":
+            if self.full_logits:
+                self.logits[k] = np.asarray(ops.head(self.cfg, self.head_params, x))
+            x = x[jnp.arange(x.shape[0]), self.last[k]][:, None]
+        nxt = jnp.argmax(ops.head(self.cfg, self.head_params, x)[:, 0], axis=-1)
+        self.nxt[k] = nxt.astype(jnp.int32)
+        self.out[e.step, r] = np.asarray(nxt)
+        if k == self.policy.num_micro_batches - 1:
+            self._step_done(e.step)
+
+    def _step_done(self, step: int):
+        self.steps_run = step + 1
+        if self.eos is not None:
+            self.done |= self.out[step] == self.eos
+        if self.on_step is not None:
+            self.on_step(step)
+        if self.eos is not None and self.done.all():
+            raise StopTimeline()
+
+    def tokens_out(self, n_rows: int) -> list[list[int]]:
+        """New tokens of the first n_rows rows, cut after their first EOS."""
+        out = []
+        for r in range(n_rows):
+            row = [int(t) for t in self.out[:self.steps_run, r]]
+            if self.eos is not None and self.eos in row:
+                row = row[:row.index(self.eos) + 1]
+            out.append(row)
+        return out
+
+
+def jax_ready(tree):
+    import jax
+    return jax.block_until_ready(tree)

@@ -79,6 +79,7 @@ class _Builder:
         self.entries: list[Entry] = []
         self.pages: dict[int, list[int]] = {}  # pass → ids of its page loads
         self.slot_free: dict[int, int] = {}  # pass → id after which its slot is free
+        self.kv_written: dict[tuple[int, int], int] = {}  # (layer, mb) → prefill d2h_kv
 
     def add(self, op, stage, step, layer, mb=-1, page=-1, deps=(), **sizes) -> int:
         i = len(self.entries)
@@ -115,12 +116,14 @@ def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, co
         pre[k] = b.add("pre_attn", stage, step, layer, k, deps=(prev_out[k],), **sizes)
         if stage == "prefill" or not cpu_attention:
             # the host KV cache receives the new k, v (prefill: the whole prompt)
-            if b.policy.kv_cache_device == "cpu":
-                b.add("d2h_kv", stage, step, layer, k, deps=(pre[k],), **sizes)
+            if stage == "prefill" and b.policy.kv_cache_device == "cpu":
+                b.kv_written[(layer, k)] = b.add("d2h_kv", stage, step, layer, k,
+                                                 deps=(pre[k],), **sizes)
             out[k] = b.add("attn", stage, step, layer, k, deps=(pre[k],), **sizes)
-        else:
+        else:  # the first decode attention reads the prompt's k, v from the host cache
             q = b.add("d2h_qkv", stage, step, layer, k, deps=(pre[k],), **sizes)
-            out[k] = b.add("cpu_attn", stage, step, layer, k, deps=(q,), **sizes)
+            out[k] = b.add("cpu_attn", stage, step, layer, k,
+                           deps=(q, b.kv_written.get((layer, k))), **sizes)
 
     def post_attn(k):
         if stage == "decode" and cpu_attention:
