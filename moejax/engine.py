@@ -41,13 +41,10 @@ ATTENTION_DEVICES = ("cpu", "gpu")
 MICRO_BATCH_CHOICES = (1, 2, 4, 8)  # micro-batch counts the local search considers
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to a power-of-two multiple of 16, so shapes (and compilations)
-    repeat across calls."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
+def bucket(n: int, multiple: int = 16) -> int:
+    """Round a length up to a multiple of 16, so shapes (and compilations) repeat across
+    calls while padding stays below 16 positions."""
+    return -(-n // multiple) * multiple
 
 
 def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:

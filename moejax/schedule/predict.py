@@ -85,8 +85,11 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
                  attention_device: str = "cpu", kv_cache_device: str = "cpu"):
     """(peak device bytes, peak host bytes); NumPy-broadcastable, affine in wg.
 
-    device = non-expert weights + wg·experts + 2·(1−wg)·W_E (double buffer of one layer's
-             streamed experts) + max(prefill, decode) activations [+ KV cache if on gpu]
+    device = non-expert weights + wg·experts + stream buffers + max(prefill, decode)
+             activations [+ KV cache if on gpu]; stream buffers mirror HostWeightStore's
+             accounting (host_offload/weight_store.py): two full-layer slots, 2·W_E, where
+             streamed pages are assembled next to the resident prefix, plus (1−wg)·W_E of
+             pages in flight (for wg = 1 this over-counts: nothing streams then)
     host   = (1−wg)·experts [+ KV cache] + activation staging for the whole batch."""
     m, s, n = model, workload.prompt_len, workload.gen_len
     b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
@@ -109,7 +112,8 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
             decode = decode + 2 * costs.kv_bytes(m, ubs * (s + n), workload.kv_bytes_per_elem)
     # prefill: every prompt's hidden states, one micro-batch at a time, fp32 scores
     prefill = big_n * s * h * b + working_set(ubs * s) + ubs * m.num_heads * s * s * 4 + logits
-    stream = 2 * costs.streamed_expert_bytes(m, wg) if m.num_moe_layers else 0.0
+    stream = (min(2, m.num_moe_layers) * m.expert_bytes_per_layer()
+              + costs.streamed_expert_bytes(m, wg)) if m.num_moe_layers else 0.0
     device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
               + np.maximum(prefill, decode) + (kv_total if kv_cache_device == "gpu" else 0))
     host = ((1 - wg) * m.expert_bytes_total() + (kv_total if kv_cache_device == "cpu" else 0)

@@ -81,10 +81,11 @@ def test_gen_len_one_is_prefill_only():
 
 
 def test_memory_hand_computed():
-    # device: non-expert 552 + wg·experts 288 + stream 2·288 + prefill activations 776
+    # device: non-expert 552 + wg·experts 288 + stream slots 2·384 + pages 288
+    # + prefill activations 776
     # (hidden 6·3·4·2 = 144, working set 6·34·2 = 408, scores 2·2·9·4 = 144, logits 80)
     dev, host = memory_bytes(M, WL, 2, 3, 0.25)
-    assert dev == pytest.approx(2192)
+    assert dev == pytest.approx(2672)
     # host: 0.75·1152 streamed experts + KV 6·5·24 + staging 6·12·2
     assert host == pytest.approx(1728)
     d1, h1 = memory_bytes(M, WL, 2, 3, 1.0)
@@ -119,7 +120,9 @@ def test_mixtral_l4_moe_lightning_policy():
                                                                  gpu_weight_fraction=0.056))
     assert 0 < p.tokens_per_s < p.decode_tokens_per_s
     assert p.tokens_per_s < p.limit_tokens_per_s
-    assert p.peak_device_bytes <= memory_budgets(hw)[0]
+    # moejax's full-layer stream slots need more device memory than MoE-Lightning's
+    # 2·(1−wg)·W_E: its own policy does not fit moejax's store on the L4
+    assert p.peak_device_bytes > memory_budgets(hw)[0]
     assert p.peak_host_bytes <= memory_budgets(hw)[1]
     slow = predict(m, hw.replace(host_memory_bytes_per_s=5e9), Workload(77, 32), p.policy)
     assert slow.busy_s["cpu"] > p.busy_s["cpu"]
