@@ -103,10 +103,31 @@ def _link(copy_bytes: int, repeats: int):
     import jax
     from jax.sharding import SingleDeviceSharding
 
+    from moejax.host_offload.weight_store import _write
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+
     dev = jax.devices()[0]
     host = np.ones(copy_bytes // 4, np.float32)
-    h2d = copy_bytes / _median_s(lambda: jax.device_put(host, dev).block_until_ready(),
-                                 repeats)
+    # h2d as the weight store streams: pages from (pinned) host memory, each written into
+    # a preallocated device slot — ≥ 1 GB in all by default
+    page = min(DEFAULT_PAGE_BYTES // 4 // 4, host.size)
+    pages = [host[i:i + page] for i in range(0, host.size - page + 1, page)]
+    try:
+        pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
+        pages = [jax.device_put(p, pinned) for p in pages]
+    except Exception:  # no pinned_host memory kind: stream from NumPy
+        pass
+    slot = jax.numpy.zeros(page * len(pages), np.float32, device=dev)
+
+    on_dev = SingleDeviceSharding(dev, memory_kind="device")
+
+    def stream():
+        nonlocal slot
+        for k, p in enumerate(pages):
+            slot = _write(slot, jax.device_put(p, on_dev), np.int32(k * page))
+        slot.block_until_ready()
+    stream()
+    h2d = page * len(pages) * 4 / _median_s(stream, repeats)
     x = jax.device_put(host, dev)
     try:
         pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")

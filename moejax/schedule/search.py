@@ -1,7 +1,9 @@
 """Policy search: the policy that maximises predicted end-to-end tokens/s under both
 memory budgets (DESIGN.md §4).
 
-Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, cpu), (gpu, gpu)};
+Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, gpu)} — attention on the
+device over a host KV cache (streamed in each step) is priced by `predict` but not
+scheduled by the executor, so the search does not pick it;
 micro-batch sizes of MoE-Lightning's grid (1, 2, 3, 4, 36, 68, … in steps of 32);
 every feasible number of micro-batches (memory grows with both, so each loop stops at
 the first infeasible value). The inner problem over wg is exact: predicted time is
@@ -24,7 +26,7 @@ from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
 from moejax.schedule.predict import (Prediction, _check_inputs, evaluate, memory_budgets,
                                      memory_bytes, predict)
 
-PLACEMENTS = (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))
+PLACEMENTS = (("cpu", "cpu"), ("gpu", "gpu"))
 MAX_BATCH_SIZE = 1 << 14  # sequences in flight when the workload does not cap them
 WG_STEP = 1e-6  # resolution of gpu_weight_fraction
 _CHUNK_ELEMS = 1 << 21  # candidates × decode steps priced per NumPy call

@@ -1,0 +1,154 @@
+"""Ablations on this machine: each row measured and predicted, as a table and a PNG.
+
+    python -m experiments.ablations [--config mixtral_l4 --prompt_len 32 --gen_len 8]
+
+Rows, all under a device budget that forces expert streaming: CGOPipe overlap on/off,
+decode attention on the CPU vs the device, paged vs whole-layer weight transfers, and a
+sweep of batch size, micro-batch size and gpu_weight_fraction. Every row runs the same
+scaled model through `moejax.Engine(model, policy=…)`; the prediction is `predict()` for
+the same policy on the calibrated `local` hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from experiments.local import (GB, default_budget, local_hardware, local_model, measure,
+                               policy_dict)
+from moejax.model_config.setups import setup_names
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "whose architecture to scale")
+flags.DEFINE_integer("prompt_len", 32, "prompt tokens", lower_bound=1)
+flags.DEFINE_integer("gen_len", 8, "generated tokens", lower_bound=2)
+flags.DEFINE_float("device_memory_gb", None, "emulated device memory, GB (default: "
+                   "~10 % of experts resident)", lower_bound=0.01)
+flags.DEFINE_string("output_json", "experiments/results/ablations_cpu.json", "JSON path")
+flags.DEFINE_string("output_png", "experiments/results/ablations_cpu.png", "PNG path")
+flags.DEFINE_bool("quick", False, "only the overlap and attention rows")
+
+
+def rows(base, page_layer: int):
+    """(name, policy) of every ablation row, derived from the searched base policy."""
+    b = base.batch_size
+    out = [("base: searched policy", base),
+           ("overlap off (serial executor)", base.replace(overlap=False)),
+           ("attention on the device", base.replace(attention_device="gpu",
+                                                    kv_cache_device="gpu")),
+           ("attention on the CPU", base.replace(attention_device="cpu",
+                                                 kv_cache_device="cpu"))]
+    if FLAGS.quick:
+        return out
+    out += [("whole-layer transfers", base.replace(page_bytes=page_layer)),
+            ("wg = 0 (stream everything)", base.replace(gpu_weight_fraction=0.0))]
+    for n in (1, 2, 4):
+        ubs = -(-b // n)
+        out.append((f"micro-batches {ubs}×{n}", base.replace(
+            batch_size=ubs * n, micro_batch_size=ubs, num_micro_batches=n)))
+    for bs in sorted({max(1, b // 4), max(1, b // 2)}):
+        out.append((f"batch {bs}", base.replace(batch_size=bs, micro_batch_size=bs,
+                                                num_micro_batches=1)))
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r["name"] for r in results]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    ax.barh(y - 0.2, [r["measured_tokens_per_s"] for r in results], 0.4, label="measured")
+    ax.barh(y + 0.2, [r["predicted_tokens_per_s"] for r in results], 0.4, label="predicted")
+    for i, r in enumerate(results):
+        ax.text(max(r["measured_tokens_per_s"], r["predicted_tokens_per_s"]) * 1.01, i,
+                f"{100 * r['error']:+.0f} %", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("generated tokens/s (end to end)")
+    ax.set_title("moejax ablations on this machine: measured vs predicted")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import numpy as np
+
+    import moejax
+    from moejax.model_config.setups import get_setup
+    from moejax.model_config.workload import Workload
+    from moejax.schedule import predict, search_policy
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+    from moejax.schedule.predict import DEVICE_MEMORY_USABLE
+
+    model, note = local_model(get_setup(FLAGS.config))
+    cfg = model.config
+    print(note, flush=True)
+    hw = local_hardware(cfg)
+    page = DEFAULT_PAGE_BYTES // 4
+    budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
+        cfg, page)
+    hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
+    t = -(-FLAGS.prompt_len // 16) * 16
+    wl = Workload(t, FLAGS.gen_len, num_sequences=32)
+    try:
+        base, _ = search_policy(cfg, hw, wl, device_memory_bytes=budget)
+    except ValueError as e:
+        sys.exit(f"ablations: {e}")
+    base = base.replace(page_bytes=page)
+    rng = np.random.default_rng(0)
+    results = []
+    print(f"{'row':34s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
+    for name, pol in rows(base, cfg.expert_bytes_per_layer()):
+        prompts = rng.integers(1, cfg.vocab_size, (pol.batch_size, FLAGS.prompt_len)).tolist()
+        try:
+            engine = moejax.Engine(model, policy=pol, device_memory_bytes=int(budget))
+        except ValueError as e:
+            print(f"{name:34s} skipped: {e}")
+            continue
+        wall = measure(engine, prompts, FLAGS.gen_len)
+        measured = pol.batch_size * FLAGS.gen_len / wall
+        pred = predict(cfg, hw, wl, pol)
+        err = (pred.tokens_per_s - measured) / measured
+        results.append(dict(name=name, policy=policy_dict(pol), measured_tokens_per_s=measured,
+                            predicted_tokens_per_s=pred.tokens_per_s, error=err,
+                            limit_tokens_per_s=pred.limit_tokens_per_s,
+                            prefill_s=engine.last_run.prefill_s,
+                            decode_s=engine.last_run.decode_s,
+                            predicted_prefill_s=pred.prefill_s,
+                            predicted_decode_s=pred.decode_s))
+        print(f"{name:34s}{measured:10.1f}{pred.tokens_per_s:11.1f}{100 * err:+7.1f}%",
+              flush=True)
+        del engine
+    errs = [abs(r["error"]) for r in results]
+    print(f"mean |error| {100 * np.mean(errs):.1f} %, max {100 * np.max(errs):.1f} %")
+    by = {r["name"]: r for r in results}
+    on, off = by.get("base: searched policy"), by.get("overlap off (serial executor)")
+    if on and off:
+        print(f"overlap speedup: measured {on['measured_tokens_per_s'] / off['measured_tokens_per_s']:.2f}x, "
+              f"predicted {on['predicted_tokens_per_s'] / off['predicted_tokens_per_s']:.2f}x")
+    out = dict(config=FLAGS.config, model=cfg.name, note=note, device_memory_gb=budget / GB,
+               prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len, hardware=hw.source,
+               rows=results)
+    os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
+    with open(FLAGS.output_json, "w") as f:
+        json.dump(out, f, indent=1)
+    plot(results, FLAGS.output_png)
+    print(f"wrote {FLAGS.output_json}, {FLAGS.output_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

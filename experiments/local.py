@@ -1,0 +1,126 @@
+"""What the experiments share about running here: the scaled model, the calibrated
+`local` hardware, the emulated device budget, a progress bar and the Gantt chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+GB = 1e9
+
+
+def policy_dict(p) -> dict:
+    return {k: getattr(p, k) for k in ("batch_size", "micro_batch_size", "num_micro_batches",
+                                       "gpu_weight_fraction", "attention_device",
+                                       "kv_cache_device", "page_bytes", "overlap")}
+
+
+def local_model(setup, checkpoint: str | None = None):
+    """(MoEModel, note): the checkpoint, or the preset's architecture scaled to fit."""
+    from moejax import MoEModel, load_pretrained
+    from moejax.model_config.setups import scaled_for_local
+
+    if checkpoint:
+        try:
+            return load_pretrained(checkpoint, dtype="float32"), f"checkpoint {checkpoint}"
+        except ValueError as e:
+            sys.exit(f"{os.path.basename(sys.argv[0])}: {e}")
+    cfg = scaled_for_local(setup.model, hidden_size=768, num_layers=8)
+    note = (f"{setup.model.name} ({setup.model.weight_bytes() / GB:.1f} GB) does not fit "
+            f"this machine: ran its architecture scaled to {cfg.name} (hidden "
+            f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
+            f"{cfg.top_k}, {cfg.weight_bytes() / GB:.2f} GB float32, random weights)")
+    return MoEModel.random(cfg, seed=0), note
+
+
+def local_hardware(cfg):
+    """`local` calibrated with this model's expert shape (cached per model)."""
+    from moejax.model_config.hardware import HardwareSpec, calibration_path
+    from moejax.schedule.calibrate import calibrate
+
+    base = os.path.splitext(calibration_path())[0]
+    path = f"{base}_{cfg.name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                return HardwareSpec.from_json(json.load(f)["spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    print(f"calibrating this machine for {cfg.name} (once; cached in {path}) …",
+          flush=True)
+    return calibrate(cfg, path=path)
+
+
+def default_budget(cfg, page_bytes: int) -> float:
+    """Device bytes at which the store keeps ~10 % of experts resident and streams the
+    rest, plus room for activations."""
+    from moejax.host_offload import make_plan
+
+    return make_plan(cfg, page_bytes, 0.1).device_bytes() + 0.15 * cfg.weight_bytes()
+
+
+class Progress:
+    """One-line progress bar on stderr."""
+
+    def __init__(self, label: str):
+        self.label, self.t0 = label, time.perf_counter()
+
+    def __call__(self, done: int, total: int):
+        w = 30
+        fill = w * done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {done}/{total} "
+                         f"tokens, {time.perf_counter() - self.t0:5.1f} s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def gantt(run, cfg, hw, path: str, decode_steps: int = 2):
+    """Measured (top) and simulated (bottom) timelines, one lane per resource."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moejax.schedule.simulate import simulate
+
+    sim = simulate(run.entries, cfg, hw, run.policy)
+    keep = [e for e in run.entries if e.stage == "prefill" or e.step <= decode_steps]
+    colors = {"page": "#4c72b0", "embed": "#999999", "pre_attn": "#55a868", "attn": "#c44e52",
+              "d2h_qkv": "#8172b2", "cpu_attn": "#c44e52", "h2d_attn": "#937860",
+              "d2h_kv": "#8172b2", "post_attn": "#dd8452", "head": "#333333"}
+    lanes = ["gpu", "cpu", "h2d", "d2h"]
+    fig, axes = plt.subplots(2, 1, figsize=(14, 6), sharex=False)
+    for ax, (title, start, end) in zip(axes, [
+            ("measured", run.trace.start_s, run.trace.end_s),
+            ("predicted (simulated with the op prices)", sim.start_s, sim.end_s)]):
+        for e in keep:
+            y = lanes.index(e.resource)
+            ax.barh(y, end[e.id] - start[e.id], left=start[e.id], height=0.6,
+                    color=colors[e.op], edgecolor="none")
+        ax.set_yticks(range(4), lanes)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}: prefill + {decode_steps} decode steps")
+        ax.set_xlabel("seconds")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="lower center", ncol=10, fontsize=8)
+    fig.suptitle(f"{cfg.name}: {run.policy.micro_batch_size}×"
+                 f"{run.policy.num_micro_batches} micro-batches, wg="
+                 f"{run.policy.gpu_weight_fraction:.2f}, overlap={run.policy.overlap}")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+
+def measure(engine, prompts, gen_len: int, label: str | None = None) -> float:
+    """Wall seconds of one timed `generate`, after an untimed one that compiles the
+    shapes of the timed run (same micro-batch, a few decode steps)."""
+    engine.generate(prompts, min(gen_len, 3))
+    t0 = time.perf_counter()
+    engine.generate(prompts, gen_len, progress=Progress(label) if label else None)
+    return time.perf_counter() - t0

@@ -1,0 +1,212 @@
+"""The throughput experiment: the policy and prediction for a target machine, and a
+measured run of the same architecture here.
+
+    python -m experiments.throughput --config mixtral_l4
+
+`target`: the preset's full model on the preset's hardware (DESIGN.md §4): the searched
+policy, moejax's predicted end-to-end tokens/s, the MoE-Lens hardware limit and
+MoE-Lightning's reproduced figure. `local`: what runs on this machine — the preset's
+architecture scaled down when the full model cannot fit (said plainly in the output),
+random weights unless --checkpoint is given, a device-memory budget that forces expert
+streaming, a policy searched with the calibrated `local` hardware (flags override its
+knobs), then a real run through the executor: measured vs predicted tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from experiments.local import (GB, Progress, default_budget, gantt, local_hardware,
+                               local_model, policy_dict)
+from moejax.model_config.setups import setup_names
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "model + hardware + workload preset")
+flags.DEFINE_string("checkpoint", None, "HF or native checkpoint to run locally "
+                    "(default: random weights of the scaled architecture)")
+flags.DEFINE_integer("batch_size", None, "local batch (default: searched, at most "
+                     "--max_local_batch)", lower_bound=1)
+flags.DEFINE_integer("micro_batch_size", None, "local micro-batch size", lower_bound=1)
+flags.DEFINE_float("gpu_weight_fraction", None, "local resident expert fraction",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("attention_device", None, ["cpu", "gpu"], "local decode attention")
+flags.DEFINE_bool("overlap", True, "CGOPipe overlap (False: serial reference executor)")
+flags.DEFINE_integer("prompt_len", None, "prompt tokens (default: the preset's)",
+                     lower_bound=1)
+flags.DEFINE_integer("gen_len", None, "generated tokens (default: the preset's)",
+                     lower_bound=1)
+flags.DEFINE_float("device_memory_gb", None, "local emulated device memory, GB (default: "
+                   "what keeps ~10 % of experts resident while the rest streams)")
+flags.DEFINE_integer("max_local_batch", 64, "cap on the searched local batch",
+                     lower_bound=1)
+flags.DEFINE_string("output_json", "experiments/results/throughput_{config}.json",
+                    "JSON path ({config} is replaced; '' to skip)")
+flags.DEFINE_string("timeline_png", None, "Gantt chart of the measured vs predicted "
+                    "timeline (prefill + first decode steps)")
+flags.DEFINE_bool("skip_local", False, "only the target section")
+flags.register_validator("device_memory_gb", lambda v: v is None or v > 0,
+                         message="must be > 0")
+flags.register_validator("timeline_png", lambda v: v is None or v.endswith(".png"),
+                         message="must be a .png path")
+flags.register_validator("checkpoint", lambda v: v is None or os.path.isdir(v),
+                         message="is not a directory")
+
+def fail(msg: str):
+    sys.exit(f"throughput: {msg}")
+
+
+# --------------------------------------------------------------------- target
+def target_section(setup, workload) -> dict:
+    from moejax.schedule import moe_lightning_search, search_policy
+
+    m, hw = setup.model, setup.hardware
+    try:
+        policy, pred = search_policy(m, hw, workload)
+    except ValueError as e:
+        return {"model": m.name, "hardware": hw.name, "infeasible": str(e)}
+    out = {"model": m.name, "hardware": hw.name, "hardware_source": hw.source,
+           "prompt_len": workload.prompt_len, "gen_len": workload.gen_len,
+           "policy": policy_dict(policy), "predicted_tokens_per_s": pred.tokens_per_s,
+           "predicted_decode_tokens_per_s": pred.decode_tokens_per_s,
+           "limit_tokens_per_s": pred.limit_tokens_per_s, "bottleneck": pred.bottleneck,
+           "peak_device_gb": pred.peak_device_bytes / GB,
+           "peak_host_gb": pred.peak_host_bytes / GB}
+    try:
+        ml = moe_lightning_search(m, hw, workload.prompt_len, workload.gen_len)
+        out["moe_lightning"] = {"policy": policy_dict(ml.policy),
+                                "decode_tokens_per_s": ml.decode_tokens_per_s}
+    except ValueError as e:
+        out["moe_lightning"] = {"infeasible": str(e)}
+    return out
+
+
+# ---------------------------------------------------------------------- local
+def local_policy(cfg, hw, workload, budget):
+    from moejax.schedule import Policy, predict, search_policy
+
+    try:
+        policy, _ = search_policy(cfg, hw, workload, device_memory_bytes=budget)
+    except ValueError as e:
+        fail(f"--device_memory_gb={budget / GB:.3g}: {e}")
+    over = {}
+    if FLAGS.batch_size or FLAGS.micro_batch_size:
+        b = FLAGS.batch_size or policy.batch_size
+        ubs = min(FLAGS.micro_batch_size or policy.micro_batch_size, b)
+        over.update(batch_size=ubs * math.ceil(b / ubs), micro_batch_size=ubs,
+                    num_micro_batches=math.ceil(b / ubs))
+    if FLAGS.gpu_weight_fraction is not None:
+        over["gpu_weight_fraction"] = FLAGS.gpu_weight_fraction
+    if FLAGS.attention_device:
+        over.update(attention_device=FLAGS.attention_device,
+                    kv_cache_device=FLAGS.attention_device)
+    over["overlap"] = FLAGS.overlap
+    policy = policy.replace(**over)
+    try:
+        Policy(**policy_dict(policy))  # re-validate the combination
+    except ValueError as e:
+        fail(str(e))
+    return policy, predict(cfg, hw, workload, policy)
+
+
+def local_section(setup, workload) -> tuple[dict, object, object]:
+    import numpy as np
+
+    import moejax
+    from moejax.model_config.workload import Workload
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+    from moejax.schedule.predict import DEVICE_MEMORY_USABLE
+
+    model, note = local_model(setup, FLAGS.checkpoint)
+    cfg = model.config
+    print(f"local: {note}", flush=True)
+    hw = local_hardware(cfg)
+    page = DEFAULT_PAGE_BYTES // 4
+    budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
+        cfg, page)
+    hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
+    t = -(-workload.prompt_len // 16) * 16  # the engine pads prompts to a multiple of 16
+    wl = Workload(t, workload.gen_len, num_sequences=FLAGS.batch_size or
+                  FLAGS.max_local_batch)
+    policy, pred = local_policy(cfg, hw, wl, budget)
+    policy = policy.replace(page_bytes=page)
+    try:
+        engine = moejax.Engine(model, policy=policy, device_memory_bytes=int(budget))
+    except ValueError as e:
+        fail(f"--device_memory_gb={budget / GB:.3g}: {e}")
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, cfg.vocab_size, (policy.batch_size, workload.prompt_len))
+    prompts = prompts.tolist()
+    print(f"local: {policy}", flush=True)
+    engine.generate(prompts[:policy.micro_batch_size], 2)  # compile; not timed
+    t0 = time.perf_counter()
+    engine.generate(prompts, workload.gen_len, progress=Progress("local run"))
+    wall = time.perf_counter() - t0
+    run = engine.last_run
+    from moejax.schedule.predict import predict
+    pred = predict(cfg, hw, wl, policy)
+    measured = policy.batch_size * workload.gen_len / wall
+    out = {"model": cfg.name, "note": note, "hardware": hw.name, "hardware_source": hw.source,
+           "device_memory_gb": budget / GB, "prompt_len": workload.prompt_len,
+           "padded_prompt_len": t, "gen_len": workload.gen_len,
+           "policy": policy_dict(policy),
+           "store_gpu_weight_fraction": engine.store.gpu_weight_fraction,
+           "predicted_tokens_per_s": pred.tokens_per_s,
+           "measured_tokens_per_s": measured, "limit_tokens_per_s": pred.limit_tokens_per_s,
+           "prediction_error": (pred.tokens_per_s - measured) / measured,
+           "prefill_s": run.prefill_s, "decode_s": run.decode_s, "wall_s": wall,
+           "predicted_prefill_s": pred.prefill_s, "predicted_decode_s": pred.decode_s,
+           "measured_fraction_of_limit": measured / pred.limit_tokens_per_s}
+    return out, engine, hw
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from moejax.model_config.setups import get_setup
+
+    setup = get_setup(FLAGS.config)
+    wl = setup.workload
+    wl = wl.replace(prompt_len=FLAGS.prompt_len or wl.prompt_len,
+                    gen_len=FLAGS.gen_len or wl.gen_len)
+    result = {"config": FLAGS.config, "target": target_section(setup, wl)}
+    t = result["target"]
+    if "infeasible" in t:
+        print(f"target: {t['infeasible']}")
+    else:
+        ml = t["moe_lightning"].get("decode_tokens_per_s")
+        print(f"target ({t['model']} on {t['hardware']}, prompt {wl.prompt_len}, gen "
+              f"{wl.gen_len}): policy {t['policy']['micro_batch_size']}×"
+              f"{t['policy']['num_micro_batches']} wg={t['policy']['gpu_weight_fraction']:.3f}"
+              f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
+              f"(limit {t['limit_tokens_per_s']:.1f}); MoE-Lightning reproduced "
+              + (f"{ml:.1f} decode tok/s" if ml else "infeasible"))
+    if not FLAGS.skip_local:
+        loc, engine, hw = local_section(setup, wl)
+        result["local"] = loc
+        print(f"local ({loc['model']}, {loc['device_memory_gb']:.2f} GB device budget): "
+              f"measured {loc['measured_tokens_per_s']:.1f} tok/s, predicted "
+              f"{loc['predicted_tokens_per_s']:.1f} ({100 * loc['prediction_error']:+.1f} %)"
+              f", limit {loc['limit_tokens_per_s']:.1f} (measured = "
+              f"{100 * loc['measured_fraction_of_limit']:.0f} % of it); prefill "
+              f"{loc['prefill_s']:.1f} s (predicted {loc['predicted_prefill_s']:.1f}), "
+              f"decode {loc['decode_s']:.1f} s (predicted {loc['predicted_decode_s']:.1f})")
+        if FLAGS.timeline_png:
+            gantt(engine.last_run, engine.cfg, hw, FLAGS.timeline_png)
+            print(f"wrote {FLAGS.timeline_png}")
+    if FLAGS.output_json:
+        path = FLAGS.output_json.replace("{config}", FLAGS.config)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
