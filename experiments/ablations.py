@@ -25,6 +25,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "whose architecture to scale")
 flags.DEFINE_integer("prompt_len", 32, "prompt tokens", lower_bound=1)
 flags.DEFINE_integer("gen_len", 8, "generated tokens", lower_bound=2)
+flags.DEFINE_integer("local_hidden_size", 768, "hidden size of the scaled local model",
+                     lower_bound=16)
+flags.DEFINE_integer("local_num_layers", 8, "layers of the scaled local model",
+                     lower_bound=1)
 flags.DEFINE_float("device_memory_gb", None, "emulated device memory, GB (default: "
                    "~10 % of experts resident)", lower_bound=0.01)
 flags.DEFINE_string("output_json", "experiments/results/ablations_cpu.json", "JSON path")
@@ -93,7 +97,8 @@ def main(argv):
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
 
-    model, note = local_model(get_setup(FLAGS.config))
+    model, note = local_model(get_setup(FLAGS.config), None, FLAGS.local_hidden_size,
+                              FLAGS.local_num_layers)
     cfg = model.config
     print(note, flush=True)
     hw = local_hardware(cfg)

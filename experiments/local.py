@@ -17,7 +17,8 @@ def policy_dict(p) -> dict:
                                        "kv_cache_device", "page_bytes", "overlap")}
 
 
-def local_model(setup, checkpoint: str | None = None):
+def local_model(setup, checkpoint: str | None = None, hidden_size: int = 768,
+                num_layers: int = 8):
     """(MoEModel, note): the checkpoint, or the preset's architecture scaled to fit."""
     from moejax import MoEModel, load_pretrained
     from moejax.model_config.setups import scaled_for_local
@@ -27,7 +28,7 @@ def local_model(setup, checkpoint: str | None = None):
             return load_pretrained(checkpoint, dtype="float32"), f"checkpoint {checkpoint}"
         except ValueError as e:
             sys.exit(f"{os.path.basename(sys.argv[0])}: {e}")
-    cfg = scaled_for_local(setup.model, hidden_size=768, num_layers=8)
+    cfg = scaled_for_local(setup.model, hidden_size=hidden_size, num_layers=num_layers)
     note = (f"{setup.model.name} ({setup.model.weight_bytes() / GB:.1f} GB) does not fit "
             f"this machine: ran its architecture scaled to {cfg.name} (hidden "
             f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
@@ -36,10 +37,14 @@ def local_model(setup, checkpoint: str | None = None):
 
 
 def local_hardware(cfg):
-    """`local` calibrated with this model's expert shape (cached per model)."""
-    from moejax.model_config.hardware import HardwareSpec, calibration_path
+    """`local` calibrated with this model's expert shape (cached per model); the file
+    `$MOEJAX_CALIBRATION` names instead, when set."""
+    from moejax.model_config.hardware import (CALIBRATION_ENV, HardwareSpec,
+                                              calibration_path, load_local)
     from moejax.schedule.calibrate import calibrate
 
+    if os.environ.get(CALIBRATION_ENV):
+        return load_local()
     base = os.path.splitext(calibration_path())[0]
     path = f"{base}_{cfg.name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
     if os.path.exists(path):

@@ -41,6 +41,10 @@ flags.DEFINE_integer("prompt_len", None, "prompt tokens (default: the preset's)"
                      lower_bound=1)
 flags.DEFINE_integer("gen_len", None, "generated tokens (default: the preset's)",
                      lower_bound=1)
+flags.DEFINE_integer("local_hidden_size", 768, "hidden size of the scaled local model",
+                     lower_bound=16)
+flags.DEFINE_integer("local_num_layers", 8, "layers of the scaled local model",
+                     lower_bound=1)
 flags.DEFINE_float("device_memory_gb", None, "local emulated device memory, GB (default: "
                    "what keeps ~10 % of experts resident while the rest streams)")
 flags.DEFINE_integer("max_local_batch", 64, "cap on the searched local batch",
@@ -122,7 +126,8 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
 
-    model, note = local_model(setup, FLAGS.checkpoint)
+    model, note = local_model(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
+                              FLAGS.local_num_layers)
     cfg = model.config
     print(f"local: {note}", flush=True)
     hw = local_hardware(cfg)

@@ -95,7 +95,8 @@ def scaled_for_local(cfg: ModelConfig, hidden_size: int = 1024, num_layers: int 
     Returns `cfg` itself (as float32) when it is already no larger."""
     if cfg.hidden_size <= hidden_size and cfg.num_layers <= num_layers:
         return cfg.replace(dtype="float32")
-    head_dim = min(cfg.head_dim, 128)
+    num_layers = min(num_layers, cfg.num_layers)
+    head_dim = min(cfg.head_dim, 128, max(16, hidden_size // (2 * cfg.group_size)))
     heads = max(hidden_size // head_dim, cfg.group_size)
     heads -= heads % cfg.group_size
     scale = hidden_size / cfg.hidden_size

@@ -72,7 +72,9 @@ def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> 
                     + (model.expert_flops_per_token() if model.is_moe_layer(i)
                        else 2 * 3 * model.hidden_size * model.dense_ffn_size)
                     for i in range(model.num_layers))
-    flops = per_layer + 2 * model.hidden_size * model.vocab_size * g / (p + g)
+    # a sequence runs p + g − 1 tokens through the layers (the last generated token is
+    # never fed back) and g through the LM head
+    flops = ((p + g - 1) * per_layer + g * 2 * model.hidden_size * model.vocab_size) / (p + g)
     rate = hw.gemm_flops_per_s or hw.gpu_flops_per_s(model.dtype)
     kv_bound = pme * m_tokens / delta if delta > 0 else float("inf")
     gpu_bound = rate / flops

@@ -103,9 +103,10 @@ def test_moe_lens_bound_hand_computed():
     # only what cannot stay on the device moves: 552 + 1152 − 0.9·1000 bytes
     assert b.delta_s == pytest.approx((552 + 1152 - 900) / 20)
     assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3702 / 40.2)
-    assert b.gpu_bound_tokens_per_s == pytest.approx(1000 / 896)  # 3·(96+192) + 160·2/5
-    assert b.processed_tokens_per_s == pytest.approx(1000 / 896)
-    assert b.generated_tokens_per_s == pytest.approx(1000 / 896 * 2 / 5)
+    # per processed token: (4 tokens through 3 layers of 96 + 192, 2 LM heads of 80) / 5
+    assert b.gpu_bound_tokens_per_s == pytest.approx(1000 / 723.2)
+    assert b.processed_tokens_per_s == pytest.approx(1000 / 723.2)
+    assert b.generated_tokens_per_s == pytest.approx(1000 / 723.2 * 2 / 5)
 
 
 def test_moe_lens_bound_when_the_model_fits_is_the_gpu_bound():
@@ -144,3 +145,12 @@ def test_bad_arguments():
         predict("mixtral_8x7b", HW, WL, POL)
     with pytest.raises(ValueError, match="workload="):
         predict(M, HW, (3, 2), POL)
+
+
+@pytest.mark.parametrize("prompt,gen", [(8, 2), (8, 3), (77, 32), (512, 256)])
+def test_searched_prediction_never_beats_the_hardware_limit(prompt, gen):
+    from moejax.schedule import search_policy
+
+    m, hw = get_model("mixtral_8x7b"), get_hardware("l4_moe_lightning")
+    _, p = search_policy(m, hw, Workload(prompt, gen))
+    assert p.tokens_per_s <= p.limit_tokens_per_s * (1 + 1e-9)

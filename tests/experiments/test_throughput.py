@@ -1,0 +1,54 @@
+"""experiments.throughput: the JSON contract and one-line errors for bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.throughput", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_tiny_run_writes_both_sections(tmp_path):
+    out = tmp_path / "t.json"
+    png = tmp_path / "t.png"
+    r = run("--config", "mixtral_l4", "--local_hidden_size", "64", "--local_num_layers",
+            "2", "--prompt_len", "8", "--gen_len", "3", "--max_local_batch", "4",
+            "--output_json", str(out), "--timeline_png", str(png))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    t, loc = d["target"], d["local"]
+    assert t["policy"]["batch_size"] > 1000  # the L4 policy batches thousands
+    assert t["limit_tokens_per_s"] >= t["predicted_tokens_per_s"] > 0
+    assert t["moe_lightning"]["decode_tokens_per_s"] > 0
+    for k in ("policy", "predicted_tokens_per_s", "measured_tokens_per_s",
+              "limit_tokens_per_s", "prefill_s", "decode_s"):
+        assert k in loc
+    assert loc["measured_tokens_per_s"] > 0 and "scaled" in loc["note"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "nope"], "--config"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint"),
+    (["--timeline_png", "x.jpg"], "--timeline_png"),
+])
+def test_bad_flags_exit_with_one_line(args, needle):
+    r = run(*args, "--skip_local", "--output_json", "")
+    assert r.returncode != 0
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_budget_nothing_fits_is_one_line(tmp_path):
+    r = run("--local_hidden_size", "64", "--local_num_layers", "2", "--prompt_len", "8",
+            "--gen_len", "2", "--device_memory_gb", "0.000001", "--output_json", "")
+    assert r.returncode != 0
+    assert "throughput: --device_memory_gb" in r.stderr and "Traceback" not in r.stderr
