@@ -18,15 +18,46 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     q [B, T, Hq, d], k, v [B, S, Hkv, d], mask [B, T, S] (True = may attend) -> [B, T, Hq, d].
     Scores and softmax in float32; a query with no visible key gets the uniform average.
     """
+    if q.shape[1] == 1:
+        return _attend_one(q, k, v, mask)
+    return _attend_dots(q, k, v, mask)
+
+
+def _attend_dots(q, k, v, mask):
+    """gqa_attention as two batched dots (prompts: T queries per row). The g query heads
+    of a group and the T queries are one row axis, so each (row, kv head) is one
+    [g·T, d]·[d, S] product (measured ~1.4x faster on XLA:CPU than dots batched over
+    (row, kv head) with g and T as separate axes)."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, d]
+    s = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
     s = s * (1.0 / jnp.sqrt(jnp.float32(d)))
-    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    m = jnp.broadcast_to(mask[:, None, None], (b, hkv, g, t, s_len)).reshape(s.shape)
+    s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkms,bksd->bkmd", p, vt, preferred_element_type=jnp.float32)
+    o = o.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4)
     return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def _attend_one(q, k, v, mask):
+    """gqa_attention for one query per row (decode), as multiply-and-reduce instead of
+    dots: each (row, kv head) is a [g, d]·[d, S] product with g = Hq/Hkv rows, which
+    XLA:CPU runs as tiny batched GEMMs; fused loops that read each cached key and value
+    once are ~2x faster there (measured: B = 64, S = 128, 16/4 heads, d = 64)."""
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    f32 = jnp.float32
+    qg = q.reshape(b, 1, hkv, hq // hkv, d).astype(f32)  # [B, 1, Hkv, g, d]
+    s = jnp.sum(qg * k.astype(f32)[:, :, :, None, :], axis=-1)  # [B, S, Hkv, g]
+    s = s * (1.0 / jnp.sqrt(f32(d)))
+    s = jnp.where(mask[:, 0, :, None, None], s, jnp.finfo(f32).min)
+    p = jax.nn.softmax(s, axis=1)
+    o = jnp.sum(p[..., None] * v.astype(f32)[:, :, :, None, :], axis=1)  # [B, Hkv, g, d]
+    return o.reshape(b, 1, hq, d).astype(q.dtype)
 
 
 def prompt_positions(attention_mask: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moejax.layers.capacity import expected_rows
 from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 
@@ -100,16 +101,17 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0):
-    """The layer's FFN for `tokens` tokens: for a MoE layer, the SwiGLU of the expected
-    active experts (all weights resident or already streamed into the device buffer, so
-    the resident fraction does not change this price); for a dense layer, its MLP."""
+    """The layer's FFN for `tokens` tokens. MoE layer: the rows the dispatch really
+    computes (`layers/capacity.expected_rows`: E·C on the capacity path, ≈ N·k on the
+    sorted path) through SwiGLU, reading every expert's weights once (both paths touch
+    all E experts); resident or streamed weights cost the same here, the stream is
+    priced on the link. Dense layer: its MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
-        active = expected_active_experts(m, tokens)
-        flops = tokens * m.expert_flops_per_token()
-        routed = tokens * m.top_k
-        nbytes = active * m.expert_bytes() + routed * (2 * h + 3 * m.expert_ffn_size) * b
-        return device_op_s(m, hw, flops, nbytes, calls=active)
+        rows = expected_rows(tokens, m.top_k, m.num_experts)
+        flops = rows * 2 * m.expert_params()
+        nbytes = m.expert_bytes_per_layer() + rows * (2 * h + 3 * m.expert_ffn_size) * b
+        return device_op_s(m, hw, flops, nbytes, calls=m.num_experts)
     f = m.dense_ffn_size
     flops = tokens * 2 * 3 * h * f
     nbytes = (3 * h * f + tokens * (2 * h + 3 * f)) * b

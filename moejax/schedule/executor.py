@@ -263,7 +263,9 @@ class BatchRun:
             lp = {**lp, "experts": self.w.wait(i)}
         o = self.o.pop((e.step, i, k))
         h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
-        cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0]) if moe else None
+        cap = None  # the sorted path needs no capacity, so no host sync either
+        if ops.needs_capacity(cfg, moe, normed.shape[0]):
+            cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
         self.x[k] = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap).block_until_ready()
         if moe and k == self.policy.num_micro_batches - 1:
             self.w.release(i)

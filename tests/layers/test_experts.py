@@ -4,7 +4,6 @@ import numpy as np
 
 from moejax.layers.experts import (DenseMLP, expert_counts, moe_ffn, moe_ffn_reference)
 from moejax.layers.router import route
-from moejax.ops import capacity_bucket
 
 
 def _random(n=13, h=8, f=6, e=4, k=2, seed=0):
@@ -43,12 +42,6 @@ def test_capacity_below_max_count_drops_tokens():
     assert not np.allclose(moe_ffn(x, w, ids, w1, w3, w2, capacity=cap),
                            moe_ffn_reference(x, w, ids, w1, w3, w2), atol=1e-6)
 
-
-def test_capacity_bucket_covers_count_with_bounded_padding():
-    for count in range(1, 600):
-        c = capacity_bucket(count, 10_000)
-        assert count <= c <= max(8, 1.25 * count)
-    assert capacity_bucket(50, 40) == 40  # never above the token count
 
 
 def test_expert_counts():

@@ -36,8 +36,9 @@ def test_device_ops():
     assert costs.gpu_pre_attention_s(M, HW, 3) == pytest.approx(1.36)
     # flops 2·3·4·(4+2) = 144; bytes (4·6 + 3·(4+12))·2 = 144 → 1.44 s
     assert costs.gpu_post_attention_s(M, HW, 3) == pytest.approx(1.44)
-    # flops 2·(2·96) = 384; bytes 1.5·192 + 2·1·(8+24)·2 = 416 → 4.16 s
-    assert costs.gpu_ffn_s(M, HW, 2) == pytest.approx(4.16)
+    # 2 tokens take the capacity path: C = 2 rows for each of E = 2 experts → 4 rows;
+    # flops 4·2·96 = 768; bytes W_E 384 + 4·(8+24)·2 = 640 → 6.4 s
+    assert costs.gpu_ffn_s(M, HW, 2) == pytest.approx(6.4)
     # flops 2·2·4·10 = 160; bytes (40 + 8)·2 + 2·10·4 = 176 → 1.76 s
     assert costs.gpu_lm_head_s(M, HW, 2) == pytest.approx(1.76)
     # flops 2·2·5·6 = 120 → 0.12 s; bytes 8·10 + 2·16 = 112 → 1.12 s
@@ -48,8 +49,8 @@ def test_device_ops():
 
 def test_calibrated_gemm_line():
     hw = HW.replace(gemm_intercept_s=0.1, gemm_flops_per_s=50)
-    # compute = 1.5 calls·0.1 + 384/50 = 7.83 > memory 4.16
-    assert costs.gpu_ffn_s(M, hw, 2) == pytest.approx(7.83)
+    # compute = E = 2 calls·0.1 + 768/50 = 15.56 > memory 6.4
+    assert costs.gpu_ffn_s(M, hw, 2) == pytest.approx(15.56)
     assert costs.device_compute_s(M, hw, 100, calls=2) == pytest.approx(2.2)
     assert costs.device_compute_s(M, HW, 100) == pytest.approx(0.1)  # 100/1000 (bf16)
 
