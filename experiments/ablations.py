@@ -125,7 +125,8 @@ def main(argv):
             continue
         wall = measure(engine, prompts, FLAGS.gen_len)
         measured = pol.batch_size * FLAGS.gen_len / wall
-        pred = predict(cfg, hw, wl, pol)
+        pol = pol.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
+        pred = predict(cfg, hw, wl, pol)  # wg as the store rounded it to whole pages
         err = (pred.tokens_per_s - measured) / measured
         results.append(dict(name=name, policy=policy_dict(pol), measured_tokens_per_s=measured,
                             predicted_tokens_per_s=pred.tokens_per_s, error=err,

@@ -154,7 +154,8 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     wall = time.perf_counter() - t0
     run = engine.last_run
     from moejax.schedule.predict import predict
-    pred = predict(cfg, hw, wl, policy)
+    policy = policy.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
+    pred = predict(cfg, hw, wl, policy)  # with wg as the store rounded it to pages
     measured = policy.batch_size * workload.gen_len / wall
     out = {"model": cfg.name, "note": note, "hardware": hw.name, "hardware_source": hw.source,
            "device_memory_gb": budget / GB, "prompt_len": workload.prompt_len,

@@ -51,6 +51,8 @@ class HardwareSpec:
     gemm_intercept_s: float | None = None  # calibrated: one expert FFN call, fixed part
     gemm_flops_per_s: float | None = None  # calibrated: 1 / slope of that line, in FLOP/s
     cpu_attention_bytes_per_s: float | None = None  # calibrated: KV bytes read per s
+    device_op_overhead_s: float = 0.0  # calibrated: fixed cost of one device op (dispatch,
+    # wake-up, block) as the executor sees it; ~µs on a GPU, ms on the CPU testbed
     source: str = ""
 
     def __post_init__(self):
@@ -63,7 +65,7 @@ class HardwareSpec:
                if not isinstance(getattr(self, k), (int, float)) or not getattr(self, k) > 0]
         bad += [f"{k}={getattr(self, k)!r}" for k in optional
                 if getattr(self, k) is not None and not getattr(self, k) > 0]
-        for k in ("link_latency_s", "gemm_intercept_s"):
+        for k in ("link_latency_s", "gemm_intercept_s", "device_op_overhead_s"):
             v = getattr(self, k)
             if v is not None and not v >= 0:
                 bad.append(f"{k}={v!r}")

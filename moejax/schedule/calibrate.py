@@ -42,26 +42,39 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def _gemm_line(m: ModelConfig, token_counts, repeats):
-    """Expert FFN time vs tokens on the default device; returns (intercept, slope, points)."""
+    """Expert FFN time vs rows on the default device, measured with the dispatch that
+    runs (`layers.experts.moe_ffn`, all E experts of one layer): each count t is spread
+    as t rows per expert (the capacity path below `SORTED_MIN_ROWS_PER_EXPERT`, the
+    sorted path above). Fits time = E·intercept + rows·6hf / rate and returns
+    (intercept per expert, slope per row of one expert, best rate, points)."""
     import jax
     import jax.numpy as jnp
 
-    h, f, dt = m.hidden_size, m.expert_ffn_size, jnp.dtype(m.dtype)
+    from moejax.layers.capacity import SORTED_MIN_ROWS_PER_EXPERT
+    from moejax.layers.experts import moe_ffn
+
+    h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    w1 = (jax.random.normal(keys[0], (h, f)) * h**-0.5).astype(dt)
-    w3 = (jax.random.normal(keys[1], (h, f)) * h**-0.5).astype(dt)
-    w2 = (jax.random.normal(keys[2], (f, h)) * f**-0.5).astype(dt)
-    ffn = jax.jit(lambda x, a, b, c: (jax.nn.silu(x @ a) * (x @ b)) @ c)
+    w1 = (jax.random.normal(keys[0], (e, h, f)) * h**-0.5).astype(dt)
+    w3 = (jax.random.normal(keys[1], (e, h, f)) * h**-0.5).astype(dt)
+    w2 = (jax.random.normal(keys[2], (e, f, h)) * f**-0.5).astype(dt)
+    run = jax.jit(moe_ffn, static_argnames="capacity")
     points = []
     for t in token_counts:
-        x = jax.random.normal(keys[3], (t, h)).astype(dt)
-        points.append((t, _median_s(lambda: ffn(x, w1, w3, w2).block_until_ready(), repeats)))
-    tok, sec = np.array(points, dtype=float).T
-    slope, intercept = np.polyfit(tok, sec, 1) if len(points) > 1 else (sec[0] / tok[0], 0.0)
-    best_rate = float(np.max(6 * h * f * tok / sec))
+        n = t * e  # one choice per token, t rows for every expert
+        x = jax.random.normal(keys[3], (n, h)).astype(dt)
+        ids = (jnp.arange(n, dtype=jnp.int32) % e)[:, None]
+        wts = jnp.ones((n, 1), jnp.float32)
+        cap = t if t < SORTED_MIN_ROWS_PER_EXPERT else None
+        points.append((n, _median_s(lambda: run(x, wts, ids, w1, w3, w2, capacity=cap)
+                                    .block_until_ready(), repeats)))
+    rows, sec = np.array(points, dtype=float).T
+    slope, intercept = np.polyfit(rows, sec, 1) if len(points) > 1 else (
+        sec[0] / rows[0], 0.0)
+    best_rate = float(np.max(6 * h * f * rows / sec))
     if not slope > 0:  # noise on too few points: fall back to the best achieved rate
         slope, intercept = 6 * h * f / best_rate, 0.0
-    return max(float(intercept), 0.0), float(slope), best_rate, points
+    return max(float(intercept), 0.0) / e, float(slope), best_rate, points
 
 
 def _attention_fn():
@@ -128,6 +141,10 @@ def _link(copy_bytes: int, repeats: int):
         slot.block_until_ready()
     stream()
     h2d = page * len(pages) * 4 / _median_s(stream, repeats)
+    if jax.default_backend() == "cpu":
+        # the "device" is these cores: while the schedule streams pages the same cores
+        # run the expert GEMMs, so the rate that matters is the one under that load
+        h2d = page * len(pages) * 4 / _median_s(lambda: _under_load(stream), repeats)
     x = jax.device_put(host, dev)
     try:
         pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
@@ -139,6 +156,53 @@ def _link(copy_bytes: int, repeats: int):
     tiny = np.ones(1024, np.float32)
     lat = _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
     return h2d, d2h, lat
+
+
+def _under_load(fn):
+    """Run fn while another thread keeps a jitted GEMM busy (like the executor's gpu
+    lane during streaming)."""
+    import threading
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((768, 2688), jnp.float32)
+    x = jnp.ones((256, 768), jnp.float32)
+    mm = jax.jit(lambda x, a: (x @ a) @ a.T)
+    mm(x, a).block_until_ready()
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            mm(x, a).block_until_ready()
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+
+
+def _op_overhead(m: ModelConfig, repeats: int) -> float:
+    """Seconds of one small device op end to end (dispatch, wake-up, block) while pages
+    stream (on a host-backed device both share the cores): a pre-attention-sized GEMM of
+    8 rows, minus its own memory-roofline time."""
+    import jax
+    import jax.numpy as jnp
+
+    h = m.hidden_size
+    w = jnp.ones((h, 2 * h), jnp.float32)
+    x = jnp.ones((8, h), jnp.float32)
+    op = jax.jit(lambda x, w: jnp.tanh(x @ w))
+    op(x, w).block_until_ready()
+
+    def many():
+        for _ in range(50):
+            op(x, w).block_until_ready()
+    t = _median_s(lambda: _under_load(many) if jax.default_backend() == "cpu" else many(),
+                  repeats) / 50
+    return max(t - w.nbytes / 20e9, 0.0)
 
 
 def _read_rates(read_bytes: int, repeats: int):
@@ -171,7 +235,7 @@ def _memory_sizes():
 
 
 def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
-              token_counts=(32, 64, 128, 256, 512), copy_bytes: int = 1 << 30,
+              token_counts=(8, 16, 32, 64, 128, 512), copy_bytes: int = 1 << 30,
               read_bytes: int = 1 << 30, attention_batch: int = 64,
               attention_context: int = 512, repeats: int = 3, path: str | None = None,
               save: bool = True) -> HardwareSpec:
@@ -195,6 +259,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     dev_read, host_read = _read_rates(read_bytes, repeats)
     h2d, d2h, latency = _link(copy_bytes, repeats)
     attn = _cpu_attention_rate(m, attention_batch, attention_context, repeats)
+    overhead = _op_overhead(m, repeats)
     gpu_mem, host_mem = _memory_sizes()
     on_host = jax.default_backend() == "cpu"
     host_flops = _host_flops(repeats)
@@ -207,8 +272,8 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         host_memory_bytes_per_s=host_read, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
         cpu_cores=os.cpu_count() or 1, link_latency_s=latency,
         device_is_host=on_host, gemm_intercept_s=intercept,
-        gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,
-        cpu_attention_bytes_per_s=attn,
+        gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,  # per row
+        cpu_attention_bytes_per_s=attn, device_op_overhead_s=overhead,
         source=f"moejax.schedule.calibrate() on {jax.devices()[0].device_kind}, "
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     if save:

@@ -34,9 +34,10 @@ def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0):
 
 
 def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0):
-    """Roofline of one device op: max(compute, bytes / B_gpu)."""
+    """Roofline of one device op: max(compute, bytes / B_gpu), plus the calibrated fixed
+    cost of issuing and finishing one op (`device_op_overhead_s`)."""
     return np.maximum(device_compute_s(m, hw, flops, calls),
-                      nbytes / hw.gpu_memory_bytes_per_s)
+                      nbytes / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
 
 
 def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
