@@ -8,13 +8,10 @@ from moejax.model_config.workload import Workload
 from moejax.schedule import Policy, costs, predict
 from moejax.schedule.predict import memory_bytes, memory_budgets, moe_lens_bound
 
-M = ModelConfig(name="hand", family="mixtral", vocab_size=10, hidden_size=4,
-                expert_ffn_size=8, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=2,
-                num_experts=2, top_k=1, dtype="bfloat16")
-HW = HardwareSpec(name="hand", gpu_fp16_flops_per_s=1000, gpu_fp32_flops_per_s=500,
-                  gpu_memory_bytes=10_000, gpu_memory_bytes_per_s=100, cpu_flops_per_s=10,
-                  host_memory_bytes=100_000, host_memory_bytes_per_s=50,
-                  h2d_bytes_per_s=20, d2h_bytes_per_s=25, cpu_cores=1, link_latency_s=0.01)
+from tests.schedule.hand import HW as _HW
+from tests.schedule.hand import M
+
+HW = _HW.replace(link_latency_s=0.01)
 WL = Workload(3, 2)
 POL = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.25, page_bytes=100)
 
