@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from moejax.model_config.hardware import HardwareSpec, get_hardware
-from moejax.model_config.model import ModelConfig, get_model
+from moejax.model_config.hardware import get_hardware
+from moejax.model_config.model import get_model
 from moejax.schedule import hrm, moe_lightning_evaluate, moe_lightning_search
 
 from tests.schedule.hand import HW, M

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from moejax.model_config.hardware import HardwareSpec, get_hardware
-from moejax.model_config.model import ModelConfig, get_model
+from moejax.model_config.hardware import get_hardware
+from moejax.model_config.model import get_model
 from moejax.model_config.workload import Workload
 from moejax.schedule import Policy, costs, predict
 from moejax.schedule.predict import memory_bytes, memory_budgets, moe_lens_bound
