@@ -92,7 +92,8 @@ def target_section(setup, workload) -> dict:
 
 # ---------------------------------------------------------------------- local
 def local_policy(cfg, hw, workload, budget):
-    from moejax.schedule import Policy, predict, search_policy
+    """The searched policy for this machine, with the flags' overrides applied."""
+    from moejax.schedule import Policy, search_policy
 
     try:
         policy, _ = search_policy(cfg, hw, workload, device_memory_bytes=budget)
@@ -115,7 +116,7 @@ def local_policy(cfg, hw, workload, budget):
         Policy(**policy_dict(policy))  # re-validate the combination
     except ValueError as e:
         fail(str(e))
-    return policy, predict(cfg, hw, workload, policy)
+    return policy
 
 
 def local_section(setup, workload) -> tuple[dict, object, object]:
@@ -138,7 +139,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     t = -(-workload.prompt_len // 16) * 16  # the engine pads prompts to a multiple of 16
     wl = Workload(t, workload.gen_len, num_sequences=FLAGS.batch_size or
                   FLAGS.max_local_batch)
-    policy, pred = local_policy(cfg, hw, wl, budget)
+    policy = local_policy(cfg, hw, wl, budget)
     policy = policy.replace(page_bytes=page)
     try:
         engine = moejax.Engine(model, policy=policy, device_memory_bytes=int(budget))

@@ -87,3 +87,51 @@ def tokens_match(ours: list[int], theirs: list[int], scores, tol: float = 1e-4) 
             top2 = np.sort(scores[i])[-2:]
             return bool(top2[1] - top2[0] < tol) and len(ours) == len(theirs)
     return len(ours) == len(theirs)
+
+
+# ---------------------------------------------------------- checks every family runs
+# The all-on-device engine and the offloaded one with every expert streamed.
+ENGINES = {"device": {}, "offload-wg0": dict(gpu_weight_fraction=0.0, attention_device="cpu")}
+
+
+def random_prompts(vocab: int, seed: int = 2, lengths=(5, 13, 1, 8)) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, n)] for n in lengths]
+
+
+def padded_logits_err(hf, ours, vocab: int, side: str) -> float:
+    """Relative error of moejax vs HF logits on a left- or right-padded batch (real
+    positions only)."""
+    tok = np.random.default_rng(1).integers(0, vocab, (3, 12))
+    am = np.ones((3, 12), np.int32)
+    if side == "left":
+        am[0, :5], am[1, :2] = 0, 0
+    else:
+        am[0, 7:], am[2, 3:] = 0, 0
+    real = am == 1
+    return rel_err(np.asarray(ours.logits(tok, am))[real], hf_logits(hf, tok, am)[real])
+
+
+def greedy_mismatches(hf, ours, vocab: int, engine_kw: dict, new: int = 10) -> list:
+    """(prompt, ours, HF's) for every ragged-batch row whose greedy tokens differ from
+    HF's per-prompt greedy generation (beyond a near-tie)."""
+    import moejax
+
+    prompts = random_prompts(vocab)
+    outs = moejax.Engine(ours, **engine_kw).generate(prompts, max_new_tokens=new)
+    bad = []
+    for p, o in zip(prompts, outs):
+        theirs, scores = hf_greedy(hf, p, new)
+        if not tokens_match(o, theirs, scores):
+            bad.append((p, o, theirs))
+    return bad
+
+
+def batch_and_alone(ours, vocab: int, new: int = 6):
+    """(tokens of a ragged batch, tokens of each prompt run alone)."""
+    import moejax
+
+    eng = moejax.Engine(ours)
+    prompts = random_prompts(vocab, seed=3)
+    return (eng.generate(prompts, max_new_tokens=new),
+            [eng.generate([p], max_new_tokens=new)[0] for p in prompts])

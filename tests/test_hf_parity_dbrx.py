@@ -5,28 +5,17 @@ keeps DBRX's own layout: fused Wqkv, bias-free LayerNorm, fused experts w1/v1/w2
 """
 
 import copy
-import inspect
 
 import numpy as np
 import pytest
 
 import moejax
 from moejax.model import MoEModel
-from tests.oracle import TINY, hf_greedy, hf_logits, hf_model, rel_err, tokens_match
+from tests.oracle import (ENGINES, TINY, batch_and_alone, greedy_mismatches, hf_logits,
+                          hf_model, padded_logits_err, rel_err)
 
 VOCAB = 101
 CLIP = TINY["dbrx"][2]["attn_config"]["clip_qkv"]
-
-
-def _engines():
-    """The default engine, plus the offloaded one (all experts streamed) once it exists."""
-    cases = [pytest.param({}, id="device")]
-    offload = "gpu_weight_fraction" in inspect.signature(moejax.Engine.__init__).parameters
-    cases.append(pytest.param(
-        dict(gpu_weight_fraction=0.0, attention_device="cpu"), id="offload-wg0",
-        marks=pytest.mark.skipif(not offload, reason="Engine has no gpu_weight_fraction "
-                                                     "(offloaded engine not merged yet)")))
-    return cases
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +59,7 @@ def test_clamp_is_active_and_matters(pair):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_logits_match_hf(pair, side):
     hf, ours = pair
-    tok = np.random.default_rng(1).integers(0, VOCAB, (3, 12))
-    am = np.ones((3, 12), np.int32)
-    if side == "left":
-        am[0, :5], am[1, :2] = 0, 0
-    else:
-        am[0, 7:], am[2, 3:] = 0, 0
-    real = am == 1
-    assert rel_err(np.asarray(ours.logits(tok, am))[real], hf_logits(hf, tok, am)[real]) <= 1e-4
+    assert padded_logits_err(hf, ours, VOCAB, side) <= 1e-4
 
 
 @pytest.mark.parametrize("p", [2.0, None], ids=["p2", "raw"])
@@ -92,27 +74,16 @@ def test_expert_weight_norm_variants_match_hf(tmp_path, p):
     assert rel_err(ours.logits(tok), hf_logits(hf, tok)) <= 1e-4
 
 
-def _prompts(seed=2, lengths=(5, 13, 1, 8)):
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(0, VOCAB, n)] for n in lengths]
-
-
-@pytest.mark.parametrize("engine_kw", _engines())
+@pytest.mark.parametrize("engine_kw", ENGINES.values(), ids=ENGINES.keys())
 def test_ragged_greedy_generation_matches_hf(pair, engine_kw):
     hf, ours = pair
-    prompts = _prompts()
-    outs = moejax.Engine(ours, **engine_kw).generate(prompts, max_new_tokens=10)
-    for p, o in zip(prompts, outs):
-        theirs, scores = hf_greedy(hf, p, 10)
-        assert tokens_match(o, theirs, scores), (p, o, theirs)
+    assert not greedy_mismatches(hf, ours, VOCAB, engine_kw)
 
 
 def test_ragged_batch_equals_each_prompt_alone(pair):
     _, ours = pair
-    eng = moejax.Engine(ours)
-    prompts = _prompts(seed=3)
-    batch = eng.generate(prompts, max_new_tokens=6)
-    assert batch == [eng.generate([p], max_new_tokens=6)[0] for p in prompts]
+    batch, alone = batch_and_alone(ours, VOCAB)
+    assert batch == alone
 
 
 def test_bfloat16_checkpoint_loads_close_to_float32(pair, tmp_path):

@@ -7,13 +7,13 @@ not renormalised, top-k probabilities) and tied embeddings.
 """
 
 import copy
-import inspect
 
 import numpy as np
 import pytest
 
 import moejax
-from tests.oracle import hf_greedy, hf_logits, hf_model, rel_err, tokens_match
+from tests.oracle import (ENGINES, batch_and_alone, greedy_mismatches, hf_logits, hf_model,
+                          padded_logits_err, rel_err)
 
 VOCAB = 101
 # variant -> (HF overrides, expected ModelConfig.dense_layers, expected topk_norm_p)
@@ -23,15 +23,6 @@ VARIANTS = {
     "sparse_step_2": (dict(decoder_sparse_step=2, norm_topk_prob=False), (0,), None),
     "tied": (dict(tie_word_embeddings=True), (), 1.0),
 }
-
-
-def _engines():
-    """The default engine, plus the offloaded one (all experts streamed) once it exists."""
-    offload = "gpu_weight_fraction" in inspect.signature(moejax.Engine.__init__).parameters
-    return [pytest.param({}, id="device"), pytest.param(
-        dict(gpu_weight_fraction=0.0, attention_device="cpu"), id="offload-wg0",
-        marks=pytest.mark.skipif(not offload, reason="Engine has no gpu_weight_fraction "
-                                                     "(offloaded engine not merged yet)"))]
 
 
 @pytest.fixture(scope="module")
@@ -65,38 +56,20 @@ def test_logits_match_hf(models, variant):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_logits_match_hf(models, side, variant):
     hf, ours = models(variant)
-    tok = np.random.default_rng(1).integers(0, VOCAB, (3, 12))
-    am = np.ones((3, 12), np.int32)
-    if side == "left":
-        am[0, :5], am[1, :2] = 0, 0
-    else:
-        am[0, 7:], am[2, 3:] = 0, 0
-    real = am == 1
-    assert rel_err(np.asarray(ours.logits(tok, am))[real], hf_logits(hf, tok, am)[real]) <= 1e-4
+    assert padded_logits_err(hf, ours, VOCAB, side) <= 1e-4
 
 
-def _prompts(seed=2, lengths=(5, 13, 1, 8)):
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(0, VOCAB, n)] for n in lengths]
-
-
-@pytest.mark.parametrize("engine_kw", _engines())
+@pytest.mark.parametrize("engine_kw", ENGINES.values(), ids=ENGINES.keys())
 @pytest.mark.parametrize("variant", ["base", "mlp_only_1"])
 def test_ragged_greedy_generation_matches_hf(models, variant, engine_kw):
     hf, ours = models(variant)
-    prompts = _prompts()
-    outs = moejax.Engine(ours, **engine_kw).generate(prompts, max_new_tokens=10)
-    for p, o in zip(prompts, outs):
-        theirs, scores = hf_greedy(hf, p, 10)
-        assert tokens_match(o, theirs, scores), (p, o, theirs)
+    assert not greedy_mismatches(hf, ours, VOCAB, engine_kw)
 
 
 def test_ragged_batch_equals_each_prompt_alone(models):
     _, ours = models("base")
-    eng = moejax.Engine(ours)
-    prompts = _prompts(seed=3)
-    batch = eng.generate(prompts, max_new_tokens=6)
-    assert batch == [eng.generate([p], max_new_tokens=6)[0] for p in prompts]
+    batch, alone = batch_and_alone(ours, VOCAB)
+    assert batch == alone
 
 
 def test_bfloat16_checkpoint_loads_close_to_float32(models, tmp_path):

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from moejax.schedule.timeline import RESOURCES, Entry
+from moejax.schedule.timeline import RESOURCES, Entry, stage_seconds
 
 Handler = Callable[[Entry], None]
 
@@ -45,10 +45,7 @@ class Trace:
         return busy
 
     def stage_s(self, entries: list[Entry], stage: str) -> float:
-        """As `Simulation.stage_s`: end of the previous stage's compute to end of this."""
-        end_of = lambda st: max((self.end_s[e.id] for e in entries
-                                 if e.stage == st and e.op != "page"), default=0.0)
-        return float(end_of(stage) - (end_of("prefill") if stage == "decode" else 0.0))
+        return stage_seconds(entries, self.end_s, stage)
 
 
 def _serial(entries, handlers, start, end, t0):

@@ -17,7 +17,7 @@ from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 from moejax.schedule import costs
 from moejax.schedule.policy import Policy
-from moejax.schedule.timeline import RESOURCES, Entry
+from moejax.schedule.timeline import RESOURCES, Entry, stage_seconds
 
 
 def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
@@ -76,12 +76,7 @@ class Simulation:
                 for r, b in self.busy_s.items()}
 
     def stage_s(self, entries: list[Entry], stage: str) -> float:
-        """Wall time of a stage: from the end of the previous stage's last non-page entry
-        (0 for prefill) to the end of this stage's last entry. Pages of a stage's first
-        layer stream during the previous stage, as in steady state."""
-        end_of = lambda st: max((self.end_s[e.id] for e in entries
-                                 if e.stage == st and e.op != "page"), default=0.0)
-        return float(end_of(stage) - (end_of("prefill") if stage == "decode" else 0.0))
+        return stage_seconds(entries, self.end_s, stage)
 
 
 def lane(resource: str, hw: HardwareSpec) -> str:

@@ -174,3 +174,13 @@ def build_timeline(cfg: ModelConfig, policy: Policy, prompt_len: int, decode_ste
             prev = [b.add("head", stage, step, layer, k, deps=(prev[k],), tokens=ubs)
                     for k in range(n)]
     return b.entries
+
+
+def stage_seconds(entries: list[Entry], end_s, stage: str) -> float:
+    """Wall time of a stage given every entry's end time: from the end of the previous
+    stage's last non-page entry (0 for prefill) to the end of this stage's last entry.
+    Pages of a stage's first layer stream during the previous stage, as in steady state.
+    Shared by the simulator (predicted ends) and the executor's trace (measured ends)."""
+    end_of = lambda st: max((end_s[e.id] for e in entries
+                             if e.stage == st and e.op != "page"), default=0.0)
+    return float(end_of(stage) - (end_of("prefill") if stage == "decode" else 0.0))

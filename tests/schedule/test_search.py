@@ -4,12 +4,14 @@ import time
 
 import pytest
 
-from moejax.model_config.hardware import HardwareSpec, get_hardware
-from moejax.model_config.model import ModelConfig, get_model, model_names
+from moejax.model_config.hardware import get_hardware
+from moejax.model_config.model import get_model, model_names
 from moejax.model_config.workload import Workload
 from moejax.schedule import Policy, predict, search_policy
 from moejax.schedule.hrm import ubs_candidates
 from moejax.schedule.predict import memory_budgets, memory_bytes
+from tests.schedule.hand import HW as HAND_HW
+from tests.schedule.hand import M
 
 MIXTRAL = get_model("mixtral_8x7b")
 MTBENCH = Workload(77, 32)
@@ -67,13 +69,10 @@ def test_monotone_in_host_memory_and_link(field, factors, hw_name, gen):
     assert all(b >= a * (1 - 1e-12) for a, b in zip(best, best[1:]))
 
 
-M = ModelConfig(name="hand", family="mixtral", vocab_size=10, hidden_size=4,
-                expert_ffn_size=8, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=2,
-                num_experts=2, top_k=1, dtype="bfloat16")
-HW = HardwareSpec(name="hand", gpu_fp16_flops_per_s=1e5, gpu_fp32_flops_per_s=5e4,
-                  gpu_memory_bytes=1e6, gpu_memory_bytes_per_s=1e4, cpu_flops_per_s=1e3,
-                  host_memory_bytes=1e6, host_memory_bytes_per_s=5e3,
-                  h2d_bytes_per_s=200, d2h_bytes_per_s=250, cpu_cores=1)
+HW = HAND_HW.replace(gpu_fp16_flops_per_s=1e5, gpu_fp32_flops_per_s=5e4,
+                     gpu_memory_bytes=1e6, gpu_memory_bytes_per_s=1e4, cpu_flops_per_s=1e3,
+                     host_memory_bytes=1e6, host_memory_bytes_per_s=5e3,
+                     h2d_bytes_per_s=200, d2h_bytes_per_s=250)
 
 
 def test_optimal_over_brute_force_grid():
