@@ -125,6 +125,9 @@ def main(argv):
             continue
         wall = measure(engine, prompts, FLAGS.gen_len)
         measured = pol.batch_size * FLAGS.gen_len / wall
+        if not results:  # the routing of these prompts, measured once on the base run
+            wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
+            print(f"router imbalance measured on the base run: {wl.expert_imbalance:.2f}")
         pol = pol.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
         pred = predict(cfg, hw, wl, pol)  # wg as the store rounded it to whole pages
         err = (pred.tokens_per_s - measured) / measured
@@ -145,7 +148,12 @@ def main(argv):
     if on and off:
         print(f"overlap speedup: measured {on['measured_tokens_per_s'] / off['measured_tokens_per_s']:.2f}x, "
               f"predicted {on['predicted_tokens_per_s'] / off['predicted_tokens_per_s']:.2f}x")
+    searched, _ = search_policy(cfg, hw, wl, device_memory_bytes=budget)
+    print(f"search with the measured imbalance picks {searched.micro_batch_size}×"
+          f"{searched.num_micro_batches}, wg={searched.gpu_weight_fraction:.2f}, attention "
+          f"on the {searched.attention_device}")
     out = dict(config=FLAGS.config, model=cfg.name, note=note, device_memory_gb=budget / GB,
+               expert_imbalance=wl.expert_imbalance, searched_after=policy_dict(searched),
                prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len, hardware=hw.source,
                rows=results)
     os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)

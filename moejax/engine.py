@@ -81,6 +81,7 @@ class RunRecord:
     rows: int  # real (unpadded) rows
     prompt_len: int  # padded prompt length T
     steps: int  # tokens generated per row (1 by prefill + decode steps run)
+    expert_imbalance: float = 1.0  # the routing the run saw (`Workload.expert_imbalance`)
 
     @property
     def prefill_s(self) -> float:
@@ -244,7 +245,8 @@ class Engine:
         finally:
             if reserved:
                 self.store.unreserve("kv_cache")
-        self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run)
+        self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run,
+                                  run.expert_imbalance())
         return run
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -32,15 +32,22 @@ def uses_capacity(tokens, top_k: int, num_experts: int):
     return np.asarray(tokens) * top_k < SORTED_MIN_ROWS_PER_EXPERT * num_experts
 
 
-def expected_rows(tokens, top_k: int, num_experts: int):
-    """Rows the expert GEMMs compute for `tokens` tokens under uniform routing.
+def max_count_noise(mean_count, top_k: int, num_experts: int):
+    """σ·√(2 ln E), σ² = μ(1 − k/E): how far the largest of E counts of mean μ lies
+    above μ by chance alone (Gaussian tail)."""
+    mu = np.asarray(mean_count, dtype=float)
+    return np.sqrt(2 * np.log(num_experts) * mu * (1 - top_k / num_experts))
 
-    Sorted path: N·k. Capacity path: E·C with C = bucket(expected max count); the max of
-    E counts of mean μ = N·k/E is ≈ μ + σ·√(2 ln E), σ² = μ(1 − k/E) (Gaussian tail)."""
+
+def expected_rows(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
+    """Rows the expert GEMMs compute for `tokens` tokens.
+
+    Sorted path: N·k. Capacity path: E·C with C = bucket(expected max count); with the
+    hottest expert getting `imbalance`× the uniform share, the max of E counts of mean
+    μ = N·k/E is ≈ imbalance·μ + σ·√(2 ln E), σ² = μ(1 − k/E) (Gaussian tail)."""
     n = np.asarray(tokens, dtype=float)
     mu = n * top_k / num_experts
-    mx = np.minimum(n, np.ceil(mu + np.sqrt(2 * np.log(num_experts) * mu
-                                            * (1 - top_k / num_experts))))
+    mx = np.minimum(n, np.ceil(imbalance * mu + max_count_noise(mu, top_k, num_experts)))
     bucket = np.vectorize(capacity_bucket, otypes=[float])(np.maximum(mx, 1), n)
     return np.where(uses_capacity(n, top_k, num_experts), num_experts * bucket,
                     n * top_k)

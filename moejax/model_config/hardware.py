@@ -53,6 +53,10 @@ class HardwareSpec:
     cpu_attention_bytes_per_s: float | None = None  # calibrated: KV bytes read per s
     device_op_overhead_s: float = 0.0  # calibrated: fixed cost of one device op (dispatch,
     # wake-up, block) as the executor sees it; ~µs on a GPU, ms on the CPU testbed
+    cpu_attention_call_s: float = 0.0  # calibrated: fixed cost of one CPU attention call
+    h2d_curve: tuple | None = None  # calibrated: ((transfer bytes, bytes/s), …) of single
+    # h2d transfers by size; `costs.h2d_s` interpolates it (log size), flat outside; None:
+    # every transfer at h2d_bytes_per_s
     source: str = ""
 
     def __post_init__(self):
@@ -65,7 +69,14 @@ class HardwareSpec:
                if not isinstance(getattr(self, k), (int, float)) or not getattr(self, k) > 0]
         bad += [f"{k}={getattr(self, k)!r}" for k in optional
                 if getattr(self, k) is not None and not getattr(self, k) > 0]
-        for k in ("link_latency_s", "gemm_intercept_s", "device_op_overhead_s"):
+        if self.h2d_curve is not None:
+            pts = self.h2d_curve
+            ok = (len(pts) > 0 and all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in pts)
+                  and all(a[0] < b[0] for a, b in zip(pts, pts[1:])))
+            if not ok:
+                bad.append(f"h2d_curve={pts!r} (want increasing (bytes, bytes/s) pairs)")
+        for k in ("link_latency_s", "gemm_intercept_s", "device_op_overhead_s",
+                  "cpu_attention_call_s"):
             v = getattr(self, k)
             if v is not None and not v >= 0:
                 bad.append(f"{k}={v!r}")
@@ -96,6 +107,8 @@ class HardwareSpec:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"HardwareSpec JSON has unknown fields {unknown}")
+        if d.get("h2d_curve") is not None:
+            d = {**d, "h2d_curve": tuple(tuple(p) for p in d["h2d_curve"])}
         return cls(**d)
 
 

@@ -13,7 +13,9 @@ class Workload:
 
     `num_sequences`, when given, is the size of the whole job: the search never picks a
     batch larger than it. `kv_bytes_per_elem` overrides the KV-cache element size
-    (None: the model's dtype; 1 for an int8 cache).
+    (None: the model's dtype; 1 for an int8 cache). `expert_imbalance` is how unevenly
+    the router spreads this job's tokens: E·max_e p_e, the hottest expert's share over
+    the uniform one (1: uniform; measured by `RunRecord.expert_imbalance`).
     """
 
     prompt_len: int
@@ -21,6 +23,7 @@ class Workload:
     num_sequences: int | None = None
     kv_bytes_per_elem: int | None = None
     name: str = ""
+    expert_imbalance: float = 1.0
 
     def __post_init__(self):
         for k in ("prompt_len", "gen_len"):
@@ -31,6 +34,10 @@ class Workload:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Workload: {k}={v!r} must be a positive integer or None")
+        if not isinstance(self.expert_imbalance, (int, float)) or not (
+                1.0 <= self.expert_imbalance < float("inf")):
+            raise ValueError(f"Workload: expert_imbalance={self.expert_imbalance!r} must "
+                             "be >= 1")
 
     @property
     def context_len(self) -> int:

@@ -7,11 +7,15 @@ host → device and device → pinned host, host memory is NumPy. Measured:
   t(tokens) = intercept + slope·tokens → `gemm_intercept_s`, `gemm_flops_per_s` = 6·h·f /
   slope (the rate `costs.device_compute_s` then uses);
 * device memory read bandwidth (a jitted reduction) and host read bandwidth (NumPy);
-* h2d / d2h bandwidth with `copy_bytes` copies (≥ 1 GB by default: the link is slower
-  than nominal) and the latency of a tiny transfer;
-* CPU decode attention (GQA over a host KV cache) → `cpu_attention_bytes_per_s`; host
-  matmul FLOP/s (NumPy, or the device GEMM rate when the device is the host's own CPU)
-  → `cpu_flops_per_s`.
+* h2d bandwidth by page size (`h2d_curve`: 4, 16 and 64 MiB pages, `copy_bytes` of each,
+  ≥ 1 GB by default), d2h bandwidth and the latency of a tiny transfer — each alone: on
+  the testbed the model itself shares the cores between copies and compute;
+* in situ, from a short serial run of the real engine on a 2-layer copy of the model:
+  the fixed cost of one device op as the executor sees it (`device_op_overhead_s`) and
+  the rate the weight store really gets from the link (scales the `h2d_curve`);
+* CPU decode attention through `HostKVCache.decode_host` → a fixed cost per call and
+  `cpu_attention_bytes_per_s`; host matmul FLOP/s (NumPy, or the device GEMM rate when
+  the device is the host's own CPU) → `cpu_flops_per_s`.
 
 The result is cached as JSON (`hardware.calibration_path()`); the defaults take well
 under 60 s on 2 cores. Tests pass tiny sizes.
@@ -28,6 +32,7 @@ import numpy as np
 
 from moejax.model_config.hardware import HardwareSpec, calibration_path
 from moejax.model_config.model import ModelConfig, get_model
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -69,7 +74,9 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
         points.append((n, _median_s(lambda: run(x, wts, ids, w1, w3, w2, capacity=cap)
                                     .block_until_ready(), repeats)))
     rows, sec = np.array(points, dtype=float).T
-    slope, intercept = np.polyfit(rows, sec, 1) if len(points) > 1 else (
+    # least squares in relative error (weights 1/t): decode's few rows per expert are
+    # priced as well as prefill's many
+    slope, intercept = np.polyfit(rows, sec, 1, w=1 / sec) if len(points) > 1 else (
         sec[0] / rows[0], 0.0)
     best_rate = float(np.max(6 * h * f * rows / sec))
     if not slope > 0:  # noise on too few points: fall back to the best achieved rate
@@ -77,42 +84,38 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
     return max(float(intercept), 0.0) / e, float(slope), best_rate, points
 
 
-def _attention_fn():
-    try:
-        from moejax.layers.attention import gqa_attention
-        return gqa_attention
-    except ImportError:  # self-contained GQA decode attention
-        import jax
-        import jax.numpy as jnp
+def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
+    """(fixed s per call, bytes/s) of the host's decode attention as the schedule runs
+    it (`HostKVCache.decode_host`: write the new k, v, attend over the cache), fitted
+    through a tiny call (4 rows over 16 keys) and a big one (`batch` rows over
+    `context`), with bytes counted as `costs.cpu_attention_s` counts them."""
+    from moejax.host_offload.kv_cache import HostKVCache
+    from moejax.schedule import costs
 
-        def gqa_attention(q, k, v, mask):
-            b, t, hq, d = q.shape
-            qg = q.reshape(b, t, k.shape[2], hq // k.shape[2], d)
-            s = jnp.einsum("btkgd,bskd->bkgts", qg, k) / jnp.sqrt(jnp.float32(d))
-            s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
-            o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, -1), v)
-            return o.reshape(b, t, hq, d)
-        return gqa_attention
-
-
-def _cpu_attention_rate(m: ModelConfig, batch: int, context: int, repeats: int) -> float:
-    """KV bytes per second that a jitted GQA decode attention reads on the host CPU."""
-    import jax
-    import jax.numpy as jnp
-
-    cpu = jax.devices("cpu")[0]
-    dt = jnp.dtype(m.dtype)
-    with jax.default_device(cpu):
-        q = jnp.ones((batch, 1, m.num_heads, m.head_dim), dt)
-        k = jnp.ones((batch, context, m.num_kv_heads, m.head_dim), dt)
-        mask = jnp.ones((batch, 1, context), bool)
-        attn = jax.jit(_attention_fn())
-        sec = _median_s(lambda: attn(q, k, k, mask).block_until_ready(), repeats)
-    return batch * context * m.kv_bytes_per_token_per_layer() / sec
+    points = []
+    for b, c in ((4, 16), (batch, context)):
+        cache = HostKVCache(m, b, c + 1)
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((b, 1, m.num_heads, m.head_dim)).astype(np.float32)
+        kv = rng.standard_normal((b, 1, m.num_kv_heads, m.head_dim)).astype(np.float32)
+        pos = np.full(b, c)
+        sec = _median_s(lambda: cache.decode_host(0, slice(0, b), q, kv, kv, pos), repeats)
+        nbytes = costs.kv_bytes(m, b * (c + 1)) + costs.qkv_bytes(m, b) \
+            + costs.attn_out_bytes(m, b)
+        points.append((nbytes, sec))
+        del cache
+    (b0, t0), (b1, t1) = sorted(points)
+    if not (b1 > b0 and t1 > t0):  # tiny sizes, noise: no line, the best plain rate
+        return 0.0, float(b1 / t1)
+    rate = (b1 - b0) / (t1 - t0)
+    return max(t0 - b0 / rate, 0.0), float(rate)
 
 
-def _link(copy_bytes: int, repeats: int):
-    """(h2d bytes/s, d2h bytes/s, latency s) of jax.device_put to/from the default device."""
+def _h2d_curve(copy_bytes: int, repeats: int, sizes=None):
+    """((transfer bytes, bytes/s), …): pages of each size streamed as the weight store
+    streams them (a `device_put` from pinned host memory written into a preallocated
+    device slot), `copy_bytes` in all per size, measured alone (`predict` and `simulate`
+    model the sharing of cores with compute themselves)."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -120,32 +123,39 @@ def _link(copy_bytes: int, repeats: int):
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
     dev = jax.devices()[0]
-    host = np.ones(copy_bytes // 4, np.float32)
-    # h2d as the weight store streams: pages from (pinned) host memory, each written into
-    # a preallocated device slot — ≥ 1 GB in all by default
-    page = min(DEFAULT_PAGE_BYTES // 4 // 4, host.size)
-    pages = [host[i:i + page] for i in range(0, host.size - page + 1, page)]
+    on_dev = SingleDeviceSharding(dev, memory_kind="device")
     try:
         pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
-        pages = [jax.device_put(p, pinned) for p in pages]
     except Exception:  # no pinned_host memory kind: stream from NumPy
-        pass
-    slot = jax.numpy.zeros(page * len(pages), np.float32, device=dev)
+        pinned = None
+    sizes = sizes or (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
+    host = np.ones(max(copy_bytes, max(sizes)) // 4, np.float32)
+    curve = []
+    for size in sorted({min(int(s), host.nbytes) // 4 * 4 for s in sizes}):
+        page = size // 4
+        pages = [host[i:i + page] for i in range(0, host.size - page + 1, page)]
+        if pinned is not None:
+            pages = [jax.device_put(p, pinned) for p in pages]
+        slot = jax.numpy.zeros(page * len(pages), np.float32, device=dev)
 
-    on_dev = SingleDeviceSharding(dev, memory_kind="device")
+        def stream():
+            nonlocal slot
+            for k, p in enumerate(pages):
+                slot = _write(slot, jax.device_put(p, on_dev), np.int32(k * page))
+            slot.block_until_ready()
+        curve.append((float(size), page * len(pages) * 4 / _median_s(stream, repeats)))
+        del pages, slot
+    return tuple(curve)
 
-    def stream():
-        nonlocal slot
-        for k, p in enumerate(pages):
-            slot = _write(slot, jax.device_put(p, on_dev), np.int32(k * page))
-        slot.block_until_ready()
-    stream()
-    h2d = page * len(pages) * 4 / _median_s(stream, repeats)
-    if jax.default_backend() == "cpu":
-        # the "device" is these cores: while the schedule streams pages the same cores
-        # run the expert GEMMs, so the rate that matters is the one under that load
-        h2d = page * len(pages) * 4 / _median_s(lambda: _under_load(stream), repeats)
-    x = jax.device_put(host, dev)
+
+def _link(copy_bytes: int, repeats: int):
+    """(h2d curve, d2h bytes/s, latency s) of jax.device_put to/from the default device."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    dev = jax.devices()[0]
+    curve = _h2d_curve(copy_bytes, repeats)
+    x = jax.device_put(np.ones(copy_bytes // 4, np.float32), dev)
     try:
         pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
         d2h_fn = lambda: jax.device_put(x, pinned).block_until_ready()
@@ -155,54 +165,40 @@ def _link(copy_bytes: int, repeats: int):
     d2h = copy_bytes / _median_s(d2h_fn, repeats)
     tiny = np.ones(1024, np.float32)
     lat = _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
-    return h2d, d2h, lat
+    return curve, d2h, lat
 
 
-def _under_load(fn):
-    """Run fn while another thread keeps a jitted GEMM busy (like the executor's gpu
-    lane during streaming)."""
-    import threading
+def _executor_probe(m: ModelConfig, spec: HardwareSpec, repeats: int):
+    """In situ: (device op overhead s, h2d rate scale) from a short serial run of the
+    real engine on a 2-layer, random-weight copy of `m` streaming every expert in
+    4 MiB pages. The overhead is what a decode pre-attention takes beyond its roofline
+    price (Python dispatch, parameter plumbing, the block the executor waits on); the
+    scale is priced / measured page time (the link as the store really drives it)."""
+    import moejax
+    from moejax.model import MoEModel
+    from moejax.schedule import costs
+    from moejax.schedule.policy import Policy
 
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((768, 2688), jnp.float32)
-    x = jnp.ones((256, 768), jnp.float32)
-    mm = jax.jit(lambda x, a: (x @ a) @ a.T)
-    mm(x, a).block_until_ready()
-    stop = threading.Event()
-
-    def load():
-        while not stop.is_set():
-            mm(x, a).block_until_ready()
-    t = threading.Thread(target=load, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        stop.set()
-        t.join()
-
-
-def _op_overhead(m: ModelConfig, repeats: int) -> float:
-    """Seconds of one small device op end to end (dispatch, wake-up, block) while pages
-    stream (on a host-backed device both share the cores): a pre-attention-sized GEMM of
-    8 rows, minus its own memory-roofline time."""
-    import jax
-    import jax.numpy as jnp
-
-    h = m.hidden_size
-    w = jnp.ones((h, 2 * h), jnp.float32)
-    x = jnp.ones((8, h), jnp.float32)
-    op = jax.jit(lambda x, w: jnp.tanh(x @ w))
-    op(x, w).block_until_ready()
-
-    def many():
-        for _ in range(50):
-            op(x, w).block_until_ready()
-    t = _median_s(lambda: _under_load(many) if jax.default_backend() == "cpu" else many(),
-                  repeats) / 50
-    return max(t - w.nbytes / 20e9, 0.0)
+    cfg = m.replace(name=f"{m.name}_probe", num_layers=2,
+                    dense_layers=tuple(i for i in m.dense_layers if i < 2))
+    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0, attention_device="cpu",
+                                    kv_cache_device="cpu", page_bytes=DEFAULT_PAGE_BYTES // 4,
+                                    overlap=False)
+    engine = moejax.Engine(MoEModel.random(cfg, seed=0), policy=pol)
+    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16)).tolist()
+    over, paged, priced = [], 0.0, 0.0
+    for i in range(repeats + 1):  # the first run compiles
+        engine.generate(prompts, 4)
+        run = engine.last_run
+        if i == 0:
+            continue
+        dur = run.trace.end_s - run.trace.start_s
+        for e in run.entries:
+            if e.op == "pre_attn" and e.stage == "decode":
+                over.append(dur[e.id] - costs.gpu_pre_attention_s(cfg, spec, e.tokens))
+            elif e.op == "page":
+                paged, priced = paged + dur[e.id], priced + costs.h2d_s(spec, e.nbytes)
+    return max(float(np.median(over)), 0.0), float(priced / paged)
 
 
 def _read_rates(read_bytes: int, repeats: int):
@@ -235,7 +231,7 @@ def _memory_sizes():
 
 
 def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
-              token_counts=(8, 16, 32, 64, 128, 512), copy_bytes: int = 1 << 30,
+              token_counts=(1, 2, 4, 8, 16, 32, 64, 128, 512), copy_bytes: int = 1 << 30,
               read_bytes: int = 1 << 30, attention_batch: int = 64,
               attention_context: int = 512, repeats: int = 3, path: str | None = None,
               save: bool = True) -> HardwareSpec:
@@ -257,9 +253,8 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     start = time.perf_counter()
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
-    h2d, d2h, latency = _link(copy_bytes, repeats)
-    attn = _cpu_attention_rate(m, attention_batch, attention_context, repeats)
-    overhead = _op_overhead(m, repeats)
+    curve, d2h, latency = _link(copy_bytes, repeats)
+    attn_call, attn = _cpu_attention_line(m, attention_batch, attention_context, repeats)
     gpu_mem, host_mem = _memory_sizes()
     on_host = jax.default_backend() == "cpu"
     host_flops = _host_flops(repeats)
@@ -269,18 +264,25 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         name="local", gpu_fp16_flops_per_s=gemm_peak, gpu_fp32_flops_per_s=gemm_peak,
         gpu_memory_bytes=gpu_mem, gpu_memory_bytes_per_s=dev_read,
         cpu_flops_per_s=host_flops, host_memory_bytes=host_mem,
-        host_memory_bytes_per_s=host_read, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
+        host_memory_bytes_per_s=host_read, d2h_bytes_per_s=d2h, h2d_curve=curve,
+        h2d_bytes_per_s=float(np.interp(np.log(DEFAULT_PAGE_BYTES),
+                                        np.log([c[0] for c in curve]), [c[1] for c in curve])),
         cpu_cores=os.cpu_count() or 1, link_latency_s=latency,
         device_is_host=on_host, gemm_intercept_s=intercept,
         gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,  # per row
-        cpu_attention_bytes_per_s=attn, device_op_overhead_s=overhead,
+        cpu_attention_bytes_per_s=attn, cpu_attention_call_s=attn_call,
+        device_op_overhead_s=0.0,
         source=f"moejax.schedule.calibrate() on {jax.devices()[0].device_kind}, "
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    overhead, scale = _executor_probe(m, spec, repeats)
+    curve = tuple((size, rate * scale) for size, rate in curve)
+    spec = spec.replace(device_op_overhead_s=overhead, h2d_curve=curve,
+                        h2d_bytes_per_s=spec.h2d_bytes_per_s * scale)
     if save:
         path = os.path.expanduser(path) if path else calibration_path()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         meta = dict(model=m.name, dtype=m.dtype, gemm_points=points, copy_bytes=copy_bytes,
-                    read_bytes=read_bytes, jax=jax.__version__,
+                    read_bytes=read_bytes, jax=jax.__version__, h2d_in_situ_scale=scale,
                     seconds=time.perf_counter() - start)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

@@ -40,9 +40,21 @@ def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0):
                       nbytes / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
 
 
+def h2d_rate(hw: HardwareSpec, transfer_bytes):
+    """B_h2d for transfers of `transfer_bytes` each: the calibrated `h2d_curve`
+    interpolated in log size where the spec has one (on the CPU testbed one big copy is
+    slower than cache-sized pages), else `h2d_bytes_per_s`."""
+    if hw.h2d_curve is None:
+        return hw.h2d_bytes_per_s
+    size, rate = np.array(hw.h2d_curve, dtype=float).T
+    x = np.log(np.maximum(np.asarray(transfer_bytes, dtype=float), 1.0))
+    return np.interp(x, np.log(size), rate)
+
+
 def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
-    """Host → device copy: transfers·latency + bytes / B_h2d."""
-    return transfers * hw.link_latency_s + nbytes / hw.h2d_bytes_per_s
+    """Host → device copy: transfers·latency + bytes / B_h2d(bytes per transfer)."""
+    per = np.asarray(nbytes, dtype=float) / np.maximum(transfers, 1)
+    return transfers * hw.link_latency_s + nbytes / h2d_rate(hw, per)
 
 
 def d2h_s(hw: HardwareSpec, nbytes, transfers=1):
@@ -101,15 +113,16 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
     return device_op_s(m, hw, flops, nbytes)
 
 
-def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0):
+def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
+              imbalance: float = 1.0):
     """The layer's FFN for `tokens` tokens. MoE layer: the rows the dispatch really
     computes (`layers/capacity.expected_rows`: E·C on the capacity path, ≈ N·k on the
-    sorted path) through SwiGLU, reading every expert's weights once (both paths touch
+    sorted path; `imbalance` as `Workload.expert_imbalance`) through SwiGLU, reading every expert's weights once (both paths touch
     all E experts); resident or streamed weights cost the same here, the stream is
     priced on the link. Dense layer: its MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
-        rows = expected_rows(tokens, m.top_k, m.num_experts)
+        rows = expected_rows(tokens, m.top_k, m.num_experts, imbalance)
         flops = rows * 2 * m.expert_params()
         nbytes = m.expert_bytes_per_layer() + rows * (2 * h + 3 * m.expert_ffn_size) * b
         return device_op_s(m, hw, flops, nbytes, calls=m.num_experts)
@@ -151,13 +164,25 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
     """CPU decode attention of `tokens` queries over `context_len` cached keys each,
     appending the new k, v (DESIGN.md §2 step 3).
 
-    time = max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes) / B_host):
-    B_attn is the calibrated kernel rate (or B_host); the last term is the MoE-Lens
+    time = t_call + max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes)
+    / B_host): t_call the calibrated fixed cost of one call, B_attn the calibrated
+    kernel rate (or B_host); the last term is the MoE-Lens
     contention B_mem ≥ B_kv + B_io, with `concurrent_host_bytes` the weight pages and
     activations the link moves through host memory while this attention runs."""
     flops = tokens * m.attention_core_flops(context_len)
     nbytes = kv_bytes(m, tokens * (context_len + 1), kv_bytes_per_elem) \
         + qkv_bytes(m, tokens) + attn_out_bytes(m, tokens)
     b_attn = hw.cpu_attention_bytes_per_s or hw.host_memory_bytes_per_s
-    return np.maximum(np.maximum(flops / hw.cpu_flops_per_s, nbytes / b_attn),
-                      (nbytes + concurrent_host_bytes) / hw.host_memory_bytes_per_s)
+    return hw.cpu_attention_call_s + np.maximum(
+        np.maximum(flops / hw.cpu_flops_per_s, nbytes / b_attn),
+        (nbytes + concurrent_host_bytes) / hw.host_memory_bytes_per_s)
+
+
+# ------------------------------------------------------------ shared host cores
+def core_demand(hw: HardwareSpec, resource: str) -> float:
+    """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
+    (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
+    attention pool's threads), a copy one (a memcpy). Concurrent ops share the cores:
+    while their demands add up to D > cores each runs at cores/D of its speed alone
+    (processor sharing; `simulate` applies it op by op, `predict` in steady state)."""
+    return 1.0 if resource in ("h2d", "d2h") else float(hw.cpu_cores)

@@ -170,6 +170,7 @@ class BatchRun:
         self.steps_run = 0
         self.x, self.qkv, self.host, self.o, self.nxt = {}, {}, {}, {}, {}
         self.new_kv = {}  # prefill k, v awaiting their copy to the host cache
+        self.router_counts: dict[int, list] = {}  # MoE layer -> [E] counts per call
         self.dev_cache = None
         if kv is None:
             shape = (ubs, cache_len, cfg.num_kv_heads, cfg.head_dim)
@@ -260,6 +261,8 @@ class BatchRun:
             lp = {**lp, "experts": self.w.wait(i)}
         o = self.o.pop((e.step, i, k))
         h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
+        if moe:  # read after the run: no sync here
+            self.router_counts.setdefault(i, []).append(counts)
         cap = None  # the sorted path needs no capacity, so no host sync either
         if ops.needs_capacity(cfg, moe, normed.shape[0]):
             cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
@@ -292,6 +295,22 @@ class BatchRun:
             self.on_step(step)
         if self.eos is not None and self.done.all():
             raise StopTimeline()
+
+    def expert_imbalance(self) -> float:
+        """The `Workload.expert_imbalance` this run's routing shows (padding rows
+        included): inverting `layers.capacity.expected_rows`' max count per call,
+        Σ_calls (max_c − σ_c·√(2 ln E)) / Σ_calls μ_c, μ_c the call's mean count per
+        expert; at least 1."""
+        from moejax.layers.capacity import max_count_noise
+
+        hot = mean = 0.0
+        for counts in self.router_counts.values():
+            for c in counts:
+                c = np.asarray(c)
+                mu = c.sum() / len(c)
+                hot += c.max() - max_count_noise(mu, self.cfg.top_k, len(c))
+                mean += mu
+        return max(float(hot / mean), 1.0) if mean else 1.0
 
     def tokens_out(self, n_rows: int) -> list[list[int]]:
         """New tokens of the first n_rows rows, cut after their first EOS."""

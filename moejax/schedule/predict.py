@@ -7,7 +7,8 @@ Composes the op prices of `costs.py` into layer, step and job times:
   work (pre-attention, post-attention + router, expert FFN) and n_ub CPU attentions.
   With `overlap` (CGOPipe steady state) it costs max(h2d, d2h, cpu, gpu); without, the
   sum. CPU attention shares host bandwidth with the link (`costs.cpu_attention_s`).
-  On `device_is_host` hardware (the local testbed) gpu and cpu work share cores and add.
+  On `device_is_host` hardware (the local testbed) all four share the host cores: the
+  layer also takes its core-seconds over the cores (`_combine`).
 * A decode step at context c sums its layers, plus the LM head and a pipeline fill (one
   micro-batch's latency, outside the steady state). Decode runs n − 1 steps at
   c = s+1 … s+n−1; prefill (whole prompts, attention on the device, new k/v copied to
@@ -140,11 +141,18 @@ def _layer_kinds(m: ModelConfig):
 
 
 def _combine(hw, overlap, h2d, d2h, gpu, cpu):
-    """Layer time from per-resource busy times: CGOPipe max, or the serial sum."""
+    """Layer time from per-resource busy times (alone): CGOPipe max, or the serial sum.
+    On `device_is_host` hardware every resource runs on the same host cores, so the
+    layer also needs its core-seconds over the cores (`costs.core_demand`):
+    max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + (h2d+d2h)/cores)."""
     if not overlap:
         return h2d + d2h + gpu + cpu
-    compute = gpu + cpu if hw.device_is_host else np.maximum(gpu, cpu)
-    return np.maximum(np.maximum(h2d, d2h), compute)
+    link = np.maximum(h2d, d2h)
+    if hw.device_is_host:
+        busy = dict(h2d=h2d, d2h=d2h, gpu=gpu, cpu=cpu)
+        shared = sum(costs.core_demand(hw, r) * t for r, t in busy.items()) / hw.cpu_cores
+        return np.maximum(link, shared)
+    return np.maximum(link, np.maximum(gpu, cpu))
 
 
 def _stream(m, hw, layer, wg, page_bytes):
@@ -161,7 +169,7 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
     kvb = wl.kv_bytes_per_elem
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
               + costs.gpu_post_attention_s(m, hw, ubs, layer)
-              + costs.gpu_ffn_s(m, hw, ubs, layer))
+              + costs.gpu_ffn_s(m, hw, ubs, layer, wl.expert_imbalance))
     h2d, io = _stream(m, hw, layer, wg, page_bytes)
     h2d_mb = d2h_mb = cpu_mb = 0.0
     if attention_device == "cpu":
@@ -187,7 +195,7 @@ def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, 
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
               + costs.gpu_prefill_attention_s(m, hw, ubs, s)
               + costs.gpu_post_attention_s(m, hw, tok, layer)
-              + costs.gpu_ffn_s(m, hw, tok, layer))
+              + costs.gpu_ffn_s(m, hw, tok, layer, wl.expert_imbalance))
     h2d, _ = _stream(m, hw, layer, wg, page_bytes)
     d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
               if kv_cache_device == "cpu" else 0.0)

@@ -4,11 +4,13 @@ Each entry costs what `moejax.schedule.costs` says its op costs (the same functi
 `predict()` composes). With `policy.overlap`, every resource runs its entries in list
 order, an entry starting at max(resource free, deps done); without it, the whole list
 runs serially. Where the "GPU" computes on the host cores (`hw.device_is_host`, the
-local testbed) gpu and cpu entries share one lane, as `predict()` assumes.
+local testbed) the four resources still run as the executor's four threads, but share
+the host cores (processor sharing, `costs.core_demand`), as `predict()` assumes.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +34,9 @@ def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
 
 
 def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
-          kv_bytes_per_elem: int | None = None) -> float:
-    """Seconds one entry takes on its resource."""
+          kv_bytes_per_elem: int | None = None, imbalance: float = 1.0) -> float:
+    """Seconds one entry takes on its resource alone (`imbalance`: the workload's
+    `expert_imbalance`)."""
     t, ctx = e.tokens, e.context
     if e.op == "page":
         return float(costs.h2d_s(hw, e.nbytes))
@@ -56,7 +59,7 @@ def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
         return float(costs.h2d_s(hw, costs.attn_out_bytes(m, t)))
     if e.op == "post_attn":
         return float(costs.gpu_post_attention_s(m, hw, t, e.layer)
-                     + costs.gpu_ffn_s(m, hw, t, e.layer))
+                     + costs.gpu_ffn_s(m, hw, t, e.layer, imbalance))
     if e.op == "head":
         return float(costs.gpu_lm_head_s(m, hw, t))
     raise ValueError(f"no price for op {e.op!r}")
@@ -79,23 +82,53 @@ class Simulation:
         return stage_seconds(entries, self.end_s, stage)
 
 
-def lane(resource: str, hw: HardwareSpec) -> str:
-    return "gpu" if hw.device_is_host and resource == "cpu" else resource
-
-
 def simulate(entries: list[Entry], m: ModelConfig, hw: HardwareSpec, policy: Policy,
-             kv_bytes_per_elem: int | None = None) -> Simulation:
-    n = len(entries)
-    start, end = np.zeros(n), np.zeros(n)
-    free = {r: 0.0 for r in RESOURCES}
+             kv_bytes_per_elem: int | None = None, imbalance: float = 1.0) -> Simulation:
+    dur = [price(e, m, hw, policy, kv_bytes_per_elem, imbalance) for e in entries]
+    start, end = np.zeros(len(entries)), np.zeros(len(entries))
+    if not policy.overlap:
+        t = 0.0
+        for e in entries:
+            start[e.id], end[e.id] = t, t + dur[e.id]
+            t = end[e.id]
+    elif hw.device_is_host:
+        _shared_cores(entries, dur, hw, start, end)
+    else:
+        free = {r: 0.0 for r in RESOURCES}
+        for e in entries:
+            s = max(max((end[i] for i in e.deps), default=0.0), free[e.resource])
+            start[e.id], end[e.id] = s, s + dur[e.id]
+            free[e.resource] = end[e.id]
     busy = {r: 0.0 for r in RESOURCES}
-    last_end = 0.0
     for e in entries:
-        d = price(e, m, hw, policy, kv_bytes_per_elem)
-        ready = max((end[i] for i in e.deps), default=0.0)
-        r = lane(e.resource, hw)
-        s = max(ready, free[r]) if policy.overlap else max(ready, last_end)
-        start[e.id], end[e.id] = s, s + d
-        free[r] = last_end = s + d if policy.overlap else s + d
-        busy[e.resource] += d
+        busy[e.resource] += dur[e.id]
     return Simulation(start, end, float(end.max(initial=0.0)), busy)
+
+
+def _shared_cores(entries, dur, hw: HardwareSpec, start, end):
+    """Event-driven processor sharing: each resource runs its entries in list order,
+    one at a time, an entry starting once its deps are done; the running entries (one
+    per resource) share the host cores, each at min(1, cores / Σ demand) of its speed
+    alone (`costs.core_demand`). Fills start/end in place."""
+    queues = {r: deque(e for e in entries if e.resource == r) for r in RESOURCES}
+    finished = np.zeros(len(entries), bool)
+    running: dict[str, list] = {}  # resource -> [entry, work left (s alone)]
+    t = 0.0
+    while True:
+        for r, q in queues.items():
+            if r not in running and q and all(finished[d] for d in q[0].deps):
+                e = q.popleft()
+                start[e.id] = t
+                running[r] = [e, dur[e.id]]
+        if not running:
+            break
+        rate = min(1.0, hw.cpu_cores / sum(costs.core_demand(hw, r) for r in running))
+        step = min(left for _, left in running.values())  # work of the first to finish
+        t += step / rate
+        for r in list(running):
+            running[r][1] -= step
+            if running[r][1] <= 1e-12:
+                e = running.pop(r)[0]
+                end[e.id], finished[e.id] = t, True
+    if not finished.all():
+        raise ValueError("timeline deadlocks: an entry waits on one that never runs")

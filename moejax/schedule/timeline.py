@@ -13,10 +13,13 @@ next step, so weight streaming runs across step boundaries as in steady state.
 CGOPipe order for pass p with micro-batches k = 0..n−1 (attention on the CPU):
   gpu: pre(p,0), pre(p,1), post(p,0), pre(p,2), post(p,1), …, post(p,n−1)
   d2h: qkv(p,0), …, qkv(p,n−1)          cpu: attn(p,0), …, attn(p,n−1)
-  h2d: pages(p+1, chunk 0), out(p,0), pages(p+1, chunk 1), out(p,1), …
+  h2d: pages(p+1, chunk 0), out(p,0), pages(p+1, chunk 1), out(p,1), …,
+       out(p,n−1), pages(p+1, chunk n−1)
 so while the CPU runs attention of micro-batch k the GPU runs post-attention of k−1 and
 pre-attention of k+1, and the link interleaves the next layer's weight pages with the
-attention outputs, which then wait behind at most one chunk of pages. Streamed pages of
+attention outputs, which then wait behind at most one chunk of pages. The last output
+goes before its chunk: the pass's last post-attention frees the slot the loads of pass
+p+2 wait for, so it must not wait behind pages (with one micro-batch, a whole layer). Streamed pages of
 pass p land in device slot p mod 2 (the double buffer); the first page of pass p+1 waits
 until every micro-batch of pass p−1 — the slot's previous user — is done.
 """
@@ -127,8 +130,12 @@ def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, co
 
     def post_attn(k):
         if stage == "decode" and cpu_attention:
-            chunks[k]()
+            last = k == n - 1  # its output first: the pass's last compute waits on it,
+            if not last:       # and pages behind it would stall the next slot's loads
+                chunks[k]()
             out[k] = b.add("h2d_attn", stage, step, layer, k, deps=(out[k],), **sizes)
+            if last:
+                chunks[k]()
         elif k == 0:
             for c in chunks:
                 c()

@@ -18,7 +18,9 @@ def test_presets():
                                      (dict(prompt_len=4, gen_len=4, num_sequences=0),
                                       "num_sequences=0"),
                                      (dict(prompt_len=4, gen_len=4, kv_bytes_per_elem=True),
-                                      "kv_bytes_per_elem=True")])
+                                      "kv_bytes_per_elem=True"),
+                                     (dict(prompt_len=4, gen_len=4, expert_imbalance=0.5),
+                                      "expert_imbalance=0.5")])
 def test_validation_names_bad_value(kw, bad):
     with pytest.raises(ValueError, match=bad):
         Workload(**kw)

@@ -45,13 +45,24 @@ def test_contention_slows_cpu_attention():
     assert cpu == pytest.approx((kv + io) / hw.host_memory_bytes_per_s)
 
 
-def test_device_is_host_adds_gpu_and_cpu():
-    hw = HW.replace(device_is_host=True)
+def test_device_is_host_shares_cores_between_compute_and_copies():
+    hw = HW.replace(device_is_host=True, cpu_cores=2)
     p = predict(M, hw, WL, POL)
     gpu = 3 * (costs.gpu_pre_attention_s(M, hw, 2) + costs.gpu_post_attention_s(M, hw, 2)
                + costs.gpu_ffn_s(M, hw, 2))
+    h2d = costs.h2d_s(hw, 288, transfers=3) + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
+    d2h = 3 * costs.d2h_s(hw, costs.qkv_bytes(M, 2))
     _, cpu = _layer_from_costs(hw, True)
-    assert p.decode_layer_s == pytest.approx(gpu + cpu)
+    # compute uses both cores, each copy one: core-seconds / 2 cores
+    assert p.decode_layer_s == pytest.approx(max(h2d, d2h, gpu + cpu + (h2d + d2h) / 2))
+
+
+def test_h2d_curve_prices_big_transfers_at_their_own_rate():
+    hw = HW.replace(h2d_curve=((1e3, 4e9), (1e5, 1e9)))
+    assert costs.h2d_s(hw, 1e3) == pytest.approx(hw.link_latency_s + 1e3 / 4e9)
+    assert costs.h2d_s(hw, 1e6) == pytest.approx(hw.link_latency_s + 1e6 / 1e9)  # flat
+    assert costs.h2d_s(hw, 2e5, transfers=200) == pytest.approx(2 + 2e5 / 4e9)
+    assert costs.h2d_rate(hw, 1e4) == pytest.approx(2.5e9)  # halfway in log size
 
 
 def test_totals_and_fields():

@@ -43,3 +43,23 @@ def test_serial_makespan_is_sum_of_prices():
     total = sum(price(e, get_model("tiny_mixtral"), HW, pol) for e in tl)
     assert sim.makespan_s == pytest.approx(total)
     assert sum(sim.busy_s.values()) == pytest.approx(total)
+
+
+@pytest.mark.parametrize("ubs,n_ub", [(64, 4), (16, 1)])
+def test_shared_cores_steady_state_agrees_with_predict(ubs, n_ub):
+    hw = HW.replace(device_is_host=True, cpu_cores=2, h2d_bytes_per_s=HW.h2d_bytes_per_s / 4)
+    pol = Policy.from_micro_batches(ubs, n_ub, gpu_weight_fraction=0.5)
+    tl = build_timeline(M, pol, prompt_len=77, decode_steps=4)
+    sim = simulate(tl, M, hw, pol)
+    pred = predict(M, hw, Workload(77, 5), pol)
+    assert sim.stage_s(tl, "decode") == pytest.approx(pred.decode_s, rel=0.15)
+
+
+def test_shared_cores_slow_concurrent_compute_and_copies():
+    """Two cores, a copy (1 core) next to compute (2 cores): each runs at 2/3 speed."""
+    pol = Policy.from_micro_batches(64, 1, gpu_weight_fraction=0.0)
+    tl = build_timeline(M, pol, prompt_len=77, decode_steps=1)
+    alone = simulate(tl, M, HW.replace(cpu_cores=2), pol)
+    shared = simulate(tl, M, HW.replace(cpu_cores=2, device_is_host=True), pol)
+    assert shared.makespan_s > alone.makespan_s
+    assert shared.busy_s == pytest.approx(alone.busy_s)

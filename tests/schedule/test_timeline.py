@@ -74,7 +74,15 @@ def test_activations_interleave_with_next_layer_pages():
     assert len(outs) == 3 and nxt
     assert nxt[0] < outs[0]  # the next layer's pages go first…
     assert any(outs[0] < i < outs[1] for i in nxt)  # …and between the outputs
-    assert nxt[-1] < outs[-1]  # …and are all issued within this layer
+    assert outs[-1] < nxt[-1]  # …the last output before the last chunk
+    assert all(e.layer == 1 for e in h2d[outs[-1] + 1:nxt[-1] + 1])  # within this layer
+
+
+def test_single_micro_batch_output_goes_before_the_next_layers_pages():
+    _, tl = _timeline(n_ub=1, steps=1)
+    h2d = [(e.op, e.layer) for e in tl if e.resource == "h2d" and e.stage == "decode"]
+    out = h2d.index(("h2d_attn", 0))
+    assert ("page", 1) in h2d and h2d.index(("page", 1)) > out
 
 
 @pytest.mark.parametrize("overlap", [True, False])
