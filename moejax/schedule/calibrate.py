@@ -32,6 +32,7 @@ import numpy as np
 
 from moejax.model_config.hardware import HardwareSpec, calibration_path
 from moejax.model_config.model import ModelConfig, get_model
+from moejax.schedule import costs
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
 
@@ -90,7 +91,6 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
     through a tiny call (4 rows over 16 keys) and a big one (`batch` rows over
     `context`), with bytes counted as `costs.cpu_attention_s` counts them."""
     from moejax.host_offload.kv_cache import HostKVCache
-    from moejax.schedule import costs
 
     points = []
     for b, c in ((4, 16), (batch, context)):
@@ -176,7 +176,6 @@ def _executor_probe(m: ModelConfig, spec: HardwareSpec, repeats: int):
     scale is priced / measured page time (the link as the store really drives it)."""
     import moejax
     from moejax.model import MoEModel
-    from moejax.schedule import costs
     from moejax.schedule.policy import Policy
 
     cfg = m.replace(name=f"{m.name}_probe", num_layers=2,
@@ -265,8 +264,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         gpu_memory_bytes=gpu_mem, gpu_memory_bytes_per_s=dev_read,
         cpu_flops_per_s=host_flops, host_memory_bytes=host_mem,
         host_memory_bytes_per_s=host_read, d2h_bytes_per_s=d2h, h2d_curve=curve,
-        h2d_bytes_per_s=float(np.interp(np.log(DEFAULT_PAGE_BYTES),
-                                        np.log([c[0] for c in curve]), [c[1] for c in curve])),
+        h2d_bytes_per_s=curve[0][1],  # set below: the curve's rate at the default page
         cpu_cores=os.cpu_count() or 1, link_latency_s=latency,
         device_is_host=on_host, gemm_intercept_s=intercept,
         gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,  # per row
@@ -276,8 +274,8 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     overhead, scale = _executor_probe(m, spec, repeats)
     curve = tuple((size, rate * scale) for size, rate in curve)
-    spec = spec.replace(device_op_overhead_s=overhead, h2d_curve=curve,
-                        h2d_bytes_per_s=spec.h2d_bytes_per_s * scale)
+    spec = spec.replace(device_op_overhead_s=overhead, h2d_curve=curve)
+    spec = spec.replace(h2d_bytes_per_s=float(costs.h2d_rate(spec, DEFAULT_PAGE_BYTES)))
     if save:
         path = os.path.expanduser(path) if path else calibration_path()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -130,12 +130,15 @@ def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, co
 
     def post_attn(k):
         if stage == "decode" and cpu_attention:
-            last = k == n - 1  # its output first: the pass's last compute waits on it,
-            if not last:       # and pages behind it would stall the next slot's loads
+            # the last output goes before its chunk (module docstring)
+            emit_out = lambda: b.add("h2d_attn", stage, step, layer, k, deps=(out[k],),
+                                     **sizes)
+            if k == n - 1:
+                out[k] = emit_out()
                 chunks[k]()
-            out[k] = b.add("h2d_attn", stage, step, layer, k, deps=(out[k],), **sizes)
-            if last:
+            else:
                 chunks[k]()
+                out[k] = emit_out()
         elif k == 0:
             for c in chunks:
                 c()
