@@ -182,7 +182,8 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 def core_demand(hw: HardwareSpec, resource: str) -> float:
     """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
     (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
-    attention pool's threads), a copy one (a memcpy). Concurrent ops share the cores:
+    attention pool's threads), a copy `hw.copy_core_demand` (a memcpy runs on one core
+    but contends for memory bandwidth; calibrated). Concurrent ops share the cores:
     while their demands add up to D > cores each runs at cores/D of its speed alone
     (processor sharing; `simulate` applies it op by op, `predict` in steady state)."""
-    return 1.0 if resource in ("h2d", "d2h") else float(hw.cpu_cores)
+    return float(hw.copy_core_demand) if resource in ("h2d", "d2h") else float(hw.cpu_cores)

@@ -144,7 +144,8 @@ def _combine(hw, overlap, h2d, d2h, gpu, cpu):
     """Layer time from per-resource busy times (alone): CGOPipe max, or the serial sum.
     On `device_is_host` hardware every resource runs on the same host cores, so the
     layer also needs its core-seconds over the cores (`costs.core_demand`):
-    max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + (h2d+d2h)/cores)."""
+    max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + c·(h2d+d2h)/cores),
+    c = `hw.copy_core_demand`."""
     if not overlap:
         return h2d + d2h + gpu + cpu
     link = np.maximum(h2d, d2h)

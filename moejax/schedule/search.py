@@ -4,7 +4,9 @@ memory budgets (DESIGN.md §4).
 Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, gpu)} — attention on the
 device over a host KV cache (streamed in each step) is priced by `predict` but not
 scheduled by the executor, so the search does not pick it;
-micro-batch sizes of MoE-Lightning's grid (1, 2, 3, 4, 36, 68, … in steps of 32);
+micro-batch sizes of MoE-Lightning's grid (1, 2, 3, 4, 36, 68, … in steps of 32) plus
+the powers of two and the whole batch cap, so a workload of 32 sequences can run as one
+micro-batch of 32 (`ubs_grid`);
 every feasible number of micro-batches (memory grows with both, so each loop stops at
 the first infeasible value). The inner problem over wg is exact: predicted time is
 non-increasing in wg (only the streamed bytes depend on it) and both memories are affine
@@ -91,13 +93,22 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
                       + "; ".join(parts))
 
 
+def ubs_grid(cap: int) -> list[int]:
+    """Micro-batch sizes the search tries, ascending, none above `cap`: MoE-Lightning's
+    grid (`hrm.ubs_candidates`), the powers of two, and `cap` itself."""
+    grid = {cap} | {1 << i for i in range(cap.bit_length()) if 1 << i <= cap}
+    for ubs in ubs_candidates():
+        if ubs > cap:
+            break
+        grid.add(ubs)
+    return sorted(grid)
+
+
 def _search_placement(model, hw, wl, placement, budgets, cap):
     """Best (tokens/s, ubs, n_ub, wg) for one placement, or None."""
     best = None
     steps = max(wl.gen_len - 1, 1)
-    for ubs in ubs_candidates():
-        if ubs > cap:
-            break
+    for ubs in ubs_grid(cap):
         feasible = lambda n: not np.isnan(_best_wg(model, hw, wl, ubs, n, placement, budgets))
         n_max = _max_feasible(feasible, cap // ubs)
         if n_max == 0:

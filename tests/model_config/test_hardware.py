@@ -33,6 +33,8 @@ def test_validation_and_dtype_rates():
     l4 = get_hardware("l4")
     with pytest.raises(ValueError, match="h2d_bytes_per_s=-1"):
         l4.replace(h2d_bytes_per_s=-1)
+    with pytest.raises(ValueError, match="copy_core_demand=0"):
+        l4.replace(copy_core_demand=0)
     with pytest.raises(ValueError, match="together"):
         l4.replace(gemm_flops_per_s=1e12)
     assert l4.gpu_flops_per_s("float32") == l4.gpu_fp32_flops_per_s

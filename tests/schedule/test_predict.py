@@ -55,6 +55,9 @@ def test_device_is_host_shares_cores_between_compute_and_copies():
     _, cpu = _layer_from_costs(hw, True)
     # compute uses both cores, each copy one: core-seconds / 2 cores
     assert p.decode_layer_s == pytest.approx(max(h2d, d2h, gpu + cpu + (h2d + d2h) / 2))
+    # a copy that takes both cores' worth from compute: the layer is the serial sum
+    busy = predict(M, hw.replace(copy_core_demand=2.0), WL, POL)
+    assert busy.decode_layer_s == pytest.approx(max(h2d, d2h, gpu + cpu + h2d + d2h))
 
 
 def test_h2d_curve_prices_big_transfers_at_their_own_rate():

@@ -9,6 +9,7 @@ from moejax.model_config.model import get_model, model_names
 from moejax.model_config.workload import Workload
 from moejax.schedule import Policy, predict, search_policy
 from moejax.schedule.hrm import ubs_candidates
+from moejax.schedule.search import ubs_grid
 from moejax.schedule.predict import memory_budgets, memory_bytes
 from tests.schedule.hand import HW as HAND_HW
 from tests.schedule.hand import M
@@ -79,9 +80,8 @@ def test_optimal_over_brute_force_grid():
     wl, budget = Workload(3, 4, num_sequences=40), 9000
     policy, pred = search_policy(M, HW, wl, device_memory_bytes=budget)
     dev_cap, host_cap = memory_budgets(HW, budget)
-    ubs_grid = list(itertools.takewhile(lambda u: u <= 40, ubs_candidates()))
     for ubs, n_ub, wg, (a, k) in itertools.product(
-            ubs_grid, range(1, 41), (0.0, 0.3, 0.6, 1.0),
+            ubs_grid(40), range(1, 41), (0.0, 0.3, 0.6, 1.0),
             (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))):
         if ubs * n_ub > 40:
             continue
@@ -91,6 +91,12 @@ def test_optimal_over_brute_force_grid():
         p = Policy.from_micro_batches(ubs, n_ub, gpu_weight_fraction=wg,
                                       attention_device=a, kv_cache_device=k)
         assert predict(M, HW, wl, p).tokens_per_s <= pred.tokens_per_s * (1 + 1e-9)
+
+
+def test_ubs_grid_adds_powers_of_two_and_the_cap():
+    assert ubs_grid(40) == [1, 2, 3, 4, 8, 16, 32, 36, 40]
+    assert ubs_grid(1) == [1]
+    assert set(itertools.takewhile(lambda u: u <= 500, ubs_candidates())) <= set(ubs_grid(500))
 
 
 def test_infeasible_names_the_short_memory():

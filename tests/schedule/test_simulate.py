@@ -63,3 +63,11 @@ def test_shared_cores_slow_concurrent_compute_and_copies():
     shared = simulate(tl, M, HW.replace(cpu_cores=2, device_is_host=True), pol)
     assert shared.makespan_s > alone.makespan_s
     assert shared.busy_s == pytest.approx(alone.busy_s)
+
+
+def test_copies_that_take_more_cores_slow_the_timeline():
+    pol = Policy.from_micro_batches(64, 2, gpu_weight_fraction=0.0)
+    tl = build_timeline(M, pol, prompt_len=77, decode_steps=1)
+    hw = HW.replace(cpu_cores=2, device_is_host=True)
+    light, heavy = (simulate(tl, M, hw.replace(copy_core_demand=d), pol) for d in (1.0, 3.0))
+    assert heavy.makespan_s > light.makespan_s
