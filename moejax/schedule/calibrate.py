@@ -50,6 +50,30 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _random_experts(m: ModelConfig, seed: int):
+    """(w1, w3, w2, key): one layer's E random experts on the default device, and a key
+    for the inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    w1 = (jax.random.normal(keys[0], (e, h, f)) * h**-0.5).astype(dt)
+    w3 = (jax.random.normal(keys[1], (e, h, f)) * h**-0.5).astype(dt)
+    w2 = (jax.random.normal(keys[2], (e, f, h)) * f**-0.5).astype(dt)
+    return w1, w3, w2, keys[3]
+
+
+def _pinned_sharding(dev):
+    """The device's pinned_host sharding, or None where the backend has no such kind."""
+    from jax.sharding import SingleDeviceSharding
+
+    try:
+        return SingleDeviceSharding(dev, memory_kind="pinned_host")
+    except Exception:
+        return None
+
+
 def _gemm_line(m: ModelConfig, token_counts, repeats):
     """Expert FFN time vs rows on the default device, measured with the dispatch that
     runs (`layers.experts.moe_ffn`, all E experts of one layer): each count t is spread
@@ -63,15 +87,12 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
     from moejax.layers.experts import moe_ffn
 
     h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    w1 = (jax.random.normal(keys[0], (e, h, f)) * h**-0.5).astype(dt)
-    w3 = (jax.random.normal(keys[1], (e, h, f)) * h**-0.5).astype(dt)
-    w2 = (jax.random.normal(keys[2], (e, f, h)) * f**-0.5).astype(dt)
+    w1, w3, w2, key = _random_experts(m, 0)
     run = jax.jit(moe_ffn, static_argnames="capacity")
     points = []
     for t in token_counts:
         n = t * e  # one choice per token, t rows for every expert
-        x = jax.random.normal(keys[3], (n, h)).astype(dt)
+        x = jax.random.normal(key, (n, h)).astype(dt)
         ids = (jnp.arange(n, dtype=jnp.int32) % e)[:, None]
         wts = jnp.ones((n, 1), jnp.float32)
         cap = t if t < SORTED_MIN_ROWS_PER_EXPERT else None
@@ -127,10 +148,7 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=None):
 
     dev = jax.devices()[0]
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
-    try:
-        pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
-    except Exception:  # no pinned_host memory kind: stream from NumPy
-        pinned = None
+    pinned = _pinned_sharding(dev)  # None: stream from NumPy
     sizes = sizes or (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
     host = np.ones(max(copy_bytes, max(sizes)) // 4, np.float32)
     curve = []
@@ -190,21 +208,17 @@ def _copy_core_demand(m: ModelConfig, repeats: int, pages: int = 192) -> float:
     from moejax.host_offload.weight_store import _write
     from moejax.layers.experts import moe_ffn
 
-    h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
-    keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    w1, w3 = (jax.random.normal(k, (e, h, f)).astype(dt) * h**-0.5 for k in keys[:2])
-    w2 = jax.random.normal(keys[2], (e, f, h)).astype(dt) * f**-0.5
-    x = jax.random.normal(keys[3], (4 * e, h)).astype(dt)
+    h, e, dt = m.hidden_size, m.num_experts, jnp.dtype(m.dtype)
+    w1, w3, w2, key = _random_experts(m, 1)
+    x = jax.random.normal(key, (4 * e, h)).astype(dt)
     ids = (jnp.arange(4 * e, dtype=jnp.int32) % e)[:, None]
     wts = jnp.ones((4 * e, 1), jnp.float32)
     ffn = jax.jit(moe_ffn, static_argnames="capacity")
     dev = jax.devices()[0]
     page, ring = DEFAULT_PAGE_BYTES // 16, 8  # float32 elements of a 4 MiB page; slots
-    try:
-        src = jax.device_put(np.ones(page, np.float32), SingleDeviceSharding(
-            dev, memory_kind="pinned_host"))
-    except Exception:  # no pinned_host memory kind: stream from NumPy
-        src = np.ones(page, np.float32)
+    src, pinned = np.ones(page, np.float32), _pinned_sharding(dev)
+    if pinned is not None:  # else stream from NumPy
+        src = jax.device_put(src, pinned)
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
     slot = jnp.zeros(page * ring, np.float32, device=dev)
 

@@ -96,7 +96,7 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
 def ubs_grid(cap: int) -> list[int]:
     """Micro-batch sizes the search tries, ascending, none above `cap`: MoE-Lightning's
     grid (`hrm.ubs_candidates`), the powers of two, and `cap` itself."""
-    grid = {cap} | {1 << i for i in range(cap.bit_length()) if 1 << i <= cap}
+    grid = {cap} | {1 << i for i in range(cap.bit_length())}
     for ubs in ubs_candidates():
         if ubs > cap:
             break
