@@ -34,6 +34,8 @@ flags.DEFINE_float("device_memory_gb", None, "emulated device memory, GB (defaul
 flags.DEFINE_string("output_json", "experiments/results/ablations_cpu.json", "JSON path")
 flags.DEFINE_string("output_png", "experiments/results/ablations_cpu.png", "PNG path")
 flags.DEFINE_bool("quick", False, "only the overlap and attention rows")
+flags.DEFINE_integer("repeats", 3, "timed runs per row (median reported): one run of a "
+                     "row varies by ~10 % on a shared 2-core machine", lower_bound=1)
 
 
 def rows(base, page_layer: int):
@@ -123,7 +125,9 @@ def main(argv):
         except ValueError as e:
             print(f"{name:34s} skipped: {e}")
             continue
-        wall = measure(engine, prompts, FLAGS.gen_len)
+        walls = [measure(engine, prompts, FLAGS.gen_len, warm=k == 0)
+                 for k in range(FLAGS.repeats)]
+        wall = float(np.median(walls))
         measured = pol.batch_size * FLAGS.gen_len / wall
         if not results:  # the routing of these prompts, measured once on the base run
             wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
@@ -132,6 +136,8 @@ def main(argv):
         pred = predict(cfg, hw, wl, pol)  # wg as the store rounded it to whole pages
         err = (pred.tokens_per_s - measured) / measured
         results.append(dict(name=name, policy=policy_dict(pol), measured_tokens_per_s=measured,
+                            measured_runs_tokens_per_s=[pol.batch_size * FLAGS.gen_len / w
+                                                        for w in walls],
                             predicted_tokens_per_s=pred.tokens_per_s, error=err,
                             limit_tokens_per_s=pred.limit_tokens_per_s,
                             prefill_s=engine.last_run.prefill_s,

@@ -122,10 +122,12 @@ def gantt(run, cfg, hw, path: str, decode_steps: int = 2):
 
 
 
-def measure(engine, prompts, gen_len: int, label: str | None = None) -> float:
-    """Wall seconds of one timed `generate`, after an untimed one that compiles the
-    shapes of the timed run (same micro-batch, a few decode steps)."""
-    engine.generate(prompts, min(gen_len, 3))
+def measure(engine, prompts, gen_len: int, label: str | None = None,
+            warm: bool = True) -> float:
+    """Wall seconds of one timed `generate`, after (with `warm`) an untimed one that
+    compiles the shapes of the timed run (same micro-batch, a few decode steps)."""
+    if warm:
+        engine.generate(prompts, min(gen_len, 3))
     t0 = time.perf_counter()
     engine.generate(prompts, gen_len, progress=Progress(label) if label else None)
     return time.perf_counter() - t0

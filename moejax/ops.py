@@ -31,6 +31,13 @@ def head(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
     return MoETransformer(cfg).apply({"params": params}, x, method="head")
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def next_tokens(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """x [B, T, h] -> greedy next token ids [B] int32 of the last position: final norm,
+    LM head and argmax as one device op."""
+    return jnp.argmax(head(cfg, params, x[:, -1:])[:, 0], axis=-1).astype(jnp.int32)
+
+
 @partial(jax.jit, static_argnames=("cfg", "moe"))
 def pre_attention(cfg, moe, lp, x, positions):
     """x [B, T, h] -> q [B, T, Hq, d], k, v [B, T, Hkv, d]."""

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.layers.capacity import sorted_blocks  # noqa: F401 (re-export)
+
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
     """Batched over experts: x [E, C, h] -> [E, C, h]."""
@@ -47,18 +49,6 @@ def dispatch_slots(ids: jax.Array, num_experts: int, capacity: int) -> jax.Array
 def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
     """Tokens routed to each expert: ids [N, k] -> [E] int32."""
     return jnp.sum(jax.nn.one_hot(ids.reshape(-1), num_experts, dtype=jnp.int32), axis=0)
-
-
-def sorted_blocks(rows_per_expert: float) -> tuple[int, int]:
-    """(big, small) row-block sizes of the sorted path for a mean of `rows_per_expert`
-    rows per expert: an expert's rows run as ⌊count/big⌋ blocks of `big`, then the rest
-    in blocks of `small` (padding < small rows per expert). Big blocks keep the GEMM at
-    full speed; 512 + 64 measured best at ~1024 rows per expert (256 + 64, 256 + 128 and
-    1024 + 128 were 2-4 % slower)."""
-    big = 8
-    while big < 512 and 2 * big <= rows_per_expert:
-        big *= 2
-    return big, max(8, min(64, big // 4))
 
 
 def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None = None

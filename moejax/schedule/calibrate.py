@@ -11,11 +11,13 @@ host → device and device → pinned host, host memory is NumPy. Measured:
   ≥ 1 GB by default), d2h bandwidth and the latency of a tiny transfer — each alone: on
   the testbed the model itself shares the cores between copies and compute;
 * where the device is the host's own CPU, the cores a page copy takes from compute
-  running beside it (`copy_core_demand`: a decode FFN and page copies alone, then
-  together);
-* in situ, from a short serial run of the real engine on a 2-layer copy of the model:
+  running beside it, in decode and in prefill (`copy_core_demand`,
+  `prefill_copy_core_demand`: fitted so that the simulator times a short overlapped
+  run of the real engine as it ran);
+* in situ, from short serial runs of the real engine on a 2-layer copy of the model:
   the fixed cost of one device op as the executor sees it (`device_op_overhead_s`) and
-  the rate the weight store really gets from the link (scales the `h2d_curve`);
+  the rate the weight store really gets from the link at each page size (the
+  `h2d_curve`; the standalone copies' curve is kept in the cache's meta);
 * CPU decode attention through `HostKVCache.decode_host` → a fixed cost per call and
   `cpu_attention_bytes_per_s`; host matmul FLOP/s (NumPy, or the device GEMM rate when
   the device is the host's own CPU) → `cpu_flops_per_s`.
@@ -135,7 +137,10 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
     return max(t0 - b0 / rate, 0.0), float(rate)
 
 
-def _h2d_curve(copy_bytes: int, repeats: int, sizes=None):
+H2D_SIZES = (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
+
+
+def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
     """((transfer bytes, bytes/s), …): pages of each size streamed as the weight store
     streams them (a `device_put` from pinned host memory written into a preallocated
     device slot), `copy_bytes` in all per size, measured alone (`predict` and `simulate`
@@ -144,12 +149,10 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=None):
     from jax.sharding import SingleDeviceSharding
 
     from moejax.host_offload.weight_store import _write
-    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
     dev = jax.devices()[0]
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
     pinned = _pinned_sharding(dev)  # None: stream from NumPy
-    sizes = sizes or (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
     host = np.ones(max(copy_bytes, max(sizes)) // 4, np.float32)
     curve = []
     for size in sorted({min(int(s), host.nbytes) // 4 * 4 for s in sizes}):
@@ -169,8 +172,17 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=None):
     return tuple(curve)
 
 
+def _latency(repeats: int) -> float:
+    """Seconds of a tiny (4 KiB) `jax.device_put` to the default device."""
+    import jax
+
+    tiny = np.ones(1024, np.float32)
+    dev = jax.devices()[0]
+    return _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
+
+
 def _link(copy_bytes: int, repeats: int):
-    """(h2d curve, d2h bytes/s, latency s) of jax.device_put to/from the default device."""
+    """(h2d curve, d2h bytes/s) of jax.device_put to/from the default device, alone."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -183,101 +195,105 @@ def _link(copy_bytes: int, repeats: int):
         d2h_fn()
     except Exception:  # backends without a pinned_host memory kind
         d2h_fn = lambda: np.array(x, copy=True)
-    d2h = copy_bytes / _median_s(d2h_fn, repeats)
-    tiny = np.ones(1024, np.float32)
-    lat = _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
-    return curve, d2h, lat
+    return curve, copy_bytes / _median_s(d2h_fn, repeats)
 
 
-def _copy_core_demand(m: ModelConfig, repeats: int, pages: int = 192) -> float:
-    """Host cores one page copy takes from device compute beside it, where the device is
-    the host's CPU (`costs.core_demand`): a memcpy runs on one core but contends for
-    memory bandwidth, so it can cost compute more. A decode-sized expert FFN (`moe_ffn`,
-    4 rows per expert) runs alone for t_g, `pages` 4 MiB pages stream alone (the store's
-    write path) for t_c, then both at once (the copies on a thread, as the executor's
-    h2d lane) for a makespan t_b. With compute demanding every core C and a copy d,
-    processor sharing gives t_b = t_g + t_c·d/C, so d = C·(t_b − t_g)/t_c; t_g ≈ 3·t_c,
-    so the copy overlaps compute throughout. Median of 3·`repeats` alternating trials
-    (the machine's memory bandwidth varies; one trial can be off by 50 %)."""
-    import threading
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
-
-    from moejax.host_offload.weight_store import _write
-    from moejax.layers.experts import moe_ffn
-
-    h, e, dt = m.hidden_size, m.num_experts, jnp.dtype(m.dtype)
-    w1, w3, w2, key = _random_experts(m, 1)
-    x = jax.random.normal(key, (4 * e, h)).astype(dt)
-    ids = (jnp.arange(4 * e, dtype=jnp.int32) % e)[:, None]
-    wts = jnp.ones((4 * e, 1), jnp.float32)
-    ffn = jax.jit(moe_ffn, static_argnames="capacity")
-    dev = jax.devices()[0]
-    page, ring = DEFAULT_PAGE_BYTES // 16, 8  # float32 elements of a 4 MiB page; slots
-    src, pinned = np.ones(page, np.float32), _pinned_sharding(dev)
-    if pinned is not None:  # else stream from NumPy
-        src = jax.device_put(src, pinned)
-    on_dev = SingleDeviceSharding(dev, memory_kind="device")
-    slot = jnp.zeros(page * ring, np.float32, device=dev)
-
-    def copies():
-        nonlocal slot
-        for k in range(pages):
-            slot = _write(slot, jax.device_put(src, on_dev), np.int32(k % ring * page))
-        slot.block_until_ready()
-
-    one = _median_s(lambda: ffn(x, wts, ids, w1, w3, w2, capacity=4).block_until_ready(),
-                    repeats)
-    reps = max(3, int(np.ceil(3 * _median_s(copies, repeats) / one)))
-
-    def compute():
-        for _ in range(reps):
-            ffn(x, wts, ids, w1, w3, w2, capacity=4).block_until_ready()
-
-    def together():
-        th = threading.Thread(target=copies)
-        th.start()
-        compute()
-        th.join()
-    cores, demands = os.cpu_count() or 1, []
-    for _ in range(3 * repeats):
-        t_g, t_c, t_b = (_median_s(fn, 1) for fn in (compute, copies, together))
-        demands.append(cores * (t_b - t_g) / t_c)
-    return float(np.clip(statistics.median(demands), 0.1, 2 * cores))
+def _probe_config(m: ModelConfig) -> ModelConfig:
+    """A 2-layer copy of `m` for the in-situ runs of the real engine."""
+    return m.replace(name=f"{m.name}_probe", num_layers=2,
+                     dense_layers=tuple(i for i in m.dense_layers if i < 2))
 
 
-def _executor_probe(m: ModelConfig, spec: HardwareSpec, repeats: int):
-    """In situ: (device op overhead s, h2d rate scale) from a short serial run of the
-    real engine on a 2-layer, random-weight copy of `m` streaming every expert in
-    4 MiB pages. The overhead is what a decode pre-attention takes beyond its roofline
-    price (Python dispatch, parameter plumbing, the block the executor waits on); the
-    scale is priced / measured page time (the link as the store really drives it)."""
+def _overlapped_runs(m: ModelConfig, repeats: int):
+    """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on a 2-layer
+    random copy of `m`: every expert streamed in `COPY_DEMAND_PAGE_BYTES` pages, 32
+    sequences of 32 tokens in one micro-batch, 8 new tokens, attention on the CPU."""
     import moejax
     from moejax.model import MoEModel
     from moejax.schedule.policy import Policy
 
-    cfg = m.replace(name=f"{m.name}_probe", num_layers=2,
-                    dense_layers=tuple(i for i in m.dense_layers if i < 2))
-    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0, attention_device="cpu",
-                                    kv_cache_device="cpu", page_bytes=DEFAULT_PAGE_BYTES // 4,
-                                    overlap=False)
+    pol = Policy.from_micro_batches(32, 1, gpu_weight_fraction=0.0, attention_device="cpu",
+                                    kv_cache_device="cpu",
+                                    page_bytes=costs.COPY_DEMAND_PAGE_BYTES, overlap=True)
+    cfg = _probe_config(m)
     engine = moejax.Engine(MoEModel.random(cfg, seed=0), policy=pol)
-    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16)).tolist()
-    over, paged, priced = [], 0.0, 0.0
+    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (32, 32)).tolist()
+    runs = []
     for i in range(repeats + 1):  # the first run compiles
-        engine.generate(prompts, 4)
-        run = engine.last_run
-        if i == 0:
-            continue
-        dur = run.trace.end_s - run.trace.start_s
-        for e in run.entries:
-            if e.op == "pre_attn" and e.stage == "decode":
-                over.append(dur[e.id] - costs.gpu_pre_attention_s(cfg, spec, e.tokens))
-            elif e.op == "page":
-                paged, priced = paged + dur[e.id], priced + costs.h2d_s(spec, e.nbytes)
-    return max(float(np.median(over)), 0.0), float(priced / paged)
+        engine.generate(prompts, 8)
+        runs += [engine.last_run] if i else []
+    return runs
+
+
+def _copy_core_demands(m: ModelConfig, spec: HardwareSpec, runs):
+    """(decode, prefill) `copy_core_demand` where the device is the host's CPU: the
+    host cores one page copy takes from compute beside it (`costs.core_demand`). A
+    memcpy runs on one core but contends for memory bandwidth and cache, so it can
+    cost compute more than a core. For each of the `_overlapped_runs`, each stage's
+    demand is the one with which `simulate` of that run's timeline takes as long as the
+    stage did (bisection: the simulated time grows with the demand), clipped to
+    [0.1, 2·cores]; medians over the runs. On the 2-core testbed: ~1.5-2 in decode,
+    ~2.5-3.5 in prefill (a streaming copy evicts the GEMMs' cache tiles) — and ~4 when
+    the runs come after the calibration's 1 GB buffers, so they run first."""
+    from moejax.schedule.simulate import simulate
+
+    cfg = _probe_config(m)
+
+    def fit(run, stage):
+        lo, hi = 0.1, 2.0 * spec.cpu_cores
+        for _ in range(20):
+            d = (lo + hi) / 2
+            sim = simulate(run.entries, cfg, spec.replace(
+                copy_core_demand=d, prefill_copy_core_demand=d), run.policy,
+                imbalance=run.expert_imbalance)
+            lo, hi = (d, hi) if sim.stage_s(run.entries, stage) < getattr(
+                run, f"{stage}_s") else (lo, d)
+        return (lo + hi) / 2
+    return tuple(float(np.median([fit(r, stage) for r in runs]))
+                 for stage in ("decode", "prefill"))
+
+
+def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
+    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve) from short serial
+    runs of the real engine on a 2-layer, random-weight copy of `m` streaming every
+    expert in pages of each of `sizes` bytes. The pre-attentions (first size's runs)
+    give the fixed cost of one device op beyond its roofline price (Python dispatch,
+    parameter plumbing, the block the executor waits on); the curve is the rate the
+    weight store really gets per page size, r = bytes / (time − pages·latency) over
+    that size's full pages (all pages where a tensor is smaller). Standalone copies of
+    64 MiB read 1.6× faster than the store's, or 3.5× slower when measured after them
+    (fresh big buffers fault their pages in), so this runs before any big buffer."""
+    import moejax
+    from moejax.model import MoEModel
+    from moejax.schedule.policy import Policy
+
+    cfg = _probe_config(m)
+    model = MoEModel.random(cfg, seed=0)
+    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16)).tolist()
+    pre, curve = [], []
+    for size in sizes:
+        pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0,
+                                        attention_device="cpu", kv_cache_device="cpu",
+                                        page_bytes=int(size), overlap=False)
+        engine = moejax.Engine(model, policy=pol)
+        pages = []
+        for i in range(repeats + 1):  # the first run compiles
+            engine.generate(prompts, 4)
+            run = engine.last_run
+            if i == 0:
+                continue
+            dur = run.trace.end_s - run.trace.start_s
+            for e in run.entries:
+                if e.op == "pre_attn" and e.stage == "decode" and not curve:
+                    pre.append((e.tokens, dur[e.id]))
+                elif e.op == "page":
+                    pages.append((e.nbytes, dur[e.id]))
+        del engine
+        full = [p for p in pages if p[0] == size] or pages
+        nbytes, sec = (float(sum(x)) for x in zip(*full))
+        curve.append((float(size),
+                      nbytes / max(sec - len(full) * latency_s, 0.5 * sec)))
+    return pre, tuple(curve)
 
 
 def _read_rates(read_bytes: int, repeats: int):
@@ -331,13 +347,15 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
 
     start = time.perf_counter()
     on_host = jax.default_backend() == "cpu"
-    # first: measured after the 1 GB buffers below, it read 3.2-4 cores instead of
-    # 1.8-3 (cause not found; the engines' runs match the lower figures better)
-    copy_demand = _copy_core_demand(m, repeats, min(
-        192, max(16, copy_bytes // (DEFAULT_PAGE_BYTES // 4)))) if on_host else 1.0
+    sizes = [min(s, copy_bytes) // 4 * 4 for s in H2D_SIZES]
+    latency = _latency(repeats)
+    # the engine's runs first: after the big buffers below, big copies run 3.5× faster
+    # and copies contend with compute twice as much (process state, not the machine)
+    pre_attn, curve = _executor_probe(m, sorted(set(sizes)), latency, repeats)
+    runs = _overlapped_runs(m, repeats) if on_host else []
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
-    curve, d2h, latency = _link(copy_bytes, repeats)
+    alone, d2h = _link(copy_bytes, repeats)
     attn_call, attn = _cpu_attention_line(m, attention_batch, attention_context, repeats)
     gpu_mem, host_mem = _memory_sizes()
     host_flops = _host_flops(repeats)
@@ -353,18 +371,22 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         device_is_host=on_host, gemm_intercept_s=intercept,
         gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,  # per row
         cpu_attention_bytes_per_s=attn, cpu_attention_call_s=attn_call,
-        device_op_overhead_s=0.0, copy_core_demand=copy_demand,
+        device_op_overhead_s=0.0,
         source=f"moejax.schedule.calibrate() on {jax.devices()[0].device_kind}, "
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    overhead, scale = _executor_probe(m, spec, repeats)
-    curve = tuple((size, rate * scale) for size, rate in curve)
-    spec = spec.replace(device_op_overhead_s=overhead, h2d_curve=curve)
+    overhead = max(float(np.median([t - costs.gpu_pre_attention_s(m, spec, n)
+                                    for n, t in pre_attn])), 0.0)
+    spec = spec.replace(device_op_overhead_s=overhead)
     spec = spec.replace(h2d_bytes_per_s=float(costs.h2d_rate(spec, DEFAULT_PAGE_BYTES)))
+    if on_host:
+        decode_demand, prefill_demand = _copy_core_demands(m, spec, runs)
+        spec = spec.replace(copy_core_demand=decode_demand,
+                            prefill_copy_core_demand=prefill_demand)
     if save:
         path = os.path.expanduser(path) if path else calibration_path()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         meta = dict(model=m.name, dtype=m.dtype, gemm_points=points, copy_bytes=copy_bytes,
-                    read_bytes=read_bytes, jax=jax.__version__, h2d_in_situ_scale=scale,
+                    read_bytes=read_bytes, jax=jax.__version__, h2d_curve_alone=alone,
                     seconds=time.perf_counter() - start)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

@@ -15,28 +15,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.layers.capacity import expected_rows
+from moejax.layers.capacity import expected_work
 from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 
 LOGITS_BYTES = 4  # LM-head logits are kept in float32
+COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # page size `calibrate` measures copy_core_demand at
 
 
 # ------------------------------------------------------------------ generic roofs
-def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0):
+def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_bytes=0):
     """Device time of `flops` of GEMM work: the calibrated line
     `calls·gemm_intercept_s + flops / gemm_flops_per_s` where the spec has one, else
     `flops / P_gpu(dtype)`. The intercept was fitted on one expert FFN of the
-    calibration model, so only expert FFN calls (`calls` = experts run) pay it."""
+    calibration model: reading that expert's weights. Expert FFN calls (`calls` =
+    experts or row blocks run) pay it whole; another GEMM pays it per byte of the
+    `weight_bytes` it reads (the LM head, the QKV and output projections)."""
     if hw.gemm_flops_per_s is not None:
-        return calls * hw.gemm_intercept_s + flops / hw.gemm_flops_per_s
+        per_byte = (hw.gemm_intercept_s or 0.0) / m.expert_bytes()
+        return (calls * hw.gemm_intercept_s + weight_bytes * per_byte
+                + flops / hw.gemm_flops_per_s)
     return flops / hw.gpu_flops_per_s(m.dtype)
 
 
-def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0):
+def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0, weight_bytes=0):
     """Roofline of one device op: max(compute, bytes / B_gpu), plus the calibrated fixed
     cost of issuing and finishing one op (`device_op_overhead_s`)."""
-    return np.maximum(device_compute_s(m, hw, flops, calls),
+    return np.maximum(device_compute_s(m, hw, flops, calls, weight_bytes),
                       nbytes / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
 
 
@@ -99,9 +104,9 @@ def gpu_pre_attention_s(m: ModelConfig, hw: HardwareSpec, tokens):
     """RMSNorm + QKV projection + rotary for `tokens` tokens of one layer."""
     qkv_cols = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
     flops = 2 * tokens * m.hidden_size * qkv_cols
-    nbytes = (m.hidden_size * qkv_cols + tokens * (m.hidden_size + qkv_cols)) \
-        * m.bytes_per_param
-    return device_op_s(m, hw, flops, nbytes)
+    weights = m.hidden_size * qkv_cols * m.bytes_per_param
+    nbytes = weights + tokens * (m.hidden_size + qkv_cols) * m.bytes_per_param
+    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
 
 
 def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0):
@@ -109,23 +114,26 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
     h, o_in = m.hidden_size, m.num_heads * m.head_dim
     router = m.num_experts if m.is_moe_layer(layer) else 0
     flops = 2 * tokens * h * (o_in + router)
-    nbytes = (h * (o_in + router) + tokens * (o_in + 3 * h)) * m.bytes_per_param
-    return device_op_s(m, hw, flops, nbytes)
+    weights = h * (o_in + router) * m.bytes_per_param
+    nbytes = weights + tokens * (o_in + 3 * h) * m.bytes_per_param
+    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """The layer's FFN for `tokens` tokens. MoE layer: the rows the dispatch really
-    computes (`layers/capacity.expected_rows`: E·C on the capacity path, ≈ N·k on the
-    sorted path; `imbalance` as `Workload.expert_imbalance`) through SwiGLU, reading every expert's weights once (both paths touch
-    all E experts); resident or streamed weights cost the same here, the stream is
-    priced on the link. Dense layer: its MLP."""
+    """The layer's FFN for `tokens` tokens. MoE layer: the rows and GEMM calls the
+    dispatch really runs (`layers/capacity.expected_work`: E·C rows in E calls on the
+    capacity path; ≈ N·k rows plus block padding, one call per row block, on the sorted
+    path; `imbalance` as `Workload.expert_imbalance`) through SwiGLU, each call paying
+    the GEMM line's intercept (a read of its expert's weights); resident or streamed
+    weights cost the same here, the stream is priced on the link. Dense layer: its
+    MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
-        rows = expected_rows(tokens, m.top_k, m.num_experts, imbalance)
+        rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
         flops = rows * 2 * m.expert_params()
         nbytes = m.expert_bytes_per_layer() + rows * (2 * h + 3 * m.expert_ffn_size) * b
-        return device_op_s(m, hw, flops, nbytes, calls=m.num_experts)
+        return device_op_s(m, hw, flops, nbytes, calls=calls)
     f = m.dense_ffn_size
     flops = tokens * 2 * 3 * h * f
     nbytes = (3 * h * f + tokens * (2 * h + 3 * f)) * b
@@ -135,9 +143,10 @@ def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
 def gpu_lm_head_s(m: ModelConfig, hw: HardwareSpec, tokens):
     """Final norm + LM head for `tokens` tokens (one per sequence and step)."""
     flops = 2 * tokens * m.hidden_size * m.vocab_size
-    nbytes = (m.hidden_size * m.vocab_size + tokens * m.hidden_size) * m.bytes_per_param \
+    weights = m.hidden_size * m.vocab_size * m.bytes_per_param
+    nbytes = weights + tokens * m.hidden_size * m.bytes_per_param \
         + tokens * m.vocab_size * LOGITS_BYTES
-    return device_op_s(m, hw, flops, nbytes)
+    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
 
 
 def gpu_decode_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
@@ -168,7 +177,11 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
     / B_host): t_call the calibrated fixed cost of one call, B_attn the calibrated
     kernel rate (or B_host); the last term is the MoE-Lens
     contention B_mem ≥ B_kv + B_io, with `concurrent_host_bytes` the weight pages and
-    activations the link moves through host memory while this attention runs."""
+    activations the link moves through host memory while this attention runs. Where
+    the device is the host's own CPU (`hw.device_is_host`) that contention is the
+    shared-core model's (`core_demand`), so it is not counted twice here."""
+    if hw.device_is_host:
+        concurrent_host_bytes = 0.0
     flops = tokens * m.attention_core_flops(context_len)
     nbytes = kv_bytes(m, tokens * (context_len + 1), kv_bytes_per_elem) \
         + qkv_bytes(m, tokens) + attn_out_bytes(m, tokens)
@@ -179,11 +192,23 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 
 # ------------------------------------------------------------ shared host cores
-def core_demand(hw: HardwareSpec, resource: str) -> float:
+def core_demand(hw: HardwareSpec, resource: str, transfer_bytes=None,
+                stage: str = "decode") -> float:
     """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
     (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
-    attention pool's threads), a copy `hw.copy_core_demand` (a memcpy runs on one core
-    but contends for memory bandwidth; calibrated). Concurrent ops share the cores:
+    attention pool's threads); a copy contends for memory bandwidth and cache rather
+    than cores, so it takes the calibrated `hw.copy_core_demand` (in `stage` "prefill":
+    `prefill_copy_core_demand`, beside cache-blocked GEMMs), measured with
+    `COPY_DEMAND_PAGE_BYTES` pages, scaled by the bytes/s it pushes:
+    c·B_h2d(transfer)/B_h2d(calibration page) — one big copy, slowed by page faults,
+    moves fewer bytes per second and so contends less. Concurrent ops share the cores:
     while their demands add up to D > cores each runs at cores/D of its speed alone
     (processor sharing; `simulate` applies it op by op, `predict` in steady state)."""
-    return float(hw.copy_core_demand) if resource in ("h2d", "d2h") else float(hw.cpu_cores)
+    if resource not in ("h2d", "d2h"):
+        return float(hw.cpu_cores)
+    c = hw.copy_core_demand
+    if stage == "prefill" and hw.prefill_copy_core_demand is not None:
+        c = hw.prefill_copy_core_demand
+    if resource == "d2h" or transfer_bytes is None or hw.h2d_curve is None:
+        return float(c)
+    return c * h2d_rate(hw, transfer_bytes) / h2d_rate(hw, COPY_DEMAND_PAGE_BYTES)

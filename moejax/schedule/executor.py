@@ -281,8 +281,7 @@ class BatchRun:
             if self.full_logits:
                 self.logits[k] = np.asarray(ops.head(self.cfg, self.head_params, x))
             x = x[jnp.arange(x.shape[0]), self.last[k]][:, None]
-        nxt = jnp.argmax(ops.head(self.cfg, self.head_params, x)[:, 0], axis=-1)
-        self.nxt[k] = nxt.astype(jnp.int32)
+        self.nxt[k] = nxt = ops.next_tokens(self.cfg, self.head_params, x)
         self.out[e.step, r] = np.asarray(nxt)
         if k == self.policy.num_micro_batches - 1:
             self._step_done(e.step)

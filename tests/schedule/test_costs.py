@@ -47,6 +47,14 @@ def test_calibrated_gemm_line():
     assert costs.device_compute_s(M, HW, 100) == pytest.approx(0.1)  # 100/1000 (bf16)
 
 
+def test_gemm_line_prices_other_weights_per_byte_of_an_expert():
+    # the intercept is one expert's weights (3·4·8·2 = 192 bytes) read: 96 bytes → half
+    hw = HW.replace(gemm_intercept_s=0.1, gemm_flops_per_s=50)
+    assert costs.device_compute_s(M, hw, 100, weight_bytes=96) == pytest.approx(2.05)
+    # LM head, 2 tokens: 2·2·4·10 = 160 flops → 3.2 s, weights 4·10·2 = 80 bytes → 0.0417
+    assert costs.gpu_lm_head_s(M, hw, 2) == pytest.approx(3.2 + 0.1 * 80 / 192)
+
+
 def test_cpu_attention_and_contention():
     # flops 120/10 = 12 s; bytes kv(12) 96 + qkv(2) 32 + out(2) 16 = 144 → 2.88 s
     assert costs.cpu_attention_s(M, HW, 2, 5) == pytest.approx(12.0)
@@ -55,6 +63,22 @@ def test_cpu_attention_and_contention():
     assert t == pytest.approx(22.88)
     hw = HW.replace(cpu_attention_bytes_per_s=4)  # calibrated kernel rate: 144/4
     assert costs.cpu_attention_s(M, hw, 2, 5) == pytest.approx(36.0)
+
+
+def test_cpu_attention_contention_is_the_shared_core_models_on_host_devices():
+    hw = HW.replace(device_is_host=True)
+    assert costs.cpu_attention_s(M, hw, 2, 5, concurrent_host_bytes=1000) \
+        == pytest.approx(12.0)
+
+
+def test_copy_core_demand_scales_with_the_copy_rate():
+    # 4 MiB pages at 8 B/s, 64 MiB at 2 B/s: a big copy pushes a quarter of the bytes/s
+    hw = HW.replace(copy_core_demand=2.0, h2d_curve=((4 * 2**20, 8.0), (64 * 2**20, 2.0)))
+    assert costs.core_demand(hw, "h2d") == 2.0
+    assert costs.core_demand(hw, "h2d", costs.COPY_DEMAND_PAGE_BYTES) == pytest.approx(2.0)
+    assert costs.core_demand(hw, "h2d", 64 * 2**20) == pytest.approx(0.5)
+    assert costs.core_demand(hw, "d2h", 64 * 2**20) == 2.0
+    assert costs.core_demand(hw, "gpu") == hw.cpu_cores
 
 
 def test_broadcasting():

@@ -57,7 +57,8 @@ def test_shared_cores_steady_state_agrees_with_predict(ubs, n_ub):
 
 def test_shared_cores_slow_concurrent_compute_and_copies():
     """Two cores, a copy (1 core) next to compute (2 cores): each runs at 2/3 speed."""
-    pol = Policy.from_micro_batches(64, 1, gpu_weight_fraction=0.0)
+    pol = Policy.from_micro_batches(64, 1, gpu_weight_fraction=0.0, attention_device="gpu",
+                                    kv_cache_device="gpu")
     tl = build_timeline(M, pol, prompt_len=77, decode_steps=1)
     alone = simulate(tl, M, HW.replace(cpu_cores=2), pol)
     shared = simulate(tl, M, HW.replace(cpu_cores=2, device_is_host=True), pol)
