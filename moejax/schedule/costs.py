@@ -121,13 +121,13 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """The layer's FFN for `tokens` tokens. MoE layer: the rows and GEMM calls the
-    dispatch really runs (`layers/capacity.expected_work`: E·C rows in E calls on the
-    capacity path; ≈ N·k rows plus block padding, one call per row block, on the sorted
-    path; `imbalance` as `Workload.expert_imbalance`) through SwiGLU, each call paying
-    the GEMM line's intercept (a read of its expert's weights); resident or streamed
-    weights cost the same here, the stream is priced on the link. Dense layer: its
-    MLP."""
+    """The layer's FFN for `tokens` tokens. MoE layer: the rows and weight passes the
+    dispatch really runs (`layers/capacity.expected_work`: E·C rows in E passes on the
+    capacity path; ≈ N·k rows plus block padding, a pass per row block plus 2·E for
+    the loop body's weight copy, on the sorted path; `imbalance` as
+    `Workload.expert_imbalance`) through SwiGLU, each pass paying the GEMM line's
+    intercept (a read of one expert's weights); resident or streamed weights cost the
+    same here, the stream is priced on the link. Dense layer: its MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
@@ -192,23 +192,19 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 
 # ------------------------------------------------------------ shared host cores
-def core_demand(hw: HardwareSpec, resource: str, transfer_bytes=None,
-                stage: str = "decode") -> float:
+def core_demand(hw: HardwareSpec, resource: str, transfer_bytes=None) -> float:
     """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
     (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
     attention pool's threads); a copy contends for memory bandwidth and cache rather
-    than cores, so it takes the calibrated `hw.copy_core_demand` (in `stage` "prefill":
-    `prefill_copy_core_demand`, beside cache-blocked GEMMs), measured with
-    `COPY_DEMAND_PAGE_BYTES` pages, scaled by the bytes/s it pushes:
+    than cores, so it takes the calibrated `hw.copy_core_demand` (measured with
+    `COPY_DEMAND_PAGE_BYTES` pages) scaled by the bytes/s it pushes:
     c·B_h2d(transfer)/B_h2d(calibration page) — one big copy, slowed by page faults,
     moves fewer bytes per second and so contends less. Concurrent ops share the cores:
     while their demands add up to D > cores each runs at cores/D of its speed alone
     (processor sharing; `simulate` applies it op by op, `predict` in steady state)."""
     if resource not in ("h2d", "d2h"):
         return float(hw.cpu_cores)
-    c = hw.copy_core_demand
-    if stage == "prefill" and hw.prefill_copy_core_demand is not None:
-        c = hw.prefill_copy_core_demand
     if resource == "d2h" or transfer_bytes is None or hw.h2d_curve is None:
-        return float(c)
-    return c * h2d_rate(hw, transfer_bytes) / h2d_rate(hw, COPY_DEMAND_PAGE_BYTES)
+        return float(hw.copy_core_demand)
+    return hw.copy_core_demand * h2d_rate(hw, transfer_bytes) \
+        / h2d_rate(hw, COPY_DEMAND_PAGE_BYTES)

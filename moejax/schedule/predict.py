@@ -10,7 +10,8 @@ Composes the op prices of `costs.py` into layer, step and job times:
   On `device_is_host` hardware (the local testbed) all four share the host cores: the
   layer also takes its core-seconds over the cores (`_combine`).
 * A decode step at context c sums its layers, plus the LM head and a pipeline fill (one
-  micro-batch's latency, outside the steady state). Decode runs n − 1 steps at
+  micro-batch's latency, outside the steady state); prefill's fill is the stream →
+  compute pipeline's, min(stream, compute) of one layer. Decode runs n − 1 steps at
   c = s+1 … s+n−1; prefill (whole prompts, attention on the device, new k/v copied to
   the host cache) produces the first token.
 * tokens_per_s = N·n / (prefill_s + decode_s), the figure users see.
@@ -140,20 +141,19 @@ def _layer_kinds(m: ModelConfig):
     return [(ls[0], len(ls)) for ls in (moe, dense) if ls]
 
 
-def _combine(hw, overlap, h2d, d2h, gpu, cpu, page_transfer_bytes=None,
-             stage="decode"):
+def _combine(hw, overlap, h2d, d2h, gpu, cpu, page_transfer_bytes=None):
     """Layer time from per-resource busy times (alone): CGOPipe max, or the serial sum.
     On `device_is_host` hardware every resource runs on the same host cores, so the
     layer also needs its core-seconds over the cores (`costs.core_demand`):
     max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + c·(h2d+d2h)/cores),
-    c = the stage's calibrated copy demand scaled to the weight pages' transfer size."""
+    c = `hw.copy_core_demand` scaled to the weight pages' transfer size."""
     if not overlap:
         return h2d + d2h + gpu + cpu
     link = np.maximum(h2d, d2h)
     if hw.device_is_host:
         busy = dict(h2d=h2d, d2h=d2h, gpu=gpu, cpu=cpu)
-        shared = sum(costs.core_demand(hw, r, page_transfer_bytes if r == "h2d" else None,
-                                       stage) * t for r, t in busy.items()) / hw.cpu_cores
+        shared = sum(costs.core_demand(hw, r, page_transfer_bytes if r == "h2d" else None)
+                     * t for r, t in busy.items()) / hw.cpu_cores
         return np.maximum(link, shared)
     return np.maximum(link, np.maximum(gpu, cpu))
 
@@ -194,7 +194,10 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
 
 
 def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, overlap):
-    """Busy time per resource, layer time and fill of one prefill layer."""
+    """Busy time per resource, layer time and fill of one prefill layer. The fill is a
+    two-stage pipeline's (stream → compute over the layers: L·max(a, b) + min(a, b)):
+    min(h2d, n_ub·gpu) — the first layer's stream, or the last layer's compute, that
+    nothing overlaps — plus the last micro-batch's k/v copy."""
     s, tok = wl.prompt_len, ubs * wl.prompt_len
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
               + costs.gpu_prefill_attention_s(m, hw, ubs, s)
@@ -204,9 +207,8 @@ def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, 
     d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
               if kv_cache_device == "cpu" else 0.0)
     busy = dict(gpu=n_ub * gpu_mb, cpu=0.0 * gpu_mb, h2d=h2d, d2h=n_ub * d2h_mb)
-    fill = (gpu_mb + d2h_mb + h2d) if overlap else 0.0
-    return busy, _combine(hw, overlap, **busy, page_transfer_bytes=per_page,
-                          stage="prefill"), fill
+    fill = (np.minimum(h2d, n_ub * gpu_mb) + d2h_mb) if overlap else 0.0
+    return busy, _combine(hw, overlap, **busy, page_transfer_bytes=per_page), fill
 
 
 # ------------------------------------------------------------------ evaluation

@@ -41,14 +41,15 @@ def test_count_quantiles_sum_to_the_rows_and_spread_with_imbalance():
     assert np.all(np.diff(even) > 0) and skewed.max() - skewed.min() > even.max() - even.min()
 
 
-def test_sorted_work_counts_each_block_and_its_padding():
+def test_sorted_work_counts_each_block_its_padding_and_the_weight_copy():
     # 1024 tokens, top-2 of 8: μ = 256 → blocks (256, 64); counts below 256 run as four
     # 64-row blocks, above as 256 + 64: padding < 64 rows per expert, ≥ 1 call each
     # typical counts 235 244 249 254 | 258 263 268 277: 4 × (4·64) + 4 × (256 + 64)
     assert sorted_blocks(256) == (256, 64)
     assert np.array_equal(np.round(count_quantiles(256, 2, 8)),
                           [235, 244, 249, 254, 258, 263, 268, 277])
-    assert sorted_work(1024, 2, 8) == (4 * 256 + 4 * 320, 4 * 4 + 4 * 2)
+    # passes: one per block, and 2·E for the copy of the weights into the loop body
+    assert sorted_work(1024, 2, 8) == (4 * 256 + 4 * 320, 4 * 4 + 4 * 2 + 2 * 8)
 
 
 def test_expected_work_takes_the_capacity_path_below_the_threshold():

@@ -165,11 +165,3 @@ def test_searched_prediction_never_beats_the_hardware_limit(prompt, gen):
     m, hw = get_model("mixtral_8x7b"), get_hardware("l4_moe_lightning")
     _, p = search_policy(m, hw, Workload(prompt, gen))
     assert p.tokens_per_s <= p.limit_tokens_per_s * (1 + 1e-9)
-
-
-def test_prefill_copy_demand_prices_only_the_prefill():
-    hw = HW.replace(device_is_host=True, cpu_cores=2)
-    same = predict(M, hw, WL, POL)
-    heavy = predict(M, hw.replace(prefill_copy_core_demand=4.0), WL, POL)
-    assert heavy.prefill_s > same.prefill_s
-    assert heavy.decode_s == pytest.approx(same.decode_s)
