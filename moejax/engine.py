@@ -207,9 +207,11 @@ class Engine:
 
     # ------------------------------------------------------------------ running
     def _stream_plan(self) -> StreamPlan:
-        w = self.weights
-        return StreamPlan(tuple(tuple(w.page_bytes(i, p) for p in range(w.num_pages(i)))
-                                for i in range(self.cfg.num_layers)))
+        w, n = self.weights, self.cfg.num_layers
+        pages = tuple(tuple(w.page_bytes(i, p) for p in range(w.num_pages(i)))
+                      for i in range(n))
+        return StreamPlan(pages, tuple(w.resident_bytes(i) if pages[i] else 0
+                                       for i in range(n)))
 
     def _run(self, prompts, max_new_tokens: int, eos_token_id=None, progress=None,
              full_logits: bool = False) -> BatchRun:

@@ -395,6 +395,14 @@ class HostWeightStore:
         self._check_layer(layer)
         return len(self.plan.streamed_pages) if self.cfg.is_moe_layer(layer) else 0
 
+    def resident_bytes(self, layer: int) -> int:
+        """Bytes of the layer's expert prefix kept on the device (copied into its stream
+        slot when a pass claims one)."""
+        self._check_layer(layer)
+        if not self.cfg.is_moe_layer(layer):
+            return 0
+        return sum(p.size for p in self.plan.resident_pages) * self.plan.itemsize
+
     def page_bytes(self, layer: int, page: int) -> int:
         self._check_page(layer, page)
         return self.plan.streamed_pages[page].size * self.plan.itemsize

@@ -8,7 +8,8 @@ host → device and device → pinned host, host memory is NumPy. Measured:
   slope (the rate `costs.device_compute_s` then uses);
 * device memory read bandwidth (a jitted reduction) and host read bandwidth (NumPy);
 * h2d bandwidth by page size (`h2d_curve`: 4, 16 and 64 MiB pages, `copy_bytes` of each,
-  ≥ 1 GB by default), d2h bandwidth and the latency of a tiny transfer — each alone: on
+  ≥ 1 GB by default), d2h bandwidth, a 64 MiB device → device copy (`d2d_bytes_per_s`:
+  a stream slot's resident prefix) and the latency of a tiny transfer — each alone: on
   the testbed the model itself shares the cores between copies and compute;
 * where the device is the host's own CPU, the cores a page copy takes from compute
   running beside it (`copy_core_demand`: fitted so that the simulator times the decode
@@ -169,6 +170,25 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
         curve.append((float(size), page * len(pages) * 4 / _median_s(stream, repeats)))
         del pages, slot
     return tuple(curve)
+
+
+def _d2d_rate(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a device → device copy into a slot (the store's `_write`, as it
+    copies a resident prefix into a stream slot)."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.host_offload.weight_store import _write
+
+    dev = jax.devices()[0]
+    src = jnp.ones(nbytes // 4, np.float32, device=dev)
+    slot = jnp.zeros(nbytes // 4, np.float32, device=dev)
+
+    def copy():
+        nonlocal slot
+        slot = _write(slot, src, np.int32(0))
+        slot.block_until_ready()
+    return src.nbytes / _median_s(copy, repeats)
 
 
 def _latency(repeats: int) -> float:
@@ -353,6 +373,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
     alone, d2h = _link(copy_bytes, repeats)
+    d2d = _d2d_rate(min(copy_bytes, 4 * DEFAULT_PAGE_BYTES), repeats)
     attn_call, attn = _cpu_attention_line(m, attention_batch, attention_context, repeats)
     gpu_mem, host_mem = _memory_sizes()
     host_flops = _host_flops(repeats)
@@ -363,6 +384,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         gpu_memory_bytes=gpu_mem, gpu_memory_bytes_per_s=dev_read,
         cpu_flops_per_s=host_flops, host_memory_bytes=host_mem,
         host_memory_bytes_per_s=host_read, d2h_bytes_per_s=d2h, h2d_curve=curve,
+        d2d_bytes_per_s=d2d,
         h2d_bytes_per_s=curve[0][1],  # set below: the curve's rate at the default page
         cpu_cores=os.cpu_count() or 1, link_latency_s=latency,
         device_is_host=on_host, gemm_intercept_s=intercept,

@@ -159,12 +159,15 @@ def _combine(hw, overlap, h2d, d2h, gpu, cpu, page_transfer_bytes=None):
 
 
 def _stream(m, hw, layer, wg, page_bytes):
-    """h2d time, bytes and bytes per transfer of one layer's streamed expert pages."""
+    """h2d time, bytes and bytes per transfer of one layer's streamed expert pages; the
+    time includes the device copy of the resident prefix into the stream slot."""
     if not m.is_moe_layer(layer):
         return 0.0, 0.0, None
     nbytes = costs.streamed_expert_bytes(m, wg)
     pages = costs.num_pages(nbytes, page_bytes)
-    return costs.h2d_s(hw, nbytes, pages), nbytes, nbytes / np.maximum(pages, 1)
+    copy = np.where(nbytes > 0, costs.d2d_s(hw, m.expert_bytes_per_layer() - nbytes), 0.0)
+    return (costs.h2d_s(hw, nbytes, pages) + copy, nbytes,
+            nbytes / np.maximum(pages, 1))
 
 
 def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cache_device,

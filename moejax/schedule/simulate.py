@@ -39,7 +39,7 @@ def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
     `expert_imbalance`)."""
     t, ctx = e.tokens, e.context
     if e.op == "page":
-        return float(costs.h2d_s(hw, e.nbytes))
+        return float(costs.h2d_s(hw, e.nbytes) + costs.d2d_s(hw, e.copy_bytes))
     if e.op == "embed":
         return 0.0  # a gather of t rows: negligible, and not in predict()
     if e.op == "pre_attn":

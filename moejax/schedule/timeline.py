@@ -41,7 +41,9 @@ OPS = {"page": "h2d", "embed": "gpu", "pre_attn": "gpu", "attn": "gpu", "d2h_qkv
 @dataclass(frozen=True)
 class Entry:
     """One op of the timeline. `tokens` rows of activations (micro-batch size × tokens
-    per sequence), attention `context` keys per query, `nbytes` for a page."""
+    per sequence), attention `context` keys per query, `nbytes` for a page;
+    `copy_bytes`: the layer's resident expert prefix, copied on the device into the
+    stream slot that a layer's first page claims."""
 
     id: int
     resource: str
@@ -55,25 +57,30 @@ class Entry:
     tokens: int = 0
     context: int = 0
     nbytes: int = 0
+    copy_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class StreamPlan:
     """Pages of each layer's streamed (non-resident) expert bytes: `page_nbytes[layer]`
-    lists page sizes (empty for dense or fully resident layers)."""
+    lists page sizes (empty for dense or fully resident layers); `resident_nbytes[layer]`
+    the resident prefix the store copies into the layer's slot before its pages (the
+    FFN reads one buffer per tensor; empty tuple: none)."""
 
     page_nbytes: tuple[tuple[int, ...], ...]
+    resident_nbytes: tuple[int, ...] = ()
 
     @classmethod
     def uniform(cls, cfg: ModelConfig, policy: Policy) -> "StreamPlan":
         """Pages of `policy.page_bytes` over (1 − wg)·W_E bytes, the last one partial."""
-        layers = []
+        layers, resident = [], []
         for i in range(cfg.num_layers):
-            total = (round((1 - policy.gpu_weight_fraction) * cfg.expert_bytes_per_layer())
-                     if cfg.is_moe_layer(i) else 0)
+            w = cfg.expert_bytes_per_layer() if cfg.is_moe_layer(i) else 0
+            total = round((1 - policy.gpu_weight_fraction) * w)
             full, rest = divmod(total, policy.page_bytes)
             layers.append((policy.page_bytes,) * full + ((rest,) if rest else ()))
-        return cls(tuple(layers))
+            resident.append(w - total if total else 0)
+        return cls(tuple(layers), tuple(resident))
 
 
 class _Builder:
@@ -98,11 +105,15 @@ class _Builder:
             chunks[j * n // max(len(sizes), 1)].append((j, nbytes))
         self.pages[p] = []
 
+        res = self.plan.resident_nbytes
+        copy = res[layer] if layer < len(res) else 0
+
         def emit(chunk):
             for j, nbytes in chunk:
                 dep = self.slot_free.get(p - 2) if not self.pages[p] else None
                 self.pages[p].append(self.add("page", stage, step, layer, page=j,
-                                              deps=(dep,), nbytes=nbytes))
+                                              deps=(dep,), nbytes=nbytes,
+                                              copy_bytes=copy if j == 0 else 0))
         return [lambda c=c: emit(c) for c in chunks]
 
 

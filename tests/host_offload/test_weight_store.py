@@ -57,6 +57,9 @@ def test_resident_fraction_is_rounded_down_to_whole_pages(model):
     assert resident <= 0.5 * w < resident + 4 * plan.streamed_pages[0].size
     assert plan.streamed_bytes == w - resident
     assert store.num_pages(0) == len(store.plan.pages) - store.plan.num_resident
+    # what a pass copies into its slot before the pages: the rest of the layer
+    assert store.resident_bytes(0) == resident == w - sum(
+        store.page_bytes(0, p) for p in range(store.num_pages(0)))
 
 
 def test_accounting_matches_placed_arrays(model):

@@ -17,7 +17,8 @@ def test_tiny_calibration_round_trips(tmp_path, monkeypatch):
     spec = calibrate("tiny_mixtral", path=str(path), **TINY)
     assert spec.name == "local" and spec.device_is_host  # CPU-only test machine
     for k in ("h2d_bytes_per_s", "d2h_bytes_per_s", "host_memory_bytes_per_s",
-              "gpu_memory_bytes_per_s", "gemm_flops_per_s", "cpu_attention_bytes_per_s"):
+              "gpu_memory_bytes_per_s", "gemm_flops_per_s", "cpu_attention_bytes_per_s",
+              "d2d_bytes_per_s"):
         assert getattr(spec, k) > 0, k
     assert spec.gemm_intercept_s >= 0
     assert 0.1 <= spec.copy_core_demand <= 2 * spec.cpu_cores  # fitted, clipped

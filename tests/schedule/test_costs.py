@@ -86,3 +86,8 @@ def test_broadcasting():
     assert t.shape == (2, 3)
     assert t[1, 0] == pytest.approx(12.0)
     assert np.all(np.diff(t, axis=1) > 0) and np.all(np.diff(t, axis=0) > 0)
+
+
+def test_device_copy_uses_the_calibrated_rate_or_half_the_read_bandwidth():
+    assert costs.d2d_s(HW.replace(d2d_bytes_per_s=10.0), 50) == pytest.approx(5.0)
+    assert costs.d2d_s(HW, 50) == pytest.approx(100 / HW.gpu_memory_bytes_per_s)

@@ -17,10 +17,12 @@ POL = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.25, page_bytes=100)
 
 
 def _layer_from_costs(hw, overlap):
-    """One decode layer at context s+1 = 4, priced op by op as a timeline would."""
+    """One decode layer at context s+1 = 4, priced op by op as a timeline would: the
+    slot's resident prefix (96 of 384 expert bytes) copied on the device, 288 streamed."""
     gpu = 3 * (costs.gpu_pre_attention_s(M, hw, 2) + costs.gpu_post_attention_s(M, hw, 2)
                + costs.gpu_ffn_s(M, hw, 2))
-    h2d = costs.h2d_s(hw, 288, transfers=3) + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
+    h2d = costs.h2d_s(hw, 288, transfers=3) + costs.d2d_s(hw, 96) \
+        + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
     d2h = 3 * costs.d2h_s(hw, costs.qkv_bytes(M, 2))
     io = 288 + 3 * (costs.attn_out_bytes(M, 2) + costs.qkv_bytes(M, 2))
     cpu = 3 * costs.cpu_attention_s(M, hw, 2, 4,
@@ -50,7 +52,8 @@ def test_device_is_host_shares_cores_between_compute_and_copies():
     p = predict(M, hw, WL, POL)
     gpu = 3 * (costs.gpu_pre_attention_s(M, hw, 2) + costs.gpu_post_attention_s(M, hw, 2)
                + costs.gpu_ffn_s(M, hw, 2))
-    h2d = costs.h2d_s(hw, 288, transfers=3) + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
+    h2d = costs.h2d_s(hw, 288, transfers=3) + costs.d2d_s(hw, 96) \
+        + 3 * costs.h2d_s(hw, costs.attn_out_bytes(M, 2))
     d2h = 3 * costs.d2h_s(hw, costs.qkv_bytes(M, 2))
     _, cpu = _layer_from_costs(hw, True)
     # compute uses both cores, each copy one: core-seconds / 2 cores

@@ -109,3 +109,14 @@ def test_stream_plan_uniform_pages():
     pol = Policy.from_micro_batches(1, 1, gpu_weight_fraction=0.0, page_bytes=100_000)
     plan = StreamPlan.uniform(CFG, pol)
     assert plan.page_nbytes[0] == (100_000, 100_000, 94_912)
+
+
+def test_first_page_of_a_pass_copies_the_resident_prefix():
+    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.5, page_bytes=100_000)
+    plan = StreamPlan.uniform(CFG, pol)
+    w = CFG.expert_bytes_per_layer()
+    assert plan.resident_nbytes[0] == w - sum(plan.page_nbytes[0]) > 0
+    tl = build_timeline(CFG, pol, prompt_len=4, decode_steps=1, plan=plan)
+    pages = [e for e in tl if e.op == "page"]
+    assert all(e.copy_bytes == (plan.resident_nbytes[e.layer] if e.page == 0 else 0)
+               for e in pages)
