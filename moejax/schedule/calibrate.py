@@ -223,20 +223,19 @@ def _probe_config(m: ModelConfig) -> ModelConfig:
                      dense_layers=tuple(i for i in m.dense_layers if i < 2))
 
 
-def _overlapped_runs(m: ModelConfig, repeats: int):
-    """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on a 2-layer
-    random copy of `m`: every expert streamed in `COPY_DEMAND_PAGE_BYTES` pages, 32
+def _overlapped_runs(model, repeats: int):
+    """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on `model`,
+    the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES` pages, 32
     sequences of 32 tokens in one micro-batch, 16 new tokens, attention on the CPU."""
     import moejax
-    from moejax.model import MoEModel
     from moejax.schedule.policy import Policy
 
     pol = Policy.from_micro_batches(32, 1, gpu_weight_fraction=0.0, attention_device="cpu",
                                     kv_cache_device="cpu",
                                     page_bytes=costs.COPY_DEMAND_PAGE_BYTES, overlap=True)
-    cfg = _probe_config(m)
-    engine = moejax.Engine(MoEModel.random(cfg, seed=0), policy=pol)
-    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (32, 32)).tolist()
+    engine = moejax.Engine(model, policy=pol)
+    prompts = np.random.default_rng(0).integers(1, model.config.vocab_size,
+                                                (32, 32)).tolist()
     runs = []
     for i in range(repeats + 1):  # the first run compiles
         engine.generate(prompts, 16)
@@ -271,7 +270,8 @@ def _copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
 
 
 def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
-    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve) from short serial
+    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve, the probe model —
+    for `_overlapped_runs`) from short serial
     runs of the real engine on a 2-layer, random-weight copy of `m` streaming every
     expert in pages of each of `sizes` bytes. The pre-attentions (first size's runs)
     give the fixed cost of one device op beyond its roofline price (Python dispatch,
@@ -310,7 +310,7 @@ def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
         nbytes, sec = (float(sum(x)) for x in zip(*full))
         curve.append((float(size),
                       nbytes / max(sec - len(full) * latency_s, 0.5 * sec)))
-    return pre, tuple(curve)
+    return pre, tuple(curve), model
 
 
 def _read_rates(read_bytes: int, repeats: int):
@@ -368,8 +368,9 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     latency = _latency(repeats)
     # the engine's runs first: after the big buffers below, big copies run 3.5× faster
     # and copies contend with compute twice as much (process state, not the machine)
-    pre_attn, curve = _executor_probe(m, sorted(set(sizes)), latency, repeats)
-    runs = _overlapped_runs(m, repeats) if on_host else []
+    pre_attn, curve, probe = _executor_probe(m, sorted(set(sizes)), latency, repeats)
+    runs = _overlapped_runs(probe, repeats) if on_host else []
+    del probe
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
     alone, d2h = _link(copy_bytes, repeats)
