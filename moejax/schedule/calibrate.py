@@ -225,8 +225,9 @@ def _probe_config(m: ModelConfig) -> ModelConfig:
 
 def _overlapped_runs(model, repeats: int):
     """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on `model`,
-    the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES` pages, 32
-    sequences of 32 tokens in one micro-batch, 16 new tokens, attention on the CPU."""
+    the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES`
+    pages, 32 sequences of 32 tokens in one micro-batch, 16 new tokens, attention on
+    the CPU."""
     import moejax
     from moejax.schedule.policy import Policy
 
