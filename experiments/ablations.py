@@ -6,7 +6,10 @@ Rows, all under a device budget that forces expert streaming: CGOPipe overlap on
 decode attention on the CPU vs the device, paged vs whole-layer weight transfers, and a
 sweep of batch size, micro-batch size and gpu_weight_fraction. Every row runs the same
 scaled model through `moejax.Engine(model, policy=…)`; the prediction is `predict()` for
-the same policy on the calibrated `local` hardware.
+the same policy on the `local` hardware, calibrated again first (`--recalibrate`), and
+`simulate()` of the row's timeline is reported beside it. The rows are timed in
+`--repeats` rounds of one run each (medians reported), so that the speed of this shared
+machine, which drifts by ~10 % within minutes, weighs on every row alike.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ flags.DEFINE_float("device_memory_gb", None, "emulated device memory, GB (defaul
 flags.DEFINE_string("output_json", "experiments/results/ablations_cpu.json", "JSON path")
 flags.DEFINE_string("output_png", "experiments/results/ablations_cpu.png", "PNG path")
 flags.DEFINE_bool("quick", False, "only the overlap and attention rows")
-flags.DEFINE_integer("repeats", 3, "timed runs per row (median reported): one run of a "
+flags.DEFINE_integer("repeats", 5, "timed runs per row (median reported): one run of a "
                      "row varies by ~10 % on a shared 2-core machine", lower_bound=1)
+flags.DEFINE_bool("recalibrate", True, "calibrate this machine again first (its speed "
+                  "drifts by ~10 % over an hour; `throughput` reuses the cached figures)")
 
 
 def rows(base, page_layer: int):
@@ -58,6 +63,32 @@ def rows(base, page_layer: int):
     for bs in sorted({max(1, b // 4), max(1, b // 2)}):
         out.append((f"batch {bs}", base.replace(batch_size=bs, micro_batch_size=bs,
                                                 num_micro_batches=1)))
+    return out
+
+
+def measure_rows(model, named_policies, budget: float) -> dict:
+    """{name: (policy, engine, wall seconds of each timed run)}, the rows timed in
+    `--repeats` rounds of one run per row (after one warm-up run each), so that every
+    row's median samples the same stretch of this shared machine's drifting speed."""
+    import numpy as np
+
+    import moejax
+
+    rng = np.random.default_rng(0)
+    out, prompts = {}, {}
+    for name, pol in named_policies:
+        try:
+            engine = moejax.Engine(model, policy=pol, device_memory_bytes=int(budget))
+        except ValueError as e:
+            print(f"{name:34s} skipped: {e}")
+            continue
+        prompts[name] = rng.integers(1, model.config.vocab_size,
+                                     (pol.batch_size, FLAGS.prompt_len)).tolist()
+        out[name] = (pol, engine, [])
+    for k in range(FLAGS.repeats):
+        for name, (_, engine, walls) in out.items():
+            walls.append(measure(engine, prompts[name], FLAGS.gen_len, warm=k == 0))
+        print(f"round {k + 1}/{FLAGS.repeats} of {len(out)} rows timed", flush=True)
     return out
 
 
@@ -92,18 +123,18 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import numpy as np
 
-    import moejax
     from moejax.model_config.setups import get_setup
     from moejax.model_config.workload import Workload
     from moejax.schedule import predict, search_policy
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
+    from moejax.schedule.simulate import simulate
 
     model, note = local_model(get_setup(FLAGS.config), None, FLAGS.local_hidden_size,
                               FLAGS.local_num_layers)
     cfg = model.config
     print(note, flush=True)
-    hw = local_hardware(cfg)
+    hw = local_hardware(cfg, fresh=FLAGS.recalibrate)
     page = DEFAULT_PAGE_BYTES // 4
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page)
@@ -115,38 +146,35 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"ablations: {e}")
     base = base.replace(page_bytes=page)
-    rng = np.random.default_rng(0)
+    runs = measure_rows(model, rows(base, cfg.expert_bytes_per_layer()), budget)
     results = []
     print(f"{'row':34s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
-    for name, pol in rows(base, cfg.expert_bytes_per_layer()):
-        prompts = rng.integers(1, cfg.vocab_size, (pol.batch_size, FLAGS.prompt_len)).tolist()
-        try:
-            engine = moejax.Engine(model, policy=pol, device_memory_bytes=int(budget))
-        except ValueError as e:
-            print(f"{name:34s} skipped: {e}")
-            continue
-        walls = [measure(engine, prompts, FLAGS.gen_len, warm=k == 0)
-                 for k in range(FLAGS.repeats)]
-        wall = float(np.median(walls))
-        measured = pol.batch_size * FLAGS.gen_len / wall
+    for name, (pol, engine, walls) in runs.items():
+        measured = pol.batch_size * FLAGS.gen_len / float(np.median(walls))
+        run = engine.last_run
         if not results:  # the routing of these prompts, measured once on the base run
-            wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
+            wl = wl.replace(expert_imbalance=run.expert_imbalance)
             print(f"router imbalance measured on the base run: {wl.expert_imbalance:.2f}")
         pol = pol.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
         pred = predict(cfg, hw, wl, pol)  # wg as the store rounded it to whole pages
+        sim = simulate(run.entries, cfg, hw, pol, imbalance=wl.expert_imbalance)
+        sim_tps = pol.batch_size * FLAGS.gen_len / sim.makespan_s
         err = (pred.tokens_per_s - measured) / measured
         results.append(dict(name=name, policy=policy_dict(pol), measured_tokens_per_s=measured,
                             measured_runs_tokens_per_s=[pol.batch_size * FLAGS.gen_len / w
                                                         for w in walls],
                             predicted_tokens_per_s=pred.tokens_per_s, error=err,
                             limit_tokens_per_s=pred.limit_tokens_per_s,
-                            prefill_s=engine.last_run.prefill_s,
-                            decode_s=engine.last_run.decode_s,
+                            prefill_s=run.prefill_s, decode_s=run.decode_s,
                             predicted_prefill_s=pred.prefill_s,
-                            predicted_decode_s=pred.decode_s))
-        print(f"{name:34s}{measured:10.1f}{pred.tokens_per_s:11.1f}{100 * err:+7.1f}%",
+                            predicted_decode_s=pred.decode_s,
+                            simulated_tokens_per_s=sim_tps,
+                            simulated_prefill_s=sim.stage_s(run.entries, "prefill"),
+                            simulated_decode_s=sim.stage_s(run.entries, "decode")))
+        print(f"{name:34s}{measured:10.1f}{pred.tokens_per_s:11.1f}{100 * err:+7.1f}%"
+              f"  sim {sim_tps:6.1f} {100 * (sim_tps - measured) / measured:+5.1f}%",
               flush=True)
-        del engine
+    del runs
     errs = [abs(r["error"]) for r in results]
     print(f"mean |error| {100 * np.mean(errs):.1f} %, max {100 * np.max(errs):.1f} %")
     by = {r["name"]: r for r in results}

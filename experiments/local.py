@@ -36,8 +36,9 @@ def local_model(setup, checkpoint: str | None = None, hidden_size: int = 768,
     return MoEModel.random(cfg, seed=0), note
 
 
-def local_hardware(cfg):
-    """`local` calibrated with this model's expert shape (cached per model); the file
+def local_hardware(cfg, fresh: bool = False):
+    """`local` calibrated with this model's expert shape (cached per model; with
+    `fresh`, measured again now and the cache rewritten); the file
     `$MOEJAX_CALIBRATION` names instead, when set."""
     from moejax.model_config.hardware import (CALIBRATION_ENV, HardwareSpec,
                                               calibration_path, load_local)
@@ -47,14 +48,14 @@ def local_hardware(cfg):
         return load_local()
     base = os.path.splitext(calibration_path())[0]
     path = f"{base}_{cfg.name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
-    if os.path.exists(path):
+    if os.path.exists(path) and not fresh:
         try:
             with open(path) as f:
                 return HardwareSpec.from_json(json.load(f)["spec"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    print(f"calibrating this machine for {cfg.name} (once; cached in {path}) …",
-          flush=True)
+    print(f"calibrating this machine for {cfg.name} ({'again' if fresh else 'once'}; "
+          f"cached in {path}) …", flush=True)
     return calibrate(cfg, path=path)
 
 

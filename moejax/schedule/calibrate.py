@@ -365,12 +365,14 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
 
     start = time.perf_counter()
     on_host = jax.default_backend() == "cpu"
-    sizes = [min(s, copy_bytes) // 4 * 4 for s in H2D_SIZES]
+    # the pages policies use: 1/4, 1 and 4 × the default page, and a whole layer's
+    # experts (whole-layer transfers: one copy of that size runs slower still)
+    sizes = [min(s, copy_bytes) // 4 * 4 for s in (*H2D_SIZES, m.expert_bytes_per_layer())]
     latency = _latency(repeats)
     # the engine's runs first: after the big buffers below, big copies run 3.5× faster
     # and copies contend with compute twice as much (process state, not the machine)
     pre_attn, curve, probe = _executor_probe(m, sorted(set(sizes)), latency, repeats)
-    runs = _overlapped_runs(probe, repeats) if on_host else []
+    runs = _overlapped_runs(probe, 2 * repeats - 1) if on_host else []  # ±10 % each
     del probe
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)

@@ -20,7 +20,7 @@ from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 
 LOGITS_BYTES = 4  # LM-head logits are kept in float32
-COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # page size `calibrate` measures copy_core_demand at
+COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # pages of the runs `calibrate` fits copy_core_demand on
 
 
 # ------------------------------------------------------------------ generic roofs
@@ -198,19 +198,14 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 
 # ------------------------------------------------------------ shared host cores
-def core_demand(hw: HardwareSpec, resource: str, transfer_bytes=None) -> float:
+def core_demand(hw: HardwareSpec, resource: str) -> float:
     """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
     (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
     attention pool's threads); a copy contends for memory bandwidth and cache rather
-    than cores, so it takes the calibrated `hw.copy_core_demand` (measured with
-    `COPY_DEMAND_PAGE_BYTES` pages) scaled by the bytes/s it pushes:
-    c·B_h2d(transfer)/B_h2d(calibration page) — one big copy, slowed by page faults,
-    moves fewer bytes per second and so contends less. Concurrent ops share the cores:
-    while their demands add up to D > cores each runs at cores/D of its speed alone
-    (processor sharing; `simulate` applies it op by op, `predict` in steady state)."""
-    if resource not in ("h2d", "d2h"):
-        return float(hw.cpu_cores)
-    if resource == "d2h" or transfer_bytes is None or hw.h2d_curve is None:
-        return float(hw.copy_core_demand)
-    return hw.copy_core_demand * h2d_rate(hw, transfer_bytes) \
-        / h2d_rate(hw, COPY_DEMAND_PAGE_BYTES)
+    than cores, so it takes the calibrated `hw.copy_core_demand`, whatever its size:
+    a big copy is slow for its page faults, which are CPU work too (scaling the demand
+    by the copy's bytes/s priced whole-layer transfers 10-16 % fast on the 2-core
+    testbed; unscaled, 4 %). Concurrent ops share the cores: while their demands add
+    up to D > cores each runs at cores/D of its speed alone (processor sharing;
+    `simulate` applies it op by op, `predict` in steady state)."""
+    return float(hw.copy_core_demand if resource in ("h2d", "d2h") else hw.cpu_cores)

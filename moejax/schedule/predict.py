@@ -141,33 +141,31 @@ def _layer_kinds(m: ModelConfig):
     return [(ls[0], len(ls)) for ls in (moe, dense) if ls]
 
 
-def _combine(hw, overlap, h2d, d2h, gpu, cpu, page_transfer_bytes=None):
+def _combine(hw, overlap, h2d, d2h, gpu, cpu):
     """Layer time from per-resource busy times (alone): CGOPipe max, or the serial sum.
     On `device_is_host` hardware every resource runs on the same host cores, so the
     layer also needs its core-seconds over the cores (`costs.core_demand`):
     max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + c·(h2d+d2h)/cores),
-    c = `hw.copy_core_demand` scaled to the weight pages' transfer size."""
+    c = `hw.copy_core_demand`."""
     if not overlap:
         return h2d + d2h + gpu + cpu
     link = np.maximum(h2d, d2h)
     if hw.device_is_host:
         busy = dict(h2d=h2d, d2h=d2h, gpu=gpu, cpu=cpu)
-        shared = sum(costs.core_demand(hw, r, page_transfer_bytes if r == "h2d" else None)
-                     * t for r, t in busy.items()) / hw.cpu_cores
+        shared = sum(costs.core_demand(hw, r) * t for r, t in busy.items()) / hw.cpu_cores
         return np.maximum(link, shared)
     return np.maximum(link, np.maximum(gpu, cpu))
 
 
 def _stream(m, hw, layer, wg, page_bytes):
-    """h2d time, bytes and bytes per transfer of one layer's streamed expert pages; the
-    time includes the device copy of the resident prefix into the stream slot."""
+    """h2d time and bytes of one layer's streamed expert pages; the time includes the
+    device copy of the resident prefix into the stream slot."""
     if not m.is_moe_layer(layer):
-        return 0.0, 0.0, None
+        return 0.0, 0.0
     nbytes = costs.streamed_expert_bytes(m, wg)
     pages = costs.num_pages(nbytes, page_bytes)
     copy = np.where(nbytes > 0, costs.d2d_s(hw, m.expert_bytes_per_layer() - nbytes), 0.0)
-    return (costs.h2d_s(hw, nbytes, pages) + copy, nbytes,
-            nbytes / np.maximum(pages, 1))
+    return costs.h2d_s(hw, nbytes, pages) + copy, nbytes
 
 
 def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cache_device,
@@ -177,7 +175,7 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
               + costs.gpu_post_attention_s(m, hw, ubs, layer)
               + costs.gpu_ffn_s(m, hw, ubs, layer, wl.expert_imbalance))
-    h2d, io, per_page = _stream(m, hw, layer, wg, page_bytes)
+    h2d, io = _stream(m, hw, layer, wg, page_bytes)
     h2d_mb = d2h_mb = cpu_mb = 0.0
     if attention_device == "cpu":
         h2d_mb = costs.h2d_s(hw, costs.attn_out_bytes(m, ubs))
@@ -193,7 +191,7 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
     busy = dict(gpu=n_ub * gpu_mb, cpu=n_ub * cpu_mb, h2d=h2d + n_ub * h2d_mb,
                 d2h=n_ub * d2h_mb)
     fill = (gpu_mb + cpu_mb + h2d_mb + d2h_mb) if overlap else 0.0
-    return busy, _combine(hw, overlap, **busy, page_transfer_bytes=per_page), fill
+    return busy, _combine(hw, overlap, **busy), fill
 
 
 def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, overlap):
@@ -206,12 +204,12 @@ def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, 
               + costs.gpu_prefill_attention_s(m, hw, ubs, s)
               + costs.gpu_post_attention_s(m, hw, tok, layer)
               + costs.gpu_ffn_s(m, hw, tok, layer, wl.expert_imbalance))
-    h2d, _, per_page = _stream(m, hw, layer, wg, page_bytes)
+    h2d, _ = _stream(m, hw, layer, wg, page_bytes)
     d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
               if kv_cache_device == "cpu" else 0.0)
     busy = dict(gpu=n_ub * gpu_mb, cpu=0.0 * gpu_mb, h2d=h2d, d2h=n_ub * d2h_mb)
     fill = (np.minimum(h2d, n_ub * gpu_mb) + d2h_mb) if overlap else 0.0
-    return busy, _combine(hw, overlap, **busy, page_transfer_bytes=per_page), fill
+    return busy, _combine(hw, overlap, **busy), fill
 
 
 # ------------------------------------------------------------------ evaluation

@@ -122,8 +122,7 @@ def _shared_cores(entries, dur, hw: HardwareSpec, start, end):
                 running[r] = [e, dur[e.id]]
         if not running:
             break
-        rate = min(1.0, hw.cpu_cores / sum(costs.core_demand(hw, r, e.nbytes or None)
-                                           for r, (e, _) in running.items()))
+        rate = min(1.0, hw.cpu_cores / sum(costs.core_demand(hw, r) for r in running))
         step = min(left for _, left in running.values())  # work of the first to finish
         t += step / rate
         for r in list(running):

@@ -71,14 +71,10 @@ def test_cpu_attention_contention_is_the_shared_core_models_on_host_devices():
         == pytest.approx(12.0)
 
 
-def test_copy_core_demand_scales_with_the_copy_rate():
-    # 4 MiB pages at 8 B/s, 64 MiB at 2 B/s: a big copy pushes a quarter of the bytes/s
-    hw = HW.replace(copy_core_demand=2.0, h2d_curve=((4 * 2**20, 8.0), (64 * 2**20, 2.0)))
-    assert costs.core_demand(hw, "h2d") == 2.0
-    assert costs.core_demand(hw, "h2d", costs.COPY_DEMAND_PAGE_BYTES) == pytest.approx(2.0)
-    assert costs.core_demand(hw, "h2d", 64 * 2**20) == pytest.approx(0.5)
-    assert costs.core_demand(hw, "d2h", 64 * 2**20) == 2.0
-    assert costs.core_demand(hw, "gpu") == hw.cpu_cores
+def test_copy_core_demand_is_the_calibrated_one_for_copies_and_every_core_for_compute():
+    hw = HW.replace(copy_core_demand=1.7, cpu_cores=2)
+    assert costs.core_demand(hw, "h2d") == costs.core_demand(hw, "d2h") == 1.7
+    assert costs.core_demand(hw, "gpu") == costs.core_demand(hw, "cpu") == 2
 
 
 def test_broadcasting():

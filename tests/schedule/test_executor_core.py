@@ -1,5 +1,6 @@
 """The generic timeline executor, with recording handlers instead of a model."""
 
+import gc
 import threading
 import time
 
@@ -73,6 +74,23 @@ def test_handler_error_surfaces_and_stops():
         raise RuntimeError("cpu attention failed")
     with pytest.raises(RuntimeError, match="cpu attention failed"):
         execute(tl, {**handlers, "cpu_attn": boom}, overlap=True)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_garbage_collector_paused_during_the_run_and_restored_after(overlap):
+    seen = set()
+
+    def record(e):
+        seen.add(gc.isenabled())
+
+    def boom(e):
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    execute(_tl(overlap), {op: record for op in OPS}, overlap=overlap)
+    assert seen == {False} and gc.isenabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        execute(_tl(overlap), {op: boom for op in OPS}, overlap=overlap)
+    assert gc.isenabled()
 
 
 def test_missing_handler_named():
