@@ -244,7 +244,8 @@ class Engine:
                        eos_token_id, on_step, full_logits)
         try:
             trace = execute(entries, run.handlers(), overlap=policy.overlap)
-        finally:
+        finally:  # an early stop (EOS) or an error leaves passes holding slots
+            self.weights.release_all()
             if reserved:
                 self.store.unreserve("kv_cache")
         self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run,

@@ -12,7 +12,9 @@ buffer: layer i computes in one while layer i+1 fills the other). Claiming a slo
 the layer's resident prefix in; `prefetch_page` issues `jax.device_put(page)` and a
 donated, in-place `dynamic_update_slice` of it into the slot, so no per-layer buffer is
 ever allocated and pages are independently issuable in any order. `wait(layer)` returns
-the slot's arrays; they stay valid until `release(layer)` hands the slot back.
+the slot's arrays; they stay valid until `release(layer)` hands the slot back. A slot
+belongs to one *pass*, (layer, step): a model with a single MoE layer runs that layer
+in every step, and pass step+1 fills the other slot while step computes in this one.
 
 Device bytes (every one accounted, `device_bytes_by_kind`):
   non_expert        embedding, LM head, norms, attention, routers, dense MLPs
@@ -102,7 +104,7 @@ class StorePlan:
         w, s = self.layer_bytes, self.streaming
         return {"non_expert": self.non_expert_bytes,
                 "resident_experts": self.num_moe_layers * (w - self.streamed_bytes),
-                "stream_slots": min(2, self.num_moe_layers) * w if s else 0,
+                "stream_slots": 2 * w if s and self.num_moe_layers else 0,
                 "page_staging": self.streamed_bytes if s else 0}
 
     def device_bytes(self) -> int:
@@ -198,7 +200,7 @@ def _write(buf: jax.Array, data: jax.Array, offset) -> jax.Array:
 
 @dataclass
 class _Slot:
-    layer: int | None = None
+    key: tuple[int, int] | None = None  # (layer, step) of the pass that holds it
     bufs: list | None = None  # [w1, w3, w2] device arrays of full shape
     issued: set = field(default_factory=set)
 
@@ -246,7 +248,7 @@ class HostWeightStore:
         self._layers: dict[int, dict] = {i: {} for i in range(cfg.num_layers)}
         self._resident: dict[int, dict[str, jax.Array]] = {}
         self._host: dict[int, list] = {}
-        self._slots = [_Slot() for _ in range(min(2, cfg.num_moe_layers))]
+        self._slots = [_Slot() for _ in range(2 if cfg.num_moe_layers else 0)]
         self._placed: set[Path] = set()
 
     # ---------------------------------------------------------------- accounting
@@ -414,16 +416,19 @@ class HostWeightStore:
             raise ValueError(f"page {page!r} outside [0, {n}) for layer {layer}")
 
     # ------------------------------------------------------------------ streaming
-    def _slot_of(self, layer: int) -> _Slot:
-        """The layer's slot, claimed (and its resident prefix copied in) on first use."""
+    def _slot_of(self, layer: int, step: int) -> _Slot:
+        """The pass's slot, claimed (and the layer's resident prefix copied in) on first
+        use."""
+        key = (layer, step)
         for s in self._slots:
-            if s.layer == layer:
+            if s.key == key:
                 return s
-        free = [s for s in self._slots if s.layer is None]
+        free = [s for s in self._slots if s.key is None]
         if not free:
-            busy = [s.layer for s in self._slots]
-            raise RuntimeError(f"prefetch of layer {layer}: both stream slots are busy "
-                               f"(layers {busy}); release() one first")
+            busy = [s.key for s in self._slots]
+            raise RuntimeError(f"prefetch of layer {layer} (step {step}): both stream "
+                               f"slots are busy ((layer, step) {busy}); release() one "
+                               "first")
         s = free[0]
         if s.bufs is None:
             s.bufs = [jnp.zeros(shape, self._dtype, device=self._dev)
@@ -432,19 +437,20 @@ class HostWeightStore:
             res = self._resident.get(layer, {}).get(name)
             if res is not None:
                 s.bufs[t] = _write(s.bufs[t], res, np.int32(0))
-        s.layer, s.issued = layer, set()
+        s.key, s.issued = key, set()
         return s
 
-    def prefetch_page(self, layer: int, page: int) -> jax.Array | None:
-        """Start copying streamed page `page` of `layer` into its slot; returns at once
-        (an async `device_put` and an async in-place copy) the slot tensor the page is
-        written into — block on it to wait for this page. Re-issuing is a no-op (None)."""
+    def prefetch_page(self, layer: int, page: int, step: int = 0) -> jax.Array | None:
+        """Start copying streamed page `page` of `layer` into the slot of pass
+        (layer, step); returns at once (an async `device_put` and an async in-place
+        copy) the slot tensor the page is written into — block on it to wait for this
+        page. Re-issuing is a no-op (None)."""
         self._check_page(layer, page)
         with self._lock:
             host = self._host.get(layer, [None] * (page + 1))[page]
             if host is None:
                 raise ValueError(f"layer {layer} page {page} was never placed")
-            s = self._slot_of(layer)
+            s = self._slot_of(layer, step)
             if page in s.issued:
                 return None
             p = self.plan.streamed_pages[page]
@@ -453,30 +459,37 @@ class HostWeightStore:
             s.issued.add(page)
             return s.bufs[t]
 
-    def prefetch(self, layer: int) -> None:
+    def prefetch(self, layer: int, step: int = 0) -> None:
         """prefetch_page for every streamed page of the layer (returns at once)."""
         for page in range(self.num_pages(layer)):
-            self.prefetch_page(layer, page)
+            self.prefetch_page(layer, page, step)
 
-    def wait(self, layer: int) -> dict[str, jax.Array]:
+    def wait(self, layer: int, step: int = 0) -> dict[str, jax.Array]:
         """{'w1', 'w3', 'w2'}: the layer's full experts on the device, once every page
-        has landed (pages not yet prefetched are issued now). Valid until release()."""
+        of pass (layer, step) has landed (pages not yet prefetched are issued now).
+        Valid until release()."""
         self._check_layer(layer)
         if not self.cfg.is_moe_layer(layer):
             raise ValueError(f"layer {layer} is dense: it has no experts")
         if not self.plan.streaming:
             return dict(self._resident[layer])
-        self.prefetch(layer)
+        self.prefetch(layer, step)
         with self._lock:
-            bufs = list(self._slot_of(layer).bufs)
+            bufs = list(self._slot_of(layer, step).bufs)
         jax.block_until_ready(bufs)
         return dict(zip(EXPERTS, bufs))
 
-    def release(self, layer: int) -> None:
-        """The layer is done with its slot (its arrays from wait() become invalid as soon
-        as another layer's pages are written there)."""
+    def release(self, layer: int, step: int = 0) -> None:
+        """Pass (layer, step) is done with its slot (its arrays from wait() become
+        invalid as soon as another pass's pages are written there)."""
         self._check_layer(layer)
         with self._lock:
             for s in self._slots:
-                if s.layer == layer:
-                    s.layer, s.issued = None, set()
+                if s.key == (layer, step):
+                    s.key, s.issued = None, set()
+
+    def release_all(self) -> None:
+        """Every slot back (after a run that stopped early or failed)."""
+        with self._lock:
+            for s in self._slots:
+                s.key, s.issued = None, set()

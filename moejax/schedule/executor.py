@@ -137,10 +137,13 @@ class DeviceWeights:
     def num_pages(self, layer: int) -> int:
         return 0
 
-    def wait(self, layer: int) -> dict:
+    def wait(self, layer: int, step: int = 0) -> dict:
         return self.params[f"layers_{layer}"]["experts"]
 
-    def release(self, layer: int) -> None:
+    def release(self, layer: int, step: int = 0) -> None:
+        pass
+
+    def release_all(self) -> None:
         pass
 
 
@@ -201,7 +204,7 @@ class BatchRun:
 
     # --------------------------------------------------------------- transfers
     def _page(self, e):
-        buf = self.w.prefetch_page(e.layer, e.page)
+        buf = self.w.prefetch_page(e.layer, e.page, e.step)
         if buf is not None:
             buf.block_until_ready()
 
@@ -269,7 +272,7 @@ class BatchRun:
         moe = cfg.is_moe_layer(i)
         lp = self.w.device_params(i)
         if moe:
-            lp = {**lp, "experts": self.w.wait(i)}
+            lp = {**lp, "experts": self.w.wait(i, e.step)}
         o = self.o.pop((e.step, i, k))
         h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
         if moe:  # read after the run: no sync here
@@ -279,7 +282,7 @@ class BatchRun:
             cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
         self.x[k] = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap).block_until_ready()
         if moe and k == self.policy.num_micro_batches - 1:
-            self.w.release(i)
+            self.w.release(i, e.step)
 
     def _head(self, e):
         import jax.numpy as jnp

@@ -128,6 +128,21 @@ def test_third_layer_needs_a_released_slot(model):
     store.prefetch(2)
 
 
+def test_one_layer_in_two_steps_takes_both_slots():
+    cfg = CFG.replace(num_layers=1)  # a single MoE layer: every pass is layer 0
+    store = HostWeightStore.from_params(cfg, MoEModel.random(cfg, seed=4).params,
+                                        page_bytes=4 * 4000)
+    held = store.wait(0, step=1)
+    before = {k: np.asarray(v).copy() for k, v in held.items()}
+    store.prefetch(0, step=2)  # the next step's pass fills the other slot …
+    with pytest.raises(RuntimeError, match="both stream slots are busy"):
+        store.prefetch(0, step=3)
+    for k, v in held.items():  # … and leaves this one's arrays alone
+        np.testing.assert_array_equal(np.asarray(v), before[k])
+    store.release_all()
+    store.prefetch(0, step=3)
+
+
 def test_host_pages_are_pinned_where_offered(model):
     store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 4000)
     page = store._host[0][0]

@@ -65,6 +65,21 @@ def test_eos_stops_early_with_the_executor(model, prompts, reference):
         assert got == (full[:full.index(eos) + 1] if eos in full else full)
 
 
+def test_single_moe_layer_overlapped_matches_serial(prompts):
+    cfg = CFG.replace(num_layers=1)  # consecutive passes stream the same layer
+    one = MoEModel.random(cfg, seed=5)
+    serial = moejax.Engine(one, policy=_policy(overlap=False)).generate(prompts, 6)
+    eng = moejax.Engine(one, policy=_policy())
+    for _ in range(3):  # racy before passes had their own slots: fails most runs
+        assert eng.generate(prompts, 6) == serial
+
+
+def test_run_after_an_eos_stop_reuses_the_slots(model, prompts, reference):
+    eng = moejax.Engine(model, policy=_policy())
+    eng.generate(prompts, 5, eos_token_id=reference[0][0])  # stops after step 1
+    assert eng.generate(prompts, 5) == reference
+
+
 def test_progress_reports_every_token(model, prompts):
     seen = []
     moejax.Engine(model, policy=_policy()).generate(prompts, 4, progress=lambda d, n:
