@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from experiments.cli import fail
+
 GB = 1e9
 
 
@@ -17,23 +19,42 @@ def policy_dict(p) -> dict:
                                        "kv_cache_device", "page_bytes", "overlap")}
 
 
-def local_model(setup, checkpoint: str | None = None, hidden_size: int = 768,
-                num_layers: int = 8):
-    """(MoEModel, note): the checkpoint, or the preset's architecture scaled to fit."""
-    from moejax import MoEModel, load_pretrained
+def local_config(setup, checkpoint: str | None = None, hidden_size: int = 768,
+                 num_layers: int = 8):
+    """(ModelConfig, note) of what runs here, before any weight is read: the
+    checkpoint's (float32), or the preset's architecture scaled to fit (random
+    weights); the note says which, plainly."""
     from moejax.model_config.setups import scaled_for_local
 
     if checkpoint:
+        from moejax.checkpoints import checkpoint_config
         try:
-            return load_pretrained(checkpoint, dtype="float32"), f"checkpoint {checkpoint}"
+            cfg = checkpoint_config(checkpoint).replace(dtype="float32")
         except ValueError as e:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: {e}")
-    cfg = scaled_for_local(setup.model, hidden_size=hidden_size, num_layers=num_layers)
-    note = (f"{setup.model.name} ({setup.model.weight_bytes() / GB:.1f} GB) does not fit "
-            f"this machine: ran its architecture scaled to {cfg.name} (hidden "
-            f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
-            f"{cfg.top_k}, {cfg.weight_bytes() / GB:.2f} GB float32, random weights)")
-    return MoEModel.random(cfg, seed=0), note
+            fail(str(e))
+        return cfg, f"checkpoint {checkpoint} ({cfg.name}, float32)"
+    full = setup.model
+    cfg = scaled_for_local(full, hidden_size=hidden_size, num_layers=num_layers)
+    shape = (f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} "
+             f"experts top-{cfg.top_k}, {cfg.weight_bytes() / GB:.2f} GB float32, random "
+             "weights")
+    if cfg.name == full.name:
+        return cfg, f"{full.name} itself ({shape})"
+    return cfg, (f"{full.name} ({full.weight_bytes() / GB:.1f} GB) does not fit this "
+                 f"machine: ran its architecture scaled to {cfg.name} ({shape})")
+
+
+def local_model(cfg, checkpoint: str | None = None):
+    """The MoEModel of `local_config`: the checkpoint's weights (experts left in host
+    memory for the engine's store to adopt, no second copy), or random ones."""
+    from moejax import MoEModel, load_pretrained
+
+    if checkpoint:
+        try:
+            return load_pretrained(checkpoint, dtype=cfg.dtype, experts="host")
+        except ValueError as e:
+            fail(str(e))
+    return MoEModel.random(cfg, seed=0)
 
 
 def local_hardware(cfg, fresh: bool = False):

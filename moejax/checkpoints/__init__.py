@@ -27,17 +27,26 @@ def _read(path: str, dtype: str | None, place) -> tuple[ModelConfig, dict]:
     """(config, params) of a native or HF checkpoint directory, leaves through `place`."""
     path = os.fspath(path)
     place = _bounded(place or jax.device_put)
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint directory {path!r} does not exist")
+    cfg = checkpoint_config(path)
     if is_native_checkpoint(path):
         with loading_memory():
             return load_native(path, dtype, place)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    with loading_memory():
+        return cfg, load_hf_params(path, cfg, place)
+
+
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a native or HF checkpoint directory, read from its metadata
+    alone (no tensor is read); ValueError when `path` is not a checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint directory {path!r} does not exist")
+    if is_native_checkpoint(path):
+        return native_config(path)
     if is_hf_checkpoint(path):
-        cfg = ModelConfig.from_hf(path)
-        if dtype is not None:
-            cfg = cfg.replace(dtype=dtype)
-        with loading_memory():
-            return cfg, load_hf_params(path, cfg, place)
+        return ModelConfig.from_hf(path)
     raise ValueError(f"{path!r} is not a checkpoint: expected moejax_native.json (native) "
                      "or config.json with model.safetensors[.index.json] (HF)")
 
@@ -70,12 +79,7 @@ def load_store(path: str | os.PathLike, dtype: str | None = None, **store_knobs)
     from moejax.host_offload.weight_store import HostWeightStore
 
     path = os.fspath(path)
-    if os.path.isdir(path) and is_native_checkpoint(path):
-        cfg = native_config(path)
-    elif os.path.isdir(path) and is_hf_checkpoint(path):
-        cfg = ModelConfig.from_hf(path)
-    else:
-        return _read(path, dtype, None)  # raises the right ValueError
+    cfg = checkpoint_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     store = HostWeightStore(cfg, **store_knobs)
@@ -84,5 +88,5 @@ def load_store(path: str | os.PathLike, dtype: str | None = None, **store_knobs)
     return store
 
 
-__all__ = ["load_pretrained", "load_store", "load_hf_params", "load_native",
+__all__ = ["checkpoint_config", "load_pretrained", "load_store", "load_hf_params", "load_native",
            "is_hf_checkpoint", "is_native_checkpoint"]

@@ -176,8 +176,10 @@ def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
 # -------------------------------------------------------------------- host ops
 def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
                     kv_bytes_per_elem=None, concurrent_host_bytes=0.0):
-    """CPU decode attention of `tokens` queries over `context_len` cached keys each,
-    appending the new k, v (DESIGN.md §2 step 3).
+    """CPU decode attention of `tokens` queries, each appending its new k, v and reading
+    `context_len` + 1 keys' k, v (DESIGN.md §2 step 3). The timeline's context already
+    counts the new token, so this prices one key more than runs — a ~1/context
+    overestimate that the calibration, fitted with this same formula, absorbs.
 
     time = t_call + max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes)
     / B_host): t_call the calibrated fixed cost of one call, B_attn the calibrated

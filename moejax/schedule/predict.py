@@ -87,13 +87,14 @@ def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> 
 # ---------------------------------------------------------------------- memory
 def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
                  attention_device: str = "cpu", kv_cache_device: str = "cpu"):
-    """(peak device bytes, peak host bytes); NumPy-broadcastable, affine in wg.
+    """(peak device bytes, peak host bytes); NumPy-broadcastable, affine in wg on
+    [0, 1) and lower at wg = 1, where nothing streams.
 
     device = non-expert weights + wg·experts + stream buffers + max(prefill, decode)
              activations [+ KV cache if on gpu]; stream buffers mirror HostWeightStore's
-             accounting (host_offload/weight_store.py): two full-layer slots, 2·W_E, where
-             streamed pages are assembled next to the resident prefix, plus (1−wg)·W_E of
-             pages in flight (for wg = 1 this over-counts: nothing streams then)
+             accounting (host_offload/weight_store.py): for wg < 1, two full-layer
+             slots, 2·W_E, where streamed pages are assembled next to the resident
+             prefix, plus (1−wg)·W_E of pages in flight; none at wg = 1
     host   = (1−wg)·experts [+ KV cache] + activation staging for the whole batch."""
     m, s, n = model, workload.prompt_len, workload.gen_len
     b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
@@ -116,8 +117,8 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
             decode = decode + 2 * costs.kv_bytes(m, ubs * (s + n), workload.kv_bytes_per_elem)
     # prefill: every prompt's hidden states, one micro-batch at a time, fp32 scores
     prefill = big_n * s * h * b + working_set(ubs * s) + ubs * m.num_heads * s * s * 4 + logits
-    stream = (min(2, m.num_moe_layers) * m.expert_bytes_per_layer()
-              + costs.streamed_expert_bytes(m, wg)) if m.num_moe_layers else 0.0
+    stream = np.where(np.asarray(wg) < 1, 2 * m.expert_bytes_per_layer()
+                      + costs.streamed_expert_bytes(m, wg), 0.0) if m.num_moe_layers else 0.0
     device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
               + np.maximum(prefill, decode) + (kv_total if kv_cache_device == "gpu" else 0))
     host = ((1 - wg) * m.expert_bytes_total() + (kv_total if kv_cache_device == "cpu" else 0)

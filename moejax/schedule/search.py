@@ -10,8 +10,9 @@ micro-batch of 32 (`ubs_grid`);
 every feasible number of micro-batches (memory grows with both, so each loop stops at
 the first infeasible value). The inner problem over wg is exact: predicted time is
 non-increasing in wg (only the streamed bytes depend on it) and both memories are affine
-in it, so the best wg is the largest the device budget allows (rounded down to 1e-6),
-provided the host budget still holds. The grid does not depend on the hardware, so more
+in it below 1, so the best wg is the largest the device budget allows (rounded down to
+1e-6), provided the host budget still holds — or exactly 1 where everything fits
+resident, which needs no stream buffers. The grid does not depend on the hardware, so more
 host memory or a faster link can never lower the optimum. Deterministic: the first best
 candidate in grid order wins.
 """
@@ -47,16 +48,21 @@ def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
     """Largest feasible wg per candidate (NaN where none fits)."""
     dev_cap, host_cap = budgets
     d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement)
-    d1, h1 = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)
-    lo, hi = _interval(d0, d1 - d0, dev_cap)
-    host_terms = [(h0, h1 - h0)]
+    dh, hh = memory_bytes(model, wl, ubs, n_ub, 0.5, *placement)  # affine below 1
+    lo, hi = _interval(d0, 2 * (dh - d0), dev_cap)
+    host_terms = [(h0, 2 * (hh - h0))]
     if hw.device_is_host:  # device and host share the same RAM
-        host_terms.append((d0 + h0, d1 + h1 - d0 - h0))
+        host_terms.append((d0 + h0, 2 * (dh + hh - d0 - h0)))
     for a, b in host_terms:
         lo2, hi2 = _interval(a, b, host_cap)
         lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
-    wg = np.floor(hi / WG_STEP) / (1 / WG_STEP)
-    return np.where(wg >= np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, wg, np.nan)
+    wg = np.floor(np.minimum(hi, 1 - WG_STEP) / WG_STEP) / (1 / WG_STEP)
+    wg = np.where(wg >= np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, wg, np.nan)
+    d1, h1 = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)  # no stream buffers
+    fits = (d1 <= dev_cap) & (h1 <= host_cap)
+    if hw.device_is_host:
+        fits = fits & (d1 + h1 <= host_cap)
+    return np.where(fits, 1.0, wg)
 
 
 def _max_feasible(ok, limit: int) -> int:
@@ -78,7 +84,8 @@ def _max_feasible(ok, limit: int) -> int:
 def _infeasible_error(model, hw, wl, budgets) -> ValueError:
     dev_cap, host_cap = budgets
     d0, h0 = memory_bytes(model, wl, 1, 1, 0.0)
-    d1, h1 = memory_bytes(model, wl, 1, 1, 1.0)
+    dh, hh = memory_bytes(model, wl, 1, 1, 0.5)
+    d1, h1 = 2 * dh - d0, 2 * hh - h0  # the affine line's end, stream buffers counted
     parts = []
     if min(d0, d1) > dev_cap:
         parts.append(f"device memory is short by {(min(d0, d1) - dev_cap) / GiB:.2f} GiB "

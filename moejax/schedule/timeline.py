@@ -201,7 +201,10 @@ def stage_seconds(entries: list[Entry], end_s, stage: str) -> float:
     """Wall time of a stage given every entry's end time: from the end of the previous
     stage's last non-page entry (0 for prefill) to the end of this stage's last entry.
     Pages of a stage's first layer stream during the previous stage, as in steady state.
-    Shared by the simulator (predicted ends) and the executor's trace (measured ends)."""
+    Shared by the simulator (predicted ends) and the executor's trace (measured ends).
+    0 for a stage with no entries (a 1-token generation has no decode step)."""
     end_of = lambda st: max((end_s[e.id] for e in entries
                              if e.stage == st and e.op != "page"), default=0.0)
+    if not any(e.stage == stage for e in entries):
+        return 0.0
     return float(end_of(stage) - (end_of("prefill") if stage == "decode" else 0.0))

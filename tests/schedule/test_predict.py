@@ -102,10 +102,12 @@ def test_memory_hand_computed():
     assert dev == pytest.approx(2672)
     # host: 0.75·1152 streamed experts + KV 6·5·24 + staging 6·12·2
     assert host == pytest.approx(1728)
-    d1, h1 = memory_bytes(M, WL, 2, 3, 1.0)
+    dh, hh = memory_bytes(M, WL, 2, 3, 0.5)
     d0, h0 = memory_bytes(M, WL, 2, 3, 0.0)
-    assert dev == pytest.approx(d0 + 0.25 * (d1 - d0))  # affine in wg
-    assert host == pytest.approx(h0 + 0.25 * (h1 - h0))
+    assert dev == pytest.approx(d0 + 0.5 * (dh - d0))  # affine in wg below 1
+    assert host == pytest.approx(h0 + 0.5 * (hh - h0))
+    d1, _ = memory_bytes(M, WL, 2, 3, 1.0)  # all resident: no slots, no pages
+    assert d1 == pytest.approx(2 * dh - d0 - 2 * 384)
     dk, hk = memory_bytes(M, WL, 2, 3, 0.25, "gpu", "gpu")
     assert hk == pytest.approx(host - 720) and dk > dev + 720 - 1e-9
 

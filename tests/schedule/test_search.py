@@ -111,3 +111,13 @@ def test_bad_arguments():
         search_policy(MIXTRAL, get_hardware("l4"), MTBENCH, device_memory_bytes=-1)
     with pytest.raises(ValueError, match="hw='l4'"):
         search_policy(MIXTRAL, "l4", MTBENCH)
+
+
+def test_keeps_everything_resident_where_only_the_stream_buffers_do_not_fit():
+    hw, wl = get_hardware("h100"), Workload(77, 32, num_sequences=8)
+    resident, _ = memory_bytes(MIXTRAL, wl, 4, 2, 1.0)  # wg = 1: no stream buffers
+    streaming, _ = memory_bytes(MIXTRAL, wl, 4, 2, 1.0 - 1e-6)
+    assert streaming > resident + 1.99 * MIXTRAL.expert_bytes_per_layer()
+    policy, pred = search_policy(MIXTRAL, hw, wl, device_memory_bytes=resident * 1.001)
+    assert policy.gpu_weight_fraction == 1.0
+    _within_budgets(MIXTRAL, hw, wl, policy, pred, resident * 1.001)

@@ -2,13 +2,14 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from moejax.model_config import get_model
 from moejax.model_config.hardware import get_hardware
 from moejax.schedule.policy import Policy
 from moejax.schedule.simulate import simulate
-from moejax.schedule.timeline import StreamPlan, build_timeline
+from moejax.schedule.timeline import StreamPlan, build_timeline, stage_seconds
 
 CFG = get_model("tiny_mixtral")  # 2 layers, 4 experts; W_E = 4·3·64·96·4 B = 294912 B
 
@@ -120,3 +121,10 @@ def test_first_page_of_a_pass_copies_the_resident_prefix():
     pages = [e for e in tl if e.op == "page"]
     assert all(e.copy_bytes == (plan.resident_nbytes[e.layer] if e.page == 0 else 0)
                for e in pages)
+
+
+def test_a_timeline_without_decode_steps_has_zero_decode_time():
+    pol, tl = _timeline(steps=0)
+    end = np.arange(1, len(tl) + 1, dtype=float)
+    assert stage_seconds(tl, end, "decode") == 0.0
+    assert stage_seconds(tl, end, "prefill") > 0

@@ -1,0 +1,58 @@
+"""What every experiment entry point shares about its command line: one-line errors,
+output paths checked before any work starts, and quiet library logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+
+def prog() -> str:
+    """The entry point's short name: `python -m experiments.throughput` → throughput."""
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0]
+
+
+def fail(msg: str):
+    """Exit non-zero with one line naming the entry point."""
+    sys.exit(f"{prog()}: {msg}")
+
+
+def no_extra_args(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def writable(path: str) -> bool:
+    """Whether a file can be written at `path`: it is an existing writable file, or its
+    nearest existing ancestor is a writable directory (the rest is created)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return os.path.isfile(path) and os.access(path, os.W_OK)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+
+
+def output_flag(name: str, suffix: str | None = None, allow_empty: bool = False) -> None:
+    """Validate the output-path flag `name` at start-up: a writable location (and the
+    `suffix`, if given), so a bad path fails before a long run, not after it."""
+    def ok(v):
+        if v is None or (allow_empty and v == ""):
+            return True
+        return (suffix is None or v.lower().endswith(suffix)) and writable(
+            v.replace("{config}", "x"))
+    flags.register_validator(name, ok, message="must be a writable "
+                             + (f"{suffix} " if suffix else "") + "file path")
+
+
+def quiet_logs() -> None:
+    """Library INFO chatter off (JAX's backend probing, orbax's per-step lines)."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax._src.xla_bridge", "absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
