@@ -39,6 +39,21 @@ from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
 
 ATTENTION_DEVICES = ("cpu", "gpu")
 MICRO_BATCH_CHOICES = (1, 2, 4, 8)  # micro-batch counts the local search considers
+# Of a device budget given alone (no wg, no policy), the share the store leaves to
+# activations when it picks how many experts stay resident (the batch is not known yet).
+ACTIVATION_SHARE = 0.1
+
+
+def _budget_wg(cfg, page_bytes, budget) -> float | None:
+    """The resident fraction a device budget alone buys: the most resident pages that
+    leave ACTIVATION_SHARE of it free; None (the store then fills the whole budget, or
+    names the shortfall) when even streaming everything does not leave that much."""
+    from moejax.host_offload.weight_store import make_plan
+    try:
+        return make_plan(cfg, page_bytes, None, budget,
+                         reserved_bytes=int(ACTIVATION_SHARE * budget)).gpu_weight_fraction
+    except (ValueError, TypeError):
+        return None
 
 
 def bucket(n: int, multiple: int = 16) -> int:
@@ -161,6 +176,9 @@ class Engine:
                 raise ValueError("a HostWeightStore was given: its knobs are already set")
             self.store = model
         elif self.offload:
+            if device_memory_bytes is not None and gpu_weight_fraction is None:
+                store_knobs["gpu_weight_fraction"] = _budget_wg(self.cfg, page_bytes,
+                                                                device_memory_bytes)
             self.store = HostWeightStore.from_params(self.cfg, model.params,
                                                      host_memory=host_memory, **store_knobs)
         self.weights = self.store if self.store is not None else DeviceWeights(
@@ -200,12 +218,47 @@ class Engine:
             if n > 1 and ubs * (n - 1) >= batch:
                 continue
             pol = self._base_policy(ubs, n)
+            need = self._device_need(pol, prompt_len, gen_len)
+            fits = need is None or need[0] <= need[1]
             tps = predict(self.cfg, hw, wl, pol).tokens_per_s
-            if best is None or tps > best[0]:
-                best = (tps, pol)
-        return best[1]
+            if best is None or (fits, tps) > best[:2]:  # the fastest that fits, if any
+                best = (fits, tps, pol)
+        return best[2]
 
     # ------------------------------------------------------------------ running
+    def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
+        """(predicted peak device bytes, budget) of a batch, or None without a budget:
+        `predict.memory_bytes` — weights, stream buffers, activations, a device KV
+        cache — the figure the search keeps within budget."""
+        budget = self.store.budget if self.store is not None else None
+        if budget is None:
+            return None
+        from moejax.model_config.workload import Workload
+        from moejax.schedule.predict import memory_bytes
+
+        kvb = 1 if self.kv_dtype == "int8" else None
+        dev, _ = memory_bytes(self.cfg, Workload(prompt_len, gen_len, kv_bytes_per_elem=kvb),
+                              policy.micro_batch_size, policy.num_micro_batches,
+                              self.store.gpu_weight_fraction, policy.attention_device,
+                              policy.kv_cache_device)
+        return float(dev), budget
+
+    def _check_fits(self, policy: Policy, prompt_len: int, gen_len: int) -> None:
+        """ValueError before anything runs when the batch's predicted peak device bytes
+        (`_device_need`) exceed the store's budget."""
+        need = self._device_need(policy, prompt_len, gen_len)
+        if need is None:
+            return
+        dev, budget = need
+        if dev > budget:
+            raise ValueError(
+                f"a batch of {policy.batch_size} ({policy.micro_batch_size}×"
+                f"{policy.num_micro_batches}), prompt {prompt_len}, {gen_len} new tokens, "
+                f"attention on the {policy.attention_device} needs ~{dev / 2**30:.2f} GiB "
+                f"of device memory; device_memory_bytes={budget} ({budget / 2**30:.2f} "
+                "GiB) is too small: use smaller micro-batches or a lower "
+                "gpu_weight_fraction")
+
     def _stream_plan(self) -> StreamPlan:
         w, n = self.weights, self.cfg.num_layers
         pages = tuple(tuple(w.page_bytes(i, p) for p in range(w.num_pages(i)))
@@ -219,7 +272,7 @@ class Engine:
         cfg, b = self.cfg, len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
         t = bucket(int(lens.max()))
-        policy = self.policy_for(b, int(lens.max()), max_new_tokens)
+        policy = self.policy_for(b, t, max_new_tokens)
         rows = policy.batch_size
         tokens = np.zeros((rows, t), np.int32)
         for r in range(rows):  # padding rows repeat prompt 0; their output is dropped
@@ -227,6 +280,7 @@ class Engine:
             tokens[r, :len(p)] = p
         lens = np.concatenate([lens, np.full(rows - b, lens[0])])
         steps = max_new_tokens - 1
+        self._check_fits(policy, t, max_new_tokens)
         entries = build_timeline(cfg, policy, t, steps, self._stream_plan())
         cache_len = int(lens.max()) + max_new_tokens
         kv, reserved = None, False

@@ -6,6 +6,8 @@ import pytest
 import moejax
 from moejax.host_offload import make_plan
 from moejax.model import MoEModel
+from moejax.model_config.workload import Workload
+from moejax.schedule.predict import memory_bytes
 from tests.oracle import hf_model, rel_err
 
 NEW = 6
@@ -59,12 +61,36 @@ def test_greedy_tokens_identical(model, prompts, reference, knobs):
     assert moejax.Engine(model, **knobs).generate(prompts, NEW) == reference
 
 
-def test_budget_that_forces_streaming_every_expert(model, prompts, reference):
-    budget = make_plan(model.config, 4 * 1000, 0.0).device_bytes()
-    e = moejax.Engine(model, device_memory_bytes=budget, page_bytes=4 * 1000)
-    assert e.store.gpu_weight_fraction == 0 and e.store.num_pages(0) > 0
+def _need(model, wg, **kw):
+    """Predicted peak device bytes of the prompts' batch as one micro-batch (prompts
+    pad to 16 positions)."""
+    return int(memory_bytes(model.config, Workload(16, NEW), 4, 1, wg, **kw)[0])
+
+
+def test_budget_that_fits_only_streaming_every_expert(model, prompts, reference):
+    budget = _need(model, 0.0)
+    e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
+                      page_bytes=4 * 1000)
+    assert e.store.num_pages(0) > 0
     assert e.store.device_bytes <= budget
     assert e.generate(prompts, NEW) == reference
+
+
+def test_budget_alone_leaves_room_for_activations(model):
+    budget = int(1.2 * make_plan(model.config, 4 * 1000, 0.0).device_bytes())
+    e = moejax.Engine(model, device_memory_bytes=budget, page_bytes=4 * 1000)
+    assert 0 < e.store.gpu_weight_fraction < 1
+    assert e.store.device_bytes <= (1 - moejax.engine.ACTIVATION_SHARE) * budget
+
+
+def test_batch_whose_activations_do_not_fit_is_refused_before_running(model, prompts):
+    budget = make_plan(model.config, 4 * 1000, 0.0).device_bytes()  # weights only
+    e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
+                      page_bytes=4 * 1000)
+    with pytest.raises(ValueError, match=r"needs ~.* GiB of device memory; "
+                                         rf"device_memory_bytes={budget} "):
+        e.generate(prompts, NEW)
+    assert e.last_run is None
 
 
 @pytest.mark.parametrize("knobs", [dict(gpu_weight_fraction=0.0),
@@ -114,8 +140,9 @@ def test_bad_knobs(model, knobs, needle):
 
 
 def test_device_kv_cache_over_budget_is_refused(model, prompts):
-    budget = make_plan(model.config, 4 * 1000, 0.0).device_bytes()
-    e = moejax.Engine(model, device_memory_bytes=budget, page_bytes=4 * 1000,
-                      attention_device="gpu")
-    with pytest.raises(ValueError, match="reservation 'kv_cache'"):
+    kw = dict(attention_device="gpu", kv_cache_device="gpu")
+    budget = _need(model, 0.0, **kw) - 1
+    e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
+                      page_bytes=4 * 1000, attention_device="gpu", micro_batch_size=4)
+    with pytest.raises(ValueError, match="attention on the gpu needs ~"):
         e.generate(prompts, NEW)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from moejax.host_offload.cpu_attention import CPUAttention, decode_rows, prefill_row
-from moejax.host_offload.memory import default_device, device_sharding
+from moejax.host_offload.memory import available_host_bytes, default_device, device_sharding
 from moejax.model_config.model import ModelConfig
 
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -67,6 +67,12 @@ class HostKVCache:
         self._out_dtype = jax.numpy.dtype(cfg.dtype)
         dt = np.dtype(jax.numpy.dtype(kv_dtype))
         B, H, d, S = self.batch_size, cfg.num_kv_heads, cfg.head_dim, self.max_len
+        need = 2 * cfg.num_layers * B * H * S * (d * dt.itemsize + 4 * self.int8)
+        free = available_host_bytes()
+        if free is not None and need > free:  # np.zeros would commit it lazily: OOM later
+            raise ValueError(f"the host KV cache of {B} sequences × {S} positions needs "
+                             f"{need / 2**30:.2f} GiB; only {free / 2**30:.2f} GiB of host "
+                             "memory is available")
         self.k = [np.zeros((B, H, S, d), dt) for _ in range(cfg.num_layers)]
         self.v = [np.zeros((B, H, S, d), dt) for _ in range(cfg.num_layers)]
         self.k_scale = [np.ones((B, H, S), np.float32) for _ in range(cfg.num_layers)] \

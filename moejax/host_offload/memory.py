@@ -46,6 +46,19 @@ def check_host_memory(kind: str) -> str:
     return kind
 
 
+def available_host_bytes() -> int | None:
+    """Host RAM the kernel can still hand out (MemAvailable of /proc/meminfo), or None
+    where that is not readable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def to_host_copy(x) -> np.ndarray:
     """D2H: a NumPy copy that owns its memory (never a view of a device buffer)."""
     return np.array(x, copy=True)

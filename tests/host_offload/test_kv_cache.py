@@ -138,3 +138,8 @@ def test_bad_rows_and_positions(rows, pos, needle):
 def test_bad_cache_arguments(kw, needle):
     with pytest.raises(ValueError, match=needle):
         HostKVCache(CFG, **{"batch_size": B, "max_len": S, **kw})
+
+
+def test_cache_larger_than_free_host_memory_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"host KV cache of 1000000 sequences .* needs"):
+        HostKVCache(CFG, 1_000_000, 100_000)
