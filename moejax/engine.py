@@ -56,6 +56,20 @@ def _budget_wg(cfg, page_bytes, budget) -> float | None:
         return None
 
 
+def _check_policy_matches(store: HostWeightStore, policy: Policy) -> None:
+    """A policy run on a ready-made store must place the experts as the store does."""
+    from moejax.host_offload.weight_store import make_plan
+
+    plan = make_plan(store.cfg, policy.page_bytes, policy.gpu_weight_fraction)
+    if (plan.page_bytes, plan.num_resident) != (store.plan.page_bytes,
+                                                store.plan.num_resident):
+        raise ValueError(
+            f"policy (gpu_weight_fraction={policy.gpu_weight_fraction:.6g}, page_bytes="
+            f"{policy.page_bytes}) does not place experts as the HostWeightStore does "
+            f"(gpu_weight_fraction={store.gpu_weight_fraction:.6g}, page_bytes="
+            f"{store.plan.page_bytes})")
+
+
 def bucket(n: int, multiple: int = 16) -> int:
     """Round a length up to a multiple of 16, so shapes (and compilations) repeat across
     calls while padding stays below 16 positions."""
@@ -69,13 +83,19 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if eos_token_id is not None and not 0 <= eos_token_id < cfg.vocab_size:
-        raise ValueError(f"eos_token_id {eos_token_id} outside the vocabulary "
-                         f"[0, {cfg.vocab_size})")
+    eos_ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    for e in eos_ids if eos_token_id is not None else ():
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) \
+                or not 0 <= e < cfg.vocab_size:
+            raise ValueError(f"eos_token_id {eos_token_id!r}: {e!r} is not a token id in "
+                             f"[0, {cfg.vocab_size})")
     for i, p in enumerate(prompts):
-        if not hasattr(p, "__len__") or len(p) == 0:
+        if not isinstance(p, (list, tuple, np.ndarray)):
+            raise ValueError(f"prompt {i} must be a list of token ids, got "
+                             f"{type(p).__name__} {p!r}")
+        if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in p if not isinstance(t, (int, np.integer))
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, (int, np.integer))
                or not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary "
@@ -172,8 +192,11 @@ class Engine:
         self.model = None if is_store else model
         self.store: HostWeightStore | None = None
         if is_store:
-            if any(v is not None for v in store_knobs.values()) or host_memory != "auto":
+            if device_memory_bytes is not None or host_memory != "auto" or (
+                    policy is None and (gpu_weight_fraction, page_bytes) != (None, None)):
                 raise ValueError("a HostWeightStore was given: its knobs are already set")
+            if policy is not None:
+                _check_policy_matches(model, policy)
             self.store = model
         elif self.offload:
             if device_memory_bytes is not None and gpu_weight_fraction is None:
@@ -314,13 +337,16 @@ class Engine:
         return np.concatenate(run.logits)[:len(prompts), :max(map(len, prompts))]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_token_id: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """Greedy decoding of a ragged batch; rows are `max_new_tokens` long, or end at
-        (and include) `eos_token_id` when given. `progress(tokens_done, max_new_tokens)`
+        (and include) their first `eos_token_id` when given (one id, or a list of them
+        as in HF generation configs). `progress(tokens_done, max_new_tokens)`
         is called after every step. A batch larger than a given policy's batch size runs
         as several batches."""
         validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress must be callable, got {type(progress).__name__}")
         size = self.policy.batch_size if self.policy is not None else len(prompts)
         out = []
         for i in range(0, len(prompts), size):

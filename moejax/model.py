@@ -18,6 +18,22 @@ def _forward(cfg, params, tokens, attention_mask):
     return MoETransformer(cfg).apply({"params": params}, tokens, attention_mask)
 
 
+def check_padding_mask(raw, mask: np.ndarray) -> None:
+    """A padding mask is 0/1 with each row's real tokens one contiguous run (left-,
+    right- or both-side padding): positions are counted along that run."""
+    if raw is not None and not np.array_equal(np.asarray(raw), mask) \
+            or not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    count = mask.sum(1)
+    idx = np.arange(mask.shape[1])
+    first = np.where(mask, idx, mask.shape[1]).min(1)
+    last = np.where(mask, idx, -1).max(1)
+    bad = np.flatnonzero((count == 0) | (last - first + 1 != count))
+    if bad.size:
+        raise ValueError(f"attention_mask row {int(bad[0])} has no token or a hole: "
+                         "real tokens must be one contiguous run")
+
+
 @dataclass
 class MoEModel:
     """`config` and `params` (nested dict of arrays, see `MoETransformer`)."""
@@ -47,6 +63,8 @@ class MoEModel:
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype} "
                              f"{tokens.shape}")
+        if 0 in tokens.shape:
+            raise ValueError(f"tokens [B, T] must not be empty, got shape {tokens.shape}")
         if tokens.shape[1] > self.config.max_positions:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_positions "
                              f"{self.config.max_positions}")
@@ -55,6 +73,7 @@ class MoEModel:
             attention_mask, np.int32)
         if mask.shape != tokens.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != tokens {tokens.shape}")
+        check_padding_mask(attention_mask, mask)
         return _forward(self.config, self.params, jnp.asarray(tokens, jnp.int32),
                         jnp.asarray(mask))
 

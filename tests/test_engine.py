@@ -19,6 +19,8 @@ def engine():
     ([[1] * 250], 10, "exceeds max_positions 256"),
     ([[1, 2]], 0, "max_new_tokens must be an integer >= 1, got 0"),
     ([], 3, "non-empty list"),
+    ([1, 2, 3], 3, "prompt 0 must be a list of token ids, got int 1"),
+    ([[1, True]], 3, "token id True"),
 ])
 def test_bad_requests_raise_and_engine_stays_usable(engine, prompts, max_new, needle):
     with pytest.raises(ValueError, match=needle):
@@ -41,3 +43,33 @@ def test_eos_stops_a_row_early_and_is_included(engine):
 def test_logits_reject_out_of_vocab_tokens(engine):
     with pytest.raises(ValueError, match="token id 999"):
         engine.model.logits(np.array([[1, 999]]))
+
+
+def test_any_of_a_list_of_eos_ids_stops_a_row(engine):
+    full = engine.generate([[3, 4, 5]], max_new_tokens=8)[0]
+    stopped = engine.generate([[3, 4, 5]], max_new_tokens=8,
+                              eos_token_id=[full[3], full[1]])[0]
+    assert stopped == full[:min(full.index(full[3]), full.index(full[1])) + 1]
+
+
+@pytest.mark.parametrize("eos", ["2", 1.5, True, [2, 999]])
+def test_bad_eos_ids_are_refused(engine, eos):
+    with pytest.raises(ValueError, match="eos_token_id"):
+        engine.generate([[1, 2]], 3, eos_token_id=eos)
+
+
+def test_progress_must_be_callable(engine):
+    with pytest.raises(ValueError, match="progress must be callable"):
+        engine.generate([[1, 2]], 3, progress=5)
+
+
+@pytest.mark.parametrize("tokens,mask,needle", [
+    (np.zeros((1, 0), int), None, "must not be empty"),
+    (np.zeros((0, 3), int), None, "must not be empty"),
+    (np.ones((1, 3), int), np.full((1, 3), 2), "only 0 and 1"),
+    (np.ones((1, 3), int), np.array([[1, 0, 1]]), "row 0 has no token or a hole"),
+    (np.ones((2, 3), int), np.array([[1, 1, 1], [0, 0, 0]]), "row 1 has no token"),
+])
+def test_logits_reject_empty_input_and_bad_masks(engine, tokens, mask, needle):
+    with pytest.raises(ValueError, match=needle):
+        engine.model.logits(tokens, mask)

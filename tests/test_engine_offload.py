@@ -146,3 +146,16 @@ def test_device_kv_cache_over_budget_is_refused(model, prompts):
                       page_bytes=4 * 1000, attention_device="gpu", micro_batch_size=4)
     with pytest.raises(ValueError, match="attention on the gpu needs ~"):
         e.generate(prompts, NEW)
+
+
+def test_a_ready_store_runs_a_matching_policy(model, prompts, reference):
+    from moejax.host_offload import HostWeightStore
+    from moejax.schedule import Policy
+
+    store = HostWeightStore.from_params(model.config, model.params,
+                                        gpu_weight_fraction=0.5, page_bytes=4 * 1000)
+    pol = Policy.from_micro_batches(2, 2, gpu_weight_fraction=store.gpu_weight_fraction,
+                                    page_bytes=4 * 1000, overlap=False)
+    assert moejax.Engine(store, policy=pol).generate(prompts, NEW) == reference
+    with pytest.raises(ValueError, match="does not place experts as the HostWeightStore"):
+        moejax.Engine(store, policy=pol.replace(gpu_weight_fraction=0.0))

@@ -177,7 +177,8 @@ class BatchRun:
         g = weights.global_params()
         self.embed_params = {"embed": g["embed"]}
         self.head_params = g
-        self.eos, self.on_step, self.full_logits = eos_token_id, on_step, full_logits
+        self.eos = None if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+        self.on_step, self.full_logits = on_step, full_logits
         self.out = np.zeros((steps + 1, len(lengths)), np.int64)
         self.logits: list = [None] * n
         self.done = np.zeros(len(lengths), bool)
@@ -303,7 +304,7 @@ class BatchRun:
     def _step_done(self, step: int):
         self.steps_run = step + 1
         if self.eos is not None:
-            self.done |= self.out[step] == self.eos
+            self.done |= np.isin(self.out[step], self.eos)
         if self.on_step is not None:
             self.on_step(step)
         if self.eos is not None and self.done.all():
@@ -330,8 +331,9 @@ class BatchRun:
         out = []
         for r in range(n_rows):
             row = [int(t) for t in self.out[:self.steps_run, r]]
-            if self.eos is not None and self.eos in row:
-                row = row[:row.index(self.eos) + 1]
+            ends = [j for j, t in enumerate(row) if t in (self.eos or ())]
+            if ends:
+                row = row[:ends[0] + 1]
             out.append(row)
         return out
 
