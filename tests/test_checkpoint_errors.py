@@ -77,3 +77,25 @@ def test_bad_config_json(ckpt, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         moejax.load_pretrained(out)
+
+
+def _raw_header(header) -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + b"\x00" * 16
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"w": [1]},
+    {"w": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}},
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": None}},
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}},  # past the end
+], ids=["list", "entry-not-object", "shape-str", "offsets-null", "negative", "past-end"])
+def test_malformed_header_is_one_value_error(tmp_path, header):
+    from moejax.checkpoints.safetensors_io import SafetensorsFile
+
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(_raw_header(header))
+    with pytest.raises(ValueError, match="safetensors file .*x.safetensors"):
+        SafetensorsFile(str(f))

@@ -22,6 +22,29 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(e, data_bytes: int):
+    """(dtype, shape, begin, end) of a header entry, or None when it is malformed:
+    a known dtype, a list of non-negative int dims, and 0 ≤ begin ≤ end ≤ data_bytes
+    with end − begin the tensor's size."""
+    if not isinstance(e, dict):
+        return None
+    dt, shape, offsets = _DTYPES.get(e.get("dtype")), e.get("shape"), e.get("data_offsets")
+    if dt is None or not isinstance(shape, list) or not all(_int(d) and d >= 0
+                                                            for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_int, offsets)):
+        return None
+    begin, end = offsets
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    if not 0 <= begin <= end <= data_bytes or end - begin != nbytes:
+        return None
+    return np.dtype(dt), tuple(shape), begin, end
+
+
 class SafetensorsFile:
     """Header of one file; `read(name)` returns a fresh NumPy array of that tensor."""
 
@@ -36,17 +59,17 @@ class SafetensorsFile:
             header = json.loads(os.pread(self._fd, n, 8))
         except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"unreadable safetensors file {path}: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"corrupt safetensors file {path}: the header is not a JSON "
+                             "object")
         header.pop("__metadata__", None)
         self._base = 8 + n
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            dt = _DTYPES.get(e.get("dtype"))
-            begin, end = e.get("data_offsets", (0, -1))
-            shape = tuple(e.get("shape", ()))
-            if dt is None or end - begin != int(np.prod(shape)) * np.dtype(dt).itemsize \
-                    or self._base + end > size:
+            entry = _entry(e, size - self._base)
+            if entry is None:
                 raise ValueError(f"corrupt safetensors file {path}: bad entry for {name!r}")
-            self.entries[name] = (np.dtype(dt), shape, begin, end)
+            self.entries[name] = entry
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
