@@ -3,7 +3,9 @@
     DIR/moejax_native.json   format, version, ModelConfig, page_bytes, and per leaf its
                              stored shape, dtype and CRC-32 (written last: its presence
                              marks a complete checkpoint)
-    DIR/params/              orbax PyTree checkpoint (OCDBT + tensorstore)
+    DIR/params/<group>/      orbax PyTree checkpoint (OCDBT + tensorstore) of one group
+                             of leaves: `embed`, `layers_i`, `final_norm`, `lm_head`
+                             (format 1, still read: one checkpoint DIR/params/)
 
 Non-expert leaves are stored as in the moejax parameter tree. Expert tensors w1, w3
 [E, h, f] and w2 [E, f, h] are stored flattened in moejax layout (already transposed from
@@ -31,7 +33,7 @@ from moejax.checkpoints.hf import param_shapes, unflatten
 from moejax.host_offload.memory import DEFAULT_PAGE_BYTES
 from moejax.model_config.model import ModelConfig
 
-FORMAT, VERSION = "moejax-native", 1
+FORMAT, VERSION = "moejax-native", 2  # 1: one orbax tree; 2: one per group (layer)
 META, PARAMS = "moejax_native.json", "params"
 Path = tuple[str, ...]
 Placer = Callable[[Path, np.ndarray], object]
@@ -59,49 +61,84 @@ def _config_dict(cfg: ModelConfig) -> dict:
     return d
 
 
+class NativeWriter:
+    """Writes a native checkpoint leaf by leaf: `add(path, leaf)` buffers a leaf until
+    its group (the first path key: `embed`, `layers_i`, …) is complete, writes that
+    group as one orbax checkpoint `params/<group>/` and drops it; `finish()` writes the
+    metadata. So host memory holds one group (a layer) and orbax's buffers for it, not
+    the model. Written under `directory.tmp`, renamed at the end, metadata last, so an
+    interrupted save never leaves something that looks like a checkpoint."""
+
+    def __init__(self, directory: str, cfg: ModelConfig, page_bytes: int | None = None):
+        page_bytes = DEFAULT_PAGE_BYTES if page_bytes is None else int(page_bytes)
+        if page_bytes <= 0 or page_bytes % cfg.bytes_per_param:
+            raise ValueError(f"page_bytes={page_bytes} must be a positive multiple of "
+                             f"{cfg.bytes_per_param}")
+        if os.path.exists(directory):
+            raise ValueError(f"output directory {directory!r} already exists")
+        self.directory, self.cfg, self.page_bytes = directory, cfg, page_bytes
+        self.shapes, self.dtype = param_shapes(cfg), np.dtype(jnp.dtype(cfg.dtype))
+        self.pending: dict[str, set[Path]] = {}
+        for path in self.shapes:
+            self.pending.setdefault(path[0], set()).add(path)
+        self.groups: dict[str, dict[Path, np.ndarray]] = {}
+        self.leaves: dict[str, dict] = {}
+        self.tmp = directory.rstrip("/") + ".tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(os.path.join(self.tmp, PARAMS))
+
+    def add(self, path: Path, leaf) -> None:
+        """Take one leaf (NumPy or jax, already in `cfg.dtype`); returns None, so a
+        loader's placed tree keeps nothing alive."""
+        if path not in self.pending.get(path[0], ()):
+            raise ValueError(f"params do not match the config at {_key(path)}")
+        a = np.asarray(leaf)
+        if a.shape != self.shapes[path].shape or a.dtype != self.dtype:
+            raise ValueError(f"{_key(path)}: {a.dtype}{a.shape}, expected "
+                             f"{self.dtype}{self.shapes[path].shape}")
+        a = a.reshape(-1) if _is_expert(path) else a
+        self.leaves[_key(path)] = {"shape": list(a.shape), "crc32": _crc(a)}
+        self.groups.setdefault(path[0], {})[path] = a
+        self.pending[path[0]].discard(path)
+        if not self.pending[path[0]]:
+            self._write(path[0])
+
+    def _write(self, group: str) -> None:
+        import orbax.checkpoint as ocp
+
+        tree = self.groups.pop(group)
+        save_args = {p: ocp.SaveArgs(chunk_byte_size=self.page_bytes if _is_expert(p)
+                                     else None) for p in tree}
+        ocp.PyTreeCheckpointer().save(
+            os.path.join(self.tmp, PARAMS, group),
+            args=ocp.args.PyTreeSave(unflatten(tree), save_args=unflatten(save_args)))
+
+    def finish(self) -> None:
+        missing = sorted(p for ps in self.pending.values() for p in ps)
+        if missing:
+            raise ValueError(f"params do not match the config at {_key(missing[0])}")
+        meta = {"format": FORMAT, "version": VERSION, "config": _config_dict(self.cfg),
+                "page_bytes": self.page_bytes, "dtype": self.cfg.dtype,
+                "leaves": self.leaves}
+        with open(os.path.join(self.tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.rename(self.tmp, self.directory)
+
+
 def save_native(directory: str, cfg: ModelConfig, params: dict,
                 page_bytes: int | None = None) -> None:
-    """Write `params` (leaves NumPy or jax, already in `cfg.dtype`) to `directory`.
-
-    Written under `directory.tmp` and renamed at the end, metadata last, so an
-    interrupted save never leaves something that looks like a checkpoint.
-    """
-    import orbax.checkpoint as ocp
-
-    page_bytes = DEFAULT_PAGE_BYTES if page_bytes is None else int(page_bytes)
-    if page_bytes <= 0 or page_bytes % cfg.bytes_per_param:
-        raise ValueError(f"page_bytes={page_bytes} must be a positive multiple of "
-                         f"{cfg.bytes_per_param}")
-    if os.path.exists(directory):
-        raise ValueError(f"output directory {directory!r} already exists")
-    shapes = param_shapes(cfg)
+    """Write `params` (leaves NumPy or jax, already in `cfg.dtype`) to `directory`
+    (`NativeWriter`)."""
     flat = {tuple(k.key for k in kp): leaf
             for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = param_shapes(cfg)
     if set(flat) != set(shapes):
         bad = sorted(set(flat) ^ set(shapes))[0]
         raise ValueError(f"params do not match the config at {_key(bad)}")
-    dtype = np.dtype(jnp.dtype(cfg.dtype))
-    tree, leaves = {}, {}
+    writer = NativeWriter(directory, cfg, page_bytes)
     for path, leaf in flat.items():
-        a = np.asarray(leaf)
-        if a.shape != shapes[path].shape or a.dtype != dtype:
-            raise ValueError(f"{_key(path)}: {a.dtype}{a.shape}, expected "
-                             f"{dtype}{shapes[path].shape}")
-        a = a.reshape(-1) if _is_expert(path) else a
-        tree[path] = a
-        leaves[_key(path)] = {"shape": list(a.shape), "crc32": _crc(a)}
-    save_args = {p: ocp.SaveArgs(chunk_byte_size=page_bytes if _is_expert(p) else None)
-                 for p in tree}
-    tmp = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS), args=ocp.args.PyTreeSave(
-        unflatten(tree), save_args=unflatten(save_args)))
-    meta = {"format": FORMAT, "version": VERSION, "config": _config_dict(cfg),
-            "page_bytes": page_bytes, "dtype": cfg.dtype, "leaves": leaves}
-    with open(os.path.join(tmp, META), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.rename(tmp, directory)
+        writer.add(path, leaf)
+    writer.finish()
 
 
 def read_meta(directory: str) -> dict:
@@ -113,9 +150,9 @@ def read_meta(directory: str) -> dict:
         raise ValueError(f"unreadable native checkpoint metadata {file}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{file}: not a {FORMAT} checkpoint")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (1, VERSION):
         raise ValueError(f"{file}: format version {meta.get('version')!r}, this moejax "
-                         f"reads {VERSION}")
+                         f"reads 1 and {VERSION}")
     for k in ("config", "leaves", "page_bytes"):
         if k not in meta:
             raise ValueError(f"{file}: missing {k!r}")
@@ -173,8 +210,9 @@ def load_native(directory: str, dtype: str | None = None,
     for path, shape in stored.items():
         item = unflatten({path: jax.ShapeDtypeStruct(shape, stored_dtype)})
         args = unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+        where = ckpt if meta["version"] == 1 else os.path.join(ckpt, path[0])
         try:
-            got = ckptr.restore(ckpt, args=ocp.args.PyTreeRestore(
+            got = ckptr.restore(where, args=ocp.args.PyTreeRestore(
                 item=item, restore_args=args, partial_restore=True))
             for k in path:
                 got = got[k]
@@ -204,6 +242,11 @@ def convert_hf(checkpoint: str, out: str, dtype: str | None = None,
     cfg = ModelConfig.from_hf(checkpoint)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    params = load_hf_params(checkpoint, cfg, place=lambda path, a: a)  # host NumPy
-    save_native(out, cfg, params, page_bytes)
+    writer = NativeWriter(out, cfg, page_bytes)
+    try:
+        load_hf_params(checkpoint, cfg, place=writer.add)  # a layer at a time
+        writer.finish()
+    except BaseException:
+        shutil.rmtree(writer.tmp, ignore_errors=True)
+        raise
     return cfg

@@ -70,8 +70,8 @@ def corrupt_copy(native, tmp_path, edit):
 
 
 def _flip_data_byte(d):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(d / PARAMS / "ocdbt.process_0" / "d")
-             for f in fs]
+    files = [os.path.join(r, f) for r, _, fs in os.walk(d / PARAMS / "layers_1") for f in fs
+             if os.sep + "d" + os.sep in os.path.join(r, f)]
     for name in (f for f in files if os.path.getsize(f) > 4096):  # the data files
         data = bytearray(open(name, "rb").read())
         for i in range(100, len(data), 997):  # spread over every chunk in the file
@@ -91,7 +91,8 @@ def _drop_leaf(d):
     (lambda d: shutil.rmtree(d / PARAMS), "no params/ directory"),
     (_drop_leaf, "missing leaf 'layers_1/experts/w3'"),
     (_flip_data_byte, "corrupt native checkpoint"),
-    (lambda d: shutil.rmtree(d / PARAMS / "ocdbt.process_0"), "corrupt native checkpoint"),
+    (lambda d: shutil.rmtree(d / PARAMS / "layers_1" / "ocdbt.process_0"),
+     "corrupt native checkpoint"),
 ], ids=["no-meta", "bad-meta", "no-params", "meta-leaf-missing", "flipped-byte",
         "missing-data"])
 def test_corrupt_or_partial_directories_fail_loudly(native, tmp_path, edit, needle):

@@ -1,4 +1,5 @@
-"""Memory discipline: loading a checkpoint costs at most 1.2x the weight bytes of RSS.
+"""Memory discipline: loading a checkpoint costs at most 1.2x the weight bytes of RSS,
+converting one well under 1x (a layer at a time).
 
 A ~300 MB random Mixtral-family checkpoint is written as HF safetensors (and converted to
 the native format); each load runs in a fresh subprocess, which reports its resident set
@@ -39,6 +40,9 @@ if how == "device":
     keep = moejax.load_pretrained(path)
 elif how == "host":
     keep = moejax.load_pretrained(path, experts="host")
+elif how == "convert":
+    from moejax.checkpoints.native import convert_hf
+    keep = convert_hf(path, sys.argv[3])
 else:
     keep = load_store(path, gpu_weight_fraction=0.25, page_bytes=4 << 20)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -80,3 +84,15 @@ def test_peak_rss_while_loading_is_at_most_1_2x_weights(checkpoints, which, how)
     added = r["peak"] - r["before"]
     print(f"{which}->{how}: peak RSS added {added / weight_bytes:.3f}x weight bytes")
     assert added <= 1.2 * weight_bytes, (added / weight_bytes, r)
+
+
+def test_converting_holds_about_a_layer_not_the_model(checkpoints, tmp_path):
+    hf, _, weight_bytes = checkpoints
+    out = tmp_path / "converted"
+    cmd = (f"{shlex.quote(sys.executable)} -c {shlex.quote(PROBE)} convert {hf} {out}; "
+           "true")
+    r = json.loads(subprocess.run(["/bin/sh", "-c", cmd], check=True, capture_output=True,
+                                  text=True).stdout.strip().splitlines()[-1])
+    added = r["peak"] - r["before"]
+    print(f"convert: peak RSS added {added / weight_bytes:.3f}x weight bytes")
+    assert added <= 0.75 * weight_bytes, (added / weight_bytes, r)  # 8 layers: ~0.6x
