@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
-from experiments.local import (GB, default_budget, local_hardware, local_model, measure,
-                               policy_dict)
+from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
+from experiments.local import (GB, default_budget, local_config, local_hardware,
+                               local_model, measure, policy_dict)
 from moejax.model_config.setups import setup_names
 
 FLAGS = flags.FLAGS
@@ -41,6 +41,8 @@ flags.DEFINE_integer("repeats", 5, "timed runs per row (median reported): one ru
                      "row varies by ~10 % on a shared 2-core machine", lower_bound=1)
 flags.DEFINE_bool("recalibrate", True, "calibrate this machine again first (its speed "
                   "drifts by ~10 % over an hour; `throughput` reuses the cached figures)")
+output_flag("output_json", ".json")
+output_flag("output_png", ".png")
 
 
 def rows(base, page_layer: int):
@@ -79,6 +81,7 @@ def measure_rows(model, named_policies, budget: float) -> dict:
     for name, pol in named_policies:
         try:
             engine = moejax.Engine(model, policy=pol, device_memory_bytes=int(budget))
+            engine.check_memory(pol.batch_size, FLAGS.prompt_len, FLAGS.gen_len)
         except ValueError as e:
             print(f"{name:34s} skipped: {e}")
             continue
@@ -119,8 +122,8 @@ def plot(results, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_extra_args(argv)
+    quiet_logs()
     import numpy as np
 
     from moejax.model_config.setups import get_setup
@@ -130,10 +133,12 @@ def main(argv):
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
     from moejax.schedule.simulate import simulate
 
-    model, note = local_model(get_setup(FLAGS.config), None, FLAGS.local_hidden_size,
-                              FLAGS.local_num_layers)
-    cfg = model.config
+    cfg, note = local_config(get_setup(FLAGS.config), None, FLAGS.local_hidden_size,
+                             FLAGS.local_num_layers)
     print(note, flush=True)
+    if FLAGS.prompt_len + FLAGS.gen_len > cfg.max_positions:
+        fail(f"--prompt_len={FLAGS.prompt_len} + --gen_len={FLAGS.gen_len} exceeds "
+             f"{cfg.name}'s {cfg.max_positions} positions")
     hw = local_hardware(cfg, fresh=FLAGS.recalibrate)
     page = DEFAULT_PAGE_BYTES // 4
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
@@ -144,9 +149,9 @@ def main(argv):
     try:
         base, _ = search_policy(cfg, hw, wl, device_memory_bytes=budget)
     except ValueError as e:
-        sys.exit(f"ablations: {e}")
+        fail(f"device budget {budget / GB:.3g} GB: {e}")
     base = base.replace(page_bytes=page)
-    runs = measure_rows(model, rows(base, cfg.expert_bytes_per_layer()), budget)
+    runs = measure_rows(local_model(cfg), rows(base, cfg.expert_bytes_per_layer()), budget)
     results = []
     print(f"{'row':34s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
     for name, (pol, engine, walls) in runs.items():

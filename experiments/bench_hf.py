@@ -27,11 +27,14 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import no_extra_args, output_flag, quiet_logs
+
 flags.DEFINE_integer("batch_size", 64, "sequences in the batch", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
 flags.DEFINE_integer("gen_len", 64, "new tokens per sequence", lower_bound=1)
 flags.DEFINE_integer("num_layers", 4, "decoder layers", lower_bound=1)
-flags.DEFINE_integer("hidden_size", 1024, "hidden size", lower_bound=16)
+flags.DEFINE_integer("hidden_size", 1024, "hidden size (a multiple of 256: 64-wide "
+                     "heads, hidden/256 KV heads)", lower_bound=256)
 flags.DEFINE_integer("num_experts", 8, "experts per layer", lower_bound=2)
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)",
                      lower_bound=0)
@@ -41,6 +44,12 @@ flags.DEFINE_bool("split", True, "also time 1-token runs: prefill vs per-step de
 flags.DEFINE_string("output_json", "experiments/results/bench_hf_cpu.json",
                     "where to write the figures ('' to skip)")
 FLAGS = flags.FLAGS
+output_flag("output_json", ".json", allow_empty=True)
+flags.register_validator("hidden_size", lambda v: v % 256 == 0,
+                         message="must be a multiple of 256")
+flags.register_multi_flags_validator(
+    ["prompt_len", "gen_len"], lambda f: f["prompt_len"] + f["gen_len"] <= 4096,
+    message="--prompt_len + --gen_len must be at most the model's 4096 positions")
 
 
 def build_hf(directory: str):
@@ -97,7 +106,8 @@ def timed(fn, *args):
 
 
 def main(argv):
-    del argv
+    no_extra_args(argv)
+    quiet_logs()
     import numpy as np
     import torch
 

@@ -31,16 +31,35 @@ from moejax import ops
 from moejax.host_offload import CPUAttention, HostKVCache, HostWeightStore
 from moejax.host_offload.memory import (device_sharding, has_pinned_host, host_pool,
                                         host_threads)
-from moejax.model_config.model import ModelConfig
+from moejax.model_config.model import ModelConfig, model_names
+from experiments.cli import no_extra_args, output_flag, quiet_logs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("layer_mib", 192, "expert bytes of the streamed layer, MiB")
+flags.DEFINE_integer("layer_mib", 192, "expert bytes of the streamed layer, MiB",
+                     lower_bound=1)
 flags.DEFINE_list("page_mib", ["1", "4", "16", "64"], "page sizes to stream, MiB")
 flags.DEFINE_list("batches", ["64", "256", "1024"], "decode batch sizes")
 flags.DEFINE_list("contexts", ["128", "512", "2048"], "decode context lengths")
-flags.DEFINE_integer("max_kv_mib", 1024, "skip (batch, context) whose KV exceeds this")
-flags.DEFINE_integer("repeats", 3, "runs per figure (best is kept)")
-flags.DEFINE_string("output_json", "experiments/results/bench_offload_cpu.json", "JSON out")
+flags.DEFINE_integer("max_kv_mib", 1024, "skip (batch, context) whose KV exceeds this",
+                     lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "runs per figure (best is kept)", lower_bound=1)
+flags.DEFINE_string("output_json", "experiments/results/bench_offload_cpu.json",
+                    "JSON out ('' to skip)")
+output_flag("output_json", ".json", allow_empty=True)
+
+
+def _positive_numbers(values, integer: bool) -> bool:
+    try:
+        nums = [int(v) if integer else float(v) for v in values]
+    except ValueError:
+        return False
+    return bool(nums) and all(n > 0 for n in nums)
+
+
+for _name, _int in (("page_mib", False), ("batches", True), ("contexts", True)):
+    flags.register_validator(_name, lambda v, i=_int: _positive_numbers(v, i),
+                             message="must be a comma-separated list of positive "
+                             + ("integers" if _int else "numbers"))
 
 GB = 1e9
 MiB = 2**20
@@ -121,7 +140,8 @@ def bench_streaming(repeats: int) -> dict:
 
 
 # ------------------------------------------------------------ (b) CPU attention
-flags.DEFINE_string("attn_model", "mixtral_4l_1024", "preset whose heads attention uses")
+flags.DEFINE_enum("attn_model", "mixtral_4l_1024", model_names(),
+                  "preset whose heads attention uses")
 
 
 def pure_read(kv: HostKVCache, attention: CPUAttention) -> float:
@@ -226,7 +246,8 @@ def cpu_model() -> str:
 
 
 def main(argv):
-    del argv
+    no_extra_args(argv)
+    quiet_logs()
     t = time.perf_counter()
     res = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
                        "host_threads": host_threads(), "jax": jax.__version__,

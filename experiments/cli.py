@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
-from absl import app, flags
+from absl import flags
 
 
 def prog() -> str:
@@ -22,19 +23,27 @@ def fail(msg: str):
 
 def no_extra_args(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
 
 
 def writable(path: str) -> bool:
-    """Whether a file can be written at `path`: it is an existing writable file, or its
-    nearest existing ancestor is a writable directory (the rest is created)."""
+    """Whether a file can be written at `path`: it is an existing writable file, or a
+    scratch file can be created in its nearest existing ancestor directory (the rest of
+    the path is created on writing) — tried for real, so read-only mounts and /proc
+    say no even to root."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         return os.path.isfile(path) and os.access(path, os.W_OK)
     parent = os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    if not os.path.isdir(parent):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            return True
+    except OSError:
+        return False
 
 
 def output_flag(name: str, suffix: str | None = None, allow_empty: bool = False) -> None:

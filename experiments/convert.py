@@ -11,12 +11,12 @@ at peak for an 8-layer model (tests/host_offload/test_load_rss.py), never the mo
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags
 
-import sys
-
+from experiments.cli import fail, no_extra_args, quiet_logs, writable
 from moejax.checkpoints.native import convert_hf
 
 FLAGS = flags.FLAGS
@@ -24,16 +24,21 @@ flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (config.json + 
                     required=True)
 flags.DEFINE_string("out", None, "output directory (must not exist)", required=True)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "cast weights to")
-flags.DEFINE_integer("page_bytes", None, "on-disk chunk (= store page) size in bytes")
+flags.DEFINE_integer("page_bytes", None, "on-disk chunk (= store page) size in bytes",
+                     lower_bound=1)
+flags.register_validator("out", lambda v: v is None or (not os.path.exists(v)
+                                                         and writable(v)),
+                         message="must be a new directory in a writable place")
 
 
 def main(argv):
-    del argv
+    no_extra_args(argv)
+    quiet_logs()
     t = time.perf_counter()
     try:
         cfg = convert_hf(FLAGS.checkpoint, FLAGS.out, FLAGS.dtype, FLAGS.page_bytes)
-    except ValueError as e:
-        sys.exit(f"convert: {e}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
     print(f"wrote {FLAGS.out}: {cfg.name} {cfg.dtype}, {cfg.weight_bytes() / 2**20:.1f} MiB "
           f"in {time.perf_counter() - t:.1f} s")
 

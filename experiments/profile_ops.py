@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import no_extra_args, quiet_logs
+
 flags.DEFINE_integer("batch_size", 64, "sequences", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
 flags.DEFINE_integer("gen_len", 64, "new tokens (sets the decode cache length)",
@@ -35,6 +37,9 @@ flags.DEFINE_integer("rounds", 5, "interleaved timed rounds (median reported)",
 flags.DEFINE_bool("hf", True, "also time HF's torch modules")
 flags.DEFINE_bool("alternatives", True, "also time previous formulations / raw GEMMs")
 FLAGS = flags.FLAGS
+flags.register_validator("hidden_size", lambda v: v % 256 == 0,
+                         message="must be a multiple of 256 (64-wide heads, hidden/256 "
+                                 "KV heads)")
 
 
 def run_rounds(cases, rounds):
@@ -85,7 +90,8 @@ def attend_before(q, k, v, mask):
 
 
 def main(argv):
-    del argv
+    no_extra_args(argv)
+    quiet_logs()
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -15,9 +15,10 @@ and P2 (link meets device compute) are marked (DESIGN.md §4).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
+
+from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
 
 from moejax.model_config.hardware import get_hardware, hardware_names
 from moejax.model_config.model import get_model, model_names
@@ -43,8 +44,7 @@ flags.register_validator("workload", lambda v: v is None or v in workload_names(
                          message=f"must be one of {', '.join(workload_names())}")
 flags.register_validator("device_memory_gib", lambda v: v is None or v > 0,
                          message="must be > 0")
-flags.register_validator("out", lambda v: v is None or v.lower().endswith(".png"),
-                         message="must be a .png path")
+output_flag("out", ".png")
 
 
 def operating_points(model, hw, workload, policy):
@@ -128,9 +128,11 @@ def plot(model, hw, workload, policy, pred, out: str) -> None:
     plt.close(fig)
 
 
-def comparison_table(model, hw, prompt_len: int, gens=(32, 64, 128, 256)) -> str:
-    """Markdown: MoE-Lightning's reproduced decode tok/s, moejax's predicted end-to-end
-    tok/s with its searched policy, and the MoE-Lens limit, per generation length."""
+def comparison_table(model, hw, prompt_len: int, gens=(32, 64, 128, 256),
+                     device_memory_bytes: float | None = None) -> str:
+    """Markdown: MoE-Lightning's reproduced decode tok/s (its own memory model, the
+    whole device), moejax's predicted end-to-end tok/s with its searched policy under
+    `device_memory_bytes`, and the MoE-Lens limit, per generation length."""
     from moejax.schedule import moe_lightning_search, search_policy
 
     rows = ["| gen | MoE-Lightning decode tok/s (ubs×n_ub, wg) | moejax e2e tok/s "
@@ -138,7 +140,8 @@ def comparison_table(model, hw, prompt_len: int, gens=(32, 64, 128, 256)) -> str
             "|---|---|---|---|---|"]
     for g in gens:
         ml = moe_lightning_search(model, hw, prompt_len, g)
-        pol, pr = search_policy(model, hw, Workload(prompt_len, g))
+        pol, pr = search_policy(model, hw, Workload(prompt_len, g),
+                                device_memory_bytes=device_memory_bytes)
         rows.append(
             f"| {g} | {ml.decode_tokens_per_s:.2f} ({ml.policy.micro_batch_size}×"
             f"{ml.policy.num_micro_batches}, {ml.policy.gpu_weight_fraction:.3f}) | "
@@ -149,8 +152,8 @@ def comparison_table(model, hw, prompt_len: int, gens=(32, 64, 128, 256)) -> str
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_extra_args(argv)
+    quiet_logs()
     from moejax.schedule import search_policy
 
     setup = get_setup(FLAGS.config)
@@ -163,14 +166,15 @@ def main(argv):
     try:
         policy, pred = search_policy(model, hw, workload, device_memory_bytes=dev_bytes)
     except ValueError as e:
-        sys.exit(f"roofline: {e}")
+        fail(str(e))
     plot(model, hw, workload, policy, pred, out)
     print(f"{model.name} on {hw.name}, prompt {workload.prompt_len} gen {workload.gen_len}: "
           f"{policy}\n  {pred.tokens_per_s:.1f} tok/s end to end, "
           f"{pred.decode_tokens_per_s:.1f} decode, limit {pred.limit_tokens_per_s:.1f}; "
           f"wrote {out}")
     if FLAGS.table:
-        print(comparison_table(model, hw, workload.prompt_len))
+        print(comparison_table(model, hw, workload.prompt_len,
+                               device_memory_bytes=dev_bytes))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app, flags
 
-from experiments.local import (GB, Progress, default_budget, gantt, local_hardware,
-                               local_model, policy_dict)
+from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
+from experiments.local import (GB, Progress, default_budget, gantt, local_config,
+                               local_hardware, local_model, policy_dict)
 from moejax.model_config.setups import setup_names
 
 FLAGS = flags.FLAGS
@@ -56,13 +56,23 @@ flags.DEFINE_string("timeline_png", None, "Gantt chart of the measured vs predic
 flags.DEFINE_bool("skip_local", False, "only the target section")
 flags.register_validator("device_memory_gb", lambda v: v is None or v > 0,
                          message="must be > 0")
-flags.register_validator("timeline_png", lambda v: v is None or v.endswith(".png"),
-                         message="must be a .png path")
+output_flag("output_json", ".json", allow_empty=True)
+output_flag("timeline_png", ".png")
 flags.register_validator("checkpoint", lambda v: v is None or os.path.isdir(v),
                          message="is not a directory")
-
-def fail(msg: str):
-    sys.exit(f"throughput: {msg}")
+flags.register_multi_flags_validator(
+    ["batch_size", "micro_batch_size"],
+    lambda f: not (f["batch_size"] and f["micro_batch_size"])
+    or f["batch_size"] % f["micro_batch_size"] == 0,
+    message="--batch_size must be a multiple of --micro_batch_size (the batch runs as "
+            "whole micro-batches)")
+LOCAL_ONLY = ("checkpoint", "batch_size", "micro_batch_size", "gpu_weight_fraction",
+              "attention_device", "device_memory_gb", "timeline_png")
+flags.register_multi_flags_validator(
+    ["skip_local", *LOCAL_ONLY],
+    lambda f: not f["skip_local"] or all(f[k] is None for k in LOCAL_ONLY),
+    message="--skip_local runs nothing here: drop it, or the local-run flags ("
+            + ", ".join("--" + k for k in LOCAL_ONLY) + ")")
 
 
 # --------------------------------------------------------------------- target
@@ -70,8 +80,10 @@ def target_section(setup, workload) -> dict:
     from moejax.schedule import moe_lightning_search, search_policy
 
     m, hw = setup.model, setup.hardware
+    gib = setup.device_memory_gib  # the preset's emulated device, if it has one
     try:
-        policy, pred = search_policy(m, hw, workload)
+        policy, pred = search_policy(m, hw, workload, device_memory_bytes=None if gib is None
+                                     else gib * 2**30)
     except ValueError as e:
         return {"model": m.name, "hardware": hw.name, "infeasible": str(e)}
     out = {"model": m.name, "hardware": hw.name, "hardware_source": hw.source,
@@ -91,6 +103,14 @@ def target_section(setup, workload) -> dict:
 
 
 # ---------------------------------------------------------------------- local
+def budget_name(budget: float) -> str:
+    """How an error names the device budget: the flag, or that it is the default."""
+    if FLAGS.device_memory_gb:
+        return f"--device_memory_gb={FLAGS.device_memory_gb:g}"
+    return (f"the default device budget ({budget / GB:.3g} GB = {budget / 2**30:.3g} GiB; "
+            "set --device_memory_gb)")
+
+
 def local_policy(cfg, hw, workload, budget):
     """The searched policy for this machine, with the flags' overrides applied."""
     from moejax.schedule import Policy, search_policy
@@ -98,11 +118,17 @@ def local_policy(cfg, hw, workload, budget):
     try:
         policy, _ = search_policy(cfg, hw, workload, device_memory_bytes=budget)
     except ValueError as e:
-        fail(f"--device_memory_gb={budget / GB:.3g}: {e}")
+        fail(f"{budget_name(budget)}: {e}")
     over = {}
     if FLAGS.batch_size or FLAGS.micro_batch_size:
         b = FLAGS.batch_size or policy.batch_size
-        ubs = min(FLAGS.micro_batch_size or policy.micro_batch_size, b)
+        ubs = FLAGS.micro_batch_size or policy.micro_batch_size
+        if ubs > b:
+            fail(f"--micro_batch_size={ubs} exceeds the batch of {b}"
+                 + ("" if FLAGS.batch_size else " (the searched one; set --batch_size)"))
+        if b % ubs:
+            print(f"local: the batch of {b} runs as {math.ceil(b / ubs)} micro-batches of "
+                  f"{ubs}: {ubs * math.ceil(b / ubs)} sequences", flush=True)
         over.update(batch_size=ubs * math.ceil(b / ubs), micro_batch_size=ubs,
                     num_micro_batches=math.ceil(b / ubs))
     if FLAGS.gpu_weight_fraction is not None:
@@ -127,10 +153,12 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
 
-    model, note = local_model(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
-                              FLAGS.local_num_layers)
-    cfg = model.config
+    cfg, note = local_config(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
+                             FLAGS.local_num_layers)
     print(f"local: {note}", flush=True)
+    if workload.prompt_len + workload.gen_len > cfg.max_positions:
+        fail(f"--prompt_len={workload.prompt_len} + --gen_len={workload.gen_len} exceeds "
+             f"{cfg.name}'s {cfg.max_positions} positions")
     hw = local_hardware(cfg)
     page = DEFAULT_PAGE_BYTES // 4
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
@@ -142,19 +170,24 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     policy = local_policy(cfg, hw, wl, budget)
     policy = policy.replace(page_bytes=page)
     try:
-        engine = moejax.Engine(model, policy=policy, device_memory_bytes=int(budget))
+        engine = moejax.Engine(local_model(cfg, FLAGS.checkpoint), policy=policy,
+                               device_memory_bytes=int(budget))
+        engine.check_memory(policy.batch_size, workload.prompt_len, workload.gen_len)
     except ValueError as e:
-        fail(f"--device_memory_gb={budget / GB:.3g}: {e}")
+        fail(f"{budget_name(budget)}: {e}")
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, (policy.batch_size, workload.prompt_len))
     prompts = prompts.tolist()
     print(f"local: {policy}", flush=True)
-    engine.generate(prompts[:policy.micro_batch_size], 2)  # compile; not timed
-    # the prompts' routing, seen by that warm-up, prices the expert GEMMs
-    wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
-    t0 = time.perf_counter()
-    engine.generate(prompts, workload.gen_len, progress=Progress("local run"))
-    wall = time.perf_counter() - t0
+    try:
+        engine.generate(prompts[:policy.micro_batch_size], 2)  # compile; not timed
+        # the prompts' routing, seen by that warm-up, prices the expert GEMMs
+        wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
+        t0 = time.perf_counter()
+        engine.generate(prompts, workload.gen_len, progress=Progress("local run"))
+        wall = time.perf_counter() - t0
+    except ValueError as e:
+        fail(str(e))
     run = engine.last_run
     from moejax.schedule.predict import predict
     policy = policy.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
@@ -176,8 +209,8 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    no_extra_args(argv)
+    quiet_logs()
     from moejax.model_config.setups import get_setup
 
     setup = get_setup(FLAGS.config)

@@ -266,6 +266,15 @@ class Engine:
                               policy.kv_cache_device)
         return float(dev), budget
 
+    def check_memory(self, num_prompts: int, prompt_len: int, max_new_tokens: int) -> None:
+        """The device-memory check `generate` makes before running a batch of
+        `num_prompts` prompts of up to `prompt_len` tokens: ValueError naming the
+        shortfall, without running anything."""
+        size = self.policy.batch_size if self.policy is not None else num_prompts
+        t = bucket(int(prompt_len))
+        self._check_fits(self.policy_for(min(num_prompts, size), t, max_new_tokens), t,
+                         max_new_tokens)
+
     def _check_fits(self, policy: Policy, prompt_len: int, gen_len: int) -> None:
         """ValueError before anything runs when the batch's predicted peak device bytes
         (`_device_need`) exceed the store's budget."""

@@ -159,3 +159,14 @@ def test_a_ready_store_runs_a_matching_policy(model, prompts, reference):
     assert moejax.Engine(store, policy=pol).generate(prompts, NEW) == reference
     with pytest.raises(ValueError, match="does not place experts as the HostWeightStore"):
         moejax.Engine(store, policy=pol.replace(gpu_weight_fraction=0.0))
+
+
+def test_check_memory_says_before_generate_would(model, prompts):
+    budget = make_plan(model.config, 4 * 1000, 0.0).device_bytes()  # weights only
+    e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
+                      page_bytes=4 * 1000)
+    with pytest.raises(ValueError, match="needs ~"):
+        e.check_memory(len(prompts), 11, NEW)
+    roomy = moejax.Engine(model, device_memory_bytes=_need(model, 0.0),
+                          gpu_weight_fraction=0.0, page_bytes=4 * 1000)
+    roomy.check_memory(len(prompts), 11, NEW)  # fits: no error

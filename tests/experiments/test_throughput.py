@@ -40,11 +40,22 @@ def test_tiny_run_writes_both_sections(tmp_path):
     (["--batch_size", "0"], "--batch_size"),
     (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint"),
     (["--timeline_png", "x.jpg"], "--timeline_png"),
+    (["--timeline_png", "/proc/x.png"], "--timeline_png=/proc/x.png: must be a writable"),
+    (["--batch_size", "10", "--micro_batch_size", "4"], "multiple of --micro_batch_size"),
+    (["--skip_local", "--device_memory_gb", "2"], "--skip_local runs nothing here"),
+    (["stray"], "throughput: unexpected arguments: stray"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle):
-    r = run(*args, "--skip_local", "--output_json", "")
+    r = run(*args, "--output_json", "")  # all caught before anything runs
     assert r.returncode != 0
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output_json_is_refused_before_running(tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = run("--skip_local", "--output_json", str(tmp_path / "afile" / "x.json"))
+    assert r.returncode != 0 and "--output_json" in r.stderr
+    assert "target (" not in r.stdout  # refused at start-up, nothing ran
 
 
 def test_budget_nothing_fits_is_one_line(tmp_path):
@@ -52,3 +63,13 @@ def test_budget_nothing_fits_is_one_line(tmp_path):
             "--gen_len", "2", "--device_memory_gb", "0.000001", "--output_json", "")
     assert r.returncode != 0
     assert "throughput: --device_memory_gb" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_batch_whose_activations_do_not_fit_is_one_line():
+    r = run("--local_hidden_size", "64", "--local_num_layers", "2", "--prompt_len", "200",
+            "--gen_len", "2", "--batch_size", "64", "--micro_batch_size", "64",
+            "--attention_device", "gpu", "--device_memory_gb", "0.05", "--output_json", "")
+    assert r.returncode != 0, r.stdout[-1000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("throughput: --device_memory_gb=0.05: a batch of 64") \
+        and "GiB of device memory" in last and "Traceback" not in r.stderr
