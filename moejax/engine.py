@@ -163,7 +163,7 @@ class Engine:
             gpu_weight_fraction, page_bytes = policy.gpu_weight_fraction, policy.page_bytes
             attention_device = policy.attention_device
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not
-                                             isinstance(micro_batch_size, int)
+                                             isinstance(micro_batch_size, (int, np.integer))
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive "
                              "integer")
@@ -175,7 +175,9 @@ class Engine:
         if not is_store and not isinstance(model, MoEModel):
             raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
                              f"{type(model).__name__}")
-        self.offload = (given or is_store) if offload is None else bool(offload)
+        if offload not in (None, True, False):
+            raise ValueError(f"offload={offload!r} must be None, True or False")
+        self.offload = (given or is_store) if offload is None else offload
         if not self.offload and (given or is_store):
             raise ValueError("offload=False takes no offload knobs and no HostWeightStore")
         if attention_device is not None and attention_device not in ATTENTION_DEVICES:

@@ -133,6 +133,7 @@ def test_int8_kv_cache_accuracy(model, prompts, reference_logits):
     (dict(device_memory_bytes=1000), "device_memory_bytes=1000 is too small by"),
     (dict(kv_dtype="int8", attention_device="gpu"), "needs attention_device='cpu'"),
     (dict(offload=False, gpu_weight_fraction=0.5), "offload=False"),
+    (dict(offload="no"), "offload=.no. must be None, True or False"),
 ])
 def test_bad_knobs(model, knobs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -170,3 +171,16 @@ def test_check_memory_says_before_generate_would(model, prompts):
     roomy = moejax.Engine(model, device_memory_bytes=_need(model, 0.0),
                           gpu_weight_fraction=0.0, page_bytes=4 * 1000)
     roomy.check_memory(len(prompts), 11, NEW)  # fits: no error
+
+
+def test_numpy_scalars_are_accepted_as_knobs(model):
+    e = moejax.Engine(model, gpu_weight_fraction=np.float32(0.5),
+                      micro_batch_size=np.int64(2))
+    assert 0 < e.store.gpu_weight_fraction <= 0.5 and e.micro_batch_size == 2
+
+
+@pytest.mark.parametrize("path,needle", [(None, "must be a str"),
+                                         (__file__, "is a file")])
+def test_load_pretrained_names_a_bad_path(path, needle):
+    with pytest.raises(ValueError, match=needle):
+        moejax.load_pretrained(path)

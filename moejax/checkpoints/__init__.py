@@ -25,9 +25,9 @@ def _bounded(place):
 
 def _read(path: str, dtype: str | None, place) -> tuple[ModelConfig, dict]:
     """(config, params) of a native or HF checkpoint directory, leaves through `place`."""
+    cfg = checkpoint_config(path)
     path = os.fspath(path)
     place = _bounded(place or jax.device_put)
-    cfg = checkpoint_config(path)
     if is_native_checkpoint(path):
         with loading_memory():
             return load_native(path, dtype, place)
@@ -40,9 +40,12 @@ def _read(path: str, dtype: str | None, place) -> tuple[ModelConfig, dict]:
 def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a native or HF checkpoint directory, read from its metadata
     alone (no tensor is read); ValueError when `path` is not a checkpoint."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint path must be a str or os.PathLike, got {path!r}")
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"checkpoint directory {path!r} does not exist")
+        raise ValueError(f"checkpoint directory {path!r} "
+                         + ("is a file" if os.path.isfile(path) else "does not exist"))
     if is_native_checkpoint(path):
         return native_config(path)
     if is_hf_checkpoint(path):
@@ -78,8 +81,8 @@ def load_store(path: str | os.PathLike, dtype: str | None = None, **store_knobs)
     (device, or host pages) as it is read. Use as `Engine(load_store(dir, ...))`."""
     from moejax.host_offload.weight_store import HostWeightStore
 
-    path = os.fspath(path)
     cfg = checkpoint_config(path)
+    path = os.fspath(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     store = HostWeightStore(cfg, **store_knobs)

@@ -158,7 +158,8 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
     page_bytes = check_page_bytes(cfg, DEFAULT_PAGE_BYTES if page_bytes is None
                                   else page_bytes)
     wg = gpu_weight_fraction
-    if wg is not None and (isinstance(wg, bool) or not isinstance(wg, (int, float))
+    if wg is not None and (isinstance(wg, bool) or not isinstance(wg, (int, float,
+                                                                      np.integer, np.floating))
                            or not 0.0 <= wg <= 1.0):
         raise ValueError(f"gpu_weight_fraction={wg!r} not in [0, 1]")
     budget = device_memory_bytes

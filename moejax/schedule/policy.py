@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 from dataclasses import dataclass
 
 DEVICES = ("cpu", "gpu")
@@ -37,8 +39,11 @@ class Policy:
     def __post_init__(self):
         for k in ("batch_size", "micro_batch_size", "num_micro_batches", "page_bytes"):
             v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"Policy: {k}={v!r} must be a positive integer")
+            object.__setattr__(self, k, int(v))  # NumPy scalars become plain ints
+        if isinstance(self.gpu_weight_fraction, (np.integer, np.floating)):
+            object.__setattr__(self, "gpu_weight_fraction", float(self.gpu_weight_fraction))
         if self.batch_size != self.micro_batch_size * self.num_micro_batches:
             raise ValueError(f"Policy: batch_size={self.batch_size} != micro_batch_size="
                              f"{self.micro_batch_size} x num_micro_batches="
