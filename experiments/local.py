@@ -40,8 +40,13 @@ def local_config(setup, checkpoint: str | None = None, hidden_size: int = 768,
              "weights")
     if cfg.name == full.name:
         return cfg, f"{full.name} itself ({shape})"
-    return cfg, (f"{full.name} ({full.weight_bytes() / GB:.1f} GB) does not fit this "
-                 f"machine: ran its architecture scaled to {cfg.name} ({shape})")
+    f32 = full.replace(dtype="float32").weight_bytes()
+    if f32 > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        why = f"{full.name} ({full.weight_bytes() / GB:.1f} GB) does not fit this machine"
+    else:
+        why = (f"{full.name} scaled down by --local_hidden_size={hidden_size}, "
+               f"--local_num_layers={num_layers}")
+    return cfg, f"{why}: ran its architecture scaled to {cfg.name} ({shape})"
 
 
 def local_model(cfg, checkpoint: str | None = None):
