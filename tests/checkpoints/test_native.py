@@ -112,3 +112,17 @@ def test_interrupted_conversion_leaves_no_checkpoint(hf, tmp_path):
 def test_existing_output_is_not_overwritten(hf, native):
     with pytest.raises(ValueError, match="already exists"):
         convert(hf, native)
+
+
+def test_format_1_one_tree_checkpoints_still_load(hf, native, tmp_path):
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "v1"
+    os.makedirs(out)
+    tree, ckptr = {}, ocp.PyTreeCheckpointer()
+    for group in os.listdir(os.path.join(native, PARAMS)):  # format 2: one per group
+        tree.update(ckptr.restore(os.path.join(native, PARAMS, group)))
+    ckptr.save(str(out / PARAMS), args=ocp.args.PyTreeSave(tree))
+    meta = json.load(open(os.path.join(native, META)))
+    json.dump({**meta, "version": 1}, open(out / META, "w"))
+    assert same_params(moejax.load_pretrained(out).params, moejax.load_pretrained(hf).params)
