@@ -180,6 +180,8 @@ def main(argv):
               f"  sim {sim_tps:6.1f} {100 * (sim_tps - measured) / measured:+5.1f}%",
               flush=True)
     del runs
+    if not results:
+        fail("no row fits the device budget: set a larger --device_memory_gb")
     errs = [abs(r["error"]) for r in results]
     print(f"mean |error| {100 * np.mean(errs):.1f} %, max {100 * np.max(errs):.1f} %")
     by = {r["name"]: r for r in results}

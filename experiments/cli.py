@@ -62,6 +62,8 @@ def quiet_logs() -> None:
     """Library INFO chatter off (JAX's backend probing, orbax's per-step lines)."""
     from absl import logging as absl_logging
 
+    if flags.FLAGS["verbosity"].present:  # the user asked for a level: keep it
+        return
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("jax._src.xla_bridge", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)

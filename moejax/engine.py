@@ -61,13 +61,19 @@ def _check_policy_matches(store: HostWeightStore, policy: Policy) -> None:
     from moejax.host_offload.weight_store import make_plan
 
     plan = make_plan(store.cfg, policy.page_bytes, policy.gpu_weight_fraction)
-    if (plan.page_bytes, plan.num_resident) != (store.plan.page_bytes,
-                                                store.plan.num_resident):
+    all_resident = not plan.streaming and not store.plan.streaming  # page size moot
+    if not all_resident and (plan.page_bytes, plan.num_resident) != (
+            store.plan.page_bytes, store.plan.num_resident):
         raise ValueError(
             f"policy (gpu_weight_fraction={policy.gpu_weight_fraction:.6g}, page_bytes="
             f"{policy.page_bytes}) does not place experts as the HostWeightStore does "
             f"(gpu_weight_fraction={store.gpu_weight_fraction:.6g}, page_bytes="
             f"{store.plan.page_bytes})")
+
+
+def _size(nbytes: float) -> str:
+    """Bytes for a message: GiB from 1 GiB up, else MiB."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def bucket(n: int, multiple: int = 16) -> int:
@@ -90,7 +96,7 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
             raise ValueError(f"eos_token_id {eos_token_id!r}: {e!r} is not a token id in "
                              f"[0, {cfg.vocab_size})")
     for i, p in enumerate(prompts):
-        if not isinstance(p, (list, tuple, np.ndarray)):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
             raise ValueError(f"prompt {i} must be a list of token ids, got "
                              f"{type(p).__name__} {p!r}")
         if len(p) == 0:
@@ -236,7 +242,7 @@ class Engine:
         from moejax.model_config.workload import Workload
         from moejax.schedule.predict import predict
 
-        hw, wl = get_hardware("local"), Workload(prompt_len, gen_len)
+        hw, wl = get_hardware("local"), Workload(int(prompt_len), int(gen_len))
         best = None
         for n in MICRO_BATCH_CHOICES:
             ubs = math.ceil(batch / n)
@@ -245,10 +251,13 @@ class Engine:
             pol = self._base_policy(ubs, n)
             need = self._device_need(pol, prompt_len, gen_len)
             fits = need is None or need[0] <= need[1]
-            tps = predict(self.cfg, hw, wl, pol).tokens_per_s
-            if best is None or (fits, tps) > best[:2]:  # the fastest that fits, if any
-                best = (fits, tps, pol)
-        return best[2]
+            # the fastest that fits; if none does, the one that comes closest (whose
+            # shortfall `_check_fits` then names)
+            key = (fits, predict(self.cfg, hw, wl, pol).tokens_per_s if fits
+                   else -need[0])
+            if best is None or key > best[0]:
+                best = (key, pol)
+        return best[1]
 
     # ------------------------------------------------------------------ running
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
@@ -262,7 +271,8 @@ class Engine:
         from moejax.schedule.predict import memory_bytes
 
         kvb = 1 if self.kv_dtype == "int8" else None
-        dev, _ = memory_bytes(self.cfg, Workload(prompt_len, gen_len, kv_bytes_per_elem=kvb),
+        dev, _ = memory_bytes(self.cfg, Workload(int(prompt_len), int(gen_len),
+                                                 kv_bytes_per_elem=kvb),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,
                               policy.kv_cache_device)
@@ -285,13 +295,16 @@ class Engine:
             return
         dev, budget = need
         if dev > budget:
+            plan = self.store.plan
+            lower_wg = plan.streaming and plan.num_moe_layers > 1  # frees (L−1)·Δwg·W_E
             raise ValueError(
                 f"a batch of {policy.batch_size} ({policy.micro_batch_size}×"
                 f"{policy.num_micro_batches}), prompt {prompt_len}, {gen_len} new tokens, "
-                f"attention on the {policy.attention_device} needs ~{dev / 2**30:.2f} GiB "
-                f"of device memory; device_memory_bytes={budget} ({budget / 2**30:.2f} "
-                "GiB) is too small: use smaller micro-batches or a lower "
-                "gpu_weight_fraction")
+                f"attention on the {policy.attention_device} needs ~{_size(dev)} of "
+                f"device memory; device_memory_bytes={budget} ({_size(budget)}) is too "
+                "small: use smaller micro-batches, "
+                + ("a lower gpu_weight_fraction " if lower_wg else "")
+                + "or a larger budget")
 
     def _stream_plan(self) -> StreamPlan:
         w, n = self.weights, self.cfg.num_layers

@@ -28,6 +28,10 @@ def test_bad_requests_raise_and_engine_stays_usable(engine, prompts, max_new, ne
     assert len(engine.generate([[1, 2, 3]], 2)[0]) == 2
 
 
+def test_prompts_may_be_any_sequence_of_ids(engine):
+    assert engine.generate([range(1, 4)], 2) == engine.generate([[1, 2, 3]], 2)
+
+
 def test_rows_have_exactly_max_new_tokens(engine):
     outs = engine.generate([[5], [1, 2, 3, 4, 5, 6, 7]], max_new_tokens=9)
     assert [len(o) for o in outs] == [9, 9]

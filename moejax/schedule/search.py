@@ -86,13 +86,19 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
     d0, h0 = memory_bytes(model, wl, 1, 1, 0.0)
     dh, hh = memory_bytes(model, wl, 1, 1, 0.5)
     d1, h1 = 2 * dh - d0, 2 * hh - h0  # the affine line's end, stream buffers counted
+    dr, hr = memory_bytes(model, wl, 1, 1, 1.0)  # all resident: no stream buffers
+    need = min(d0, d1, dr)
     parts = []
-    if min(d0, d1) > dev_cap:
-        parts.append(f"device memory is short by {(min(d0, d1) - dev_cap) / GiB:.2f} GiB "
-                     f"(needs {min(d0, d1) / GiB:.2f} GiB, budget {dev_cap / GiB:.2f} GiB)")
-    else:
-        hi = 1.0 if d1 <= dev_cap else (dev_cap - d0) / (d1 - d0)
-        host = h0 + (h1 - h0) * hi + ((d0 + (d1 - d0) * hi) if hw.device_is_host else 0)
+    if need > dev_cap:
+        parts.append(f"device memory is short by {(need - dev_cap) / GiB:.2f} GiB "
+                     f"(needs {need / GiB:.2f} GiB, budget {dev_cap / GiB:.2f} GiB)")
+    else:  # the least host memory among the placements the device budget allows
+        hosts = [hr + (dr if hw.device_is_host else 0)] if dr <= dev_cap else []
+        if min(d0, d1) <= dev_cap:
+            hi = 1.0 if d1 <= dev_cap else (dev_cap - d0) / (d1 - d0)
+            hosts.append(h0 + (h1 - h0) * hi
+                         + ((d0 + (d1 - d0) * hi) if hw.device_is_host else 0))
+        host = min(hosts)
         parts.append(f"host memory is short by {(host - host_cap) / GiB:.2f} GiB (needs "
                      f"{host / GiB:.2f} GiB, budget {host_cap / GiB:.2f} GiB)")
     return ValueError(f"no policy fits {model.name} on {hw.name} (prompt "

@@ -121,3 +121,13 @@ def test_keeps_everything_resident_where_only_the_stream_buffers_do_not_fit():
     policy, pred = search_policy(MIXTRAL, hw, wl, device_memory_bytes=resident * 1.001)
     assert policy.gpu_weight_fraction == 1.0
     _within_budgets(MIXTRAL, hw, wl, policy, pred, resident * 1.001)
+
+
+def test_infeasible_error_names_the_all_resident_need_when_that_is_smallest():
+    m = MIXTRAL.replace(num_layers=2)  # 2 MoE layers: streaming needs more, not less
+    hw, wl = get_hardware("l4"), Workload(77, 32, num_sequences=1)
+    resident, _ = memory_bytes(m, wl, 1, 1, 1.0)
+    with pytest.raises(ValueError, match=rf"needs {resident / 2**30:.2f} GiB"):
+        search_policy(m, hw, wl, device_memory_bytes=resident - 2**30)
+    policy, _ = search_policy(m, hw, wl, device_memory_bytes=resident + 2**20)
+    assert policy.gpu_weight_fraction == 1.0
