@@ -236,6 +236,7 @@ def load_local(path: str | None = None, recalibrate: bool = False) -> HardwareSp
             logging.warning("calibration cache %s unusable (%s); recalibrating", path, e)
     from moejax.schedule.calibrate import calibrate  # lazy: pulls in JAX
 
+    logging.warning("calibrating this machine (about a minute; cached in %s)", path)
     return calibrate(path=path)
 
 
