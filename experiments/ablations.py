@@ -20,8 +20,8 @@ import os
 from absl import app, flags
 
 from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
-from experiments.local import (GB, default_budget, local_config, local_hardware,
-                               local_model, measure, policy_dict)
+from experiments.local import (GB, check_positions, default_budget, local_config,
+                               local_hardware, local_model, measure, policy_dict)
 from moejax.model_config.setups import setup_names
 
 FLAGS = flags.FLAGS
@@ -136,9 +136,7 @@ def main(argv):
     cfg, note = local_config(get_setup(FLAGS.config), None, FLAGS.local_hidden_size,
                              FLAGS.local_num_layers)
     print(note, flush=True)
-    if FLAGS.prompt_len + FLAGS.gen_len > cfg.max_positions:
-        fail(f"--prompt_len={FLAGS.prompt_len} + --gen_len={FLAGS.gen_len} exceeds "
-             f"{cfg.name}'s {cfg.max_positions} positions")
+    check_positions(cfg, FLAGS.prompt_len, FLAGS.gen_len)
     hw = local_hardware(cfg, fresh=FLAGS.recalibrate)
     page = DEFAULT_PAGE_BYTES // 4
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(

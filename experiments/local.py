@@ -49,6 +49,13 @@ def local_config(setup, checkpoint: str | None = None, hidden_size: int = 768,
     return cfg, f"{why}: ran its architecture scaled to {cfg.name} ({shape})"
 
 
+def check_positions(cfg, prompt_len: int, gen_len: int) -> None:
+    """One-line exit when prompt + generation exceed the local model's positions."""
+    if prompt_len + gen_len > cfg.max_positions:
+        fail(f"--prompt_len={prompt_len} + --gen_len={gen_len} exceeds {cfg.name}'s "
+             f"{cfg.max_positions} positions")
+
+
 def local_model(cfg, checkpoint: str | None = None):
     """The MoEModel of `local_config`: the checkpoint's weights (experts left in host
     memory for the engine's store to adopt, no second copy), or random ones."""

@@ -22,8 +22,8 @@ import time
 from absl import app, flags
 
 from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
-from experiments.local import (GB, Progress, default_budget, gantt, local_config,
-                               local_hardware, local_model, policy_dict)
+from experiments.local import (GB, Progress, check_positions, default_budget, gantt,
+                               local_config, local_hardware, local_model, policy_dict)
 from moejax.model_config.setups import setup_names
 
 FLAGS = flags.FLAGS
@@ -156,9 +156,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     cfg, note = local_config(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
                              FLAGS.local_num_layers)
     print(f"local: {note}", flush=True)
-    if workload.prompt_len + workload.gen_len > cfg.max_positions:
-        fail(f"--prompt_len={workload.prompt_len} + --gen_len={workload.gen_len} exceeds "
-             f"{cfg.name}'s {cfg.max_positions} positions")
+    check_positions(cfg, workload.prompt_len, workload.gen_len)
     hw = local_hardware(cfg)
     page = DEFAULT_PAGE_BYTES // 4
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(

@@ -283,9 +283,14 @@ class Engine:
         `num_prompts` prompts of up to `prompt_len` tokens: ValueError naming the
         shortfall, without running anything."""
         size = self.policy.batch_size if self.policy is not None else num_prompts
+        self._batch_policy(min(num_prompts, size), prompt_len, max_new_tokens)
+
+    def _batch_policy(self, rows: int, prompt_len: int, gen_len: int) -> tuple[int, Policy]:
+        """(padded prompt length, policy) of one batch, checked to fit its budget."""
         t = bucket(int(prompt_len))
-        self._check_fits(self.policy_for(min(num_prompts, size), t, max_new_tokens), t,
-                         max_new_tokens)
+        policy = self.policy_for(rows, t, gen_len)
+        self._check_fits(policy, t, gen_len)
+        return t, policy
 
     def _check_fits(self, policy: Policy, prompt_len: int, gen_len: int) -> None:
         """ValueError before anything runs when the batch's predicted peak device bytes
@@ -318,8 +323,7 @@ class Engine:
         """One batch: pad it to the policy's rows, build and execute the timeline."""
         cfg, b = self.cfg, len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
-        t = bucket(int(lens.max()))
-        policy = self.policy_for(b, t, max_new_tokens)
+        t, policy = self._batch_policy(b, int(lens.max()), max_new_tokens)
         rows = policy.batch_size
         tokens = np.zeros((rows, t), np.int32)
         for r in range(rows):  # padding rows repeat prompt 0; their output is dropped
@@ -327,7 +331,6 @@ class Engine:
             tokens[r, :len(p)] = p
         lens = np.concatenate([lens, np.full(rows - b, lens[0])])
         steps = max_new_tokens - 1
-        self._check_fits(policy, t, max_new_tokens)
         entries = build_timeline(cfg, policy, t, steps, self._stream_plan())
         cache_len = int(lens.max()) + max_new_tokens
         kv, reserved = None, False

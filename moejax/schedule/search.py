@@ -44,24 +44,31 @@ def _interval(a, b, cap):
     return lo, hi
 
 
+def _streaming_line(model, wl, ubs, n_ub, placement=()):
+    """(d0, d1, h0, h1): device and host bytes at wg = 0 and where the affine line of
+    the streaming placements (wg < 1, stream buffers counted) reaches wg = 1."""
+    d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement)
+    dh, hh = memory_bytes(model, wl, ubs, n_ub, 0.5, *placement)
+    return d0, 2 * dh - d0, h0, 2 * hh - h0
+
+
 def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
     """Largest feasible wg per candidate (NaN where none fits)."""
     dev_cap, host_cap = budgets
-    d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement)
-    dh, hh = memory_bytes(model, wl, ubs, n_ub, 0.5, *placement)  # affine below 1
-    lo, hi = _interval(d0, 2 * (dh - d0), dev_cap)
-    host_terms = [(h0, 2 * (hh - h0))]
+    d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement)
+    lo, hi = _interval(d0, d1 - d0, dev_cap)
+    host_terms = [(h0, h1 - h0)]
     if hw.device_is_host:  # device and host share the same RAM
-        host_terms.append((d0 + h0, 2 * (dh + hh - d0 - h0)))
+        host_terms.append((d0 + h0, d1 + h1 - d0 - h0))
     for a, b in host_terms:
         lo2, hi2 = _interval(a, b, host_cap)
         lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
     wg = np.floor(np.minimum(hi, 1 - WG_STEP) / WG_STEP) / (1 / WG_STEP)
     wg = np.where(wg >= np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, wg, np.nan)
-    d1, h1 = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)  # no stream buffers
-    fits = (d1 <= dev_cap) & (h1 <= host_cap)
+    dr, hr = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)  # no stream buffers
+    fits = (dr <= dev_cap) & (hr <= host_cap)
     if hw.device_is_host:
-        fits = fits & (d1 + h1 <= host_cap)
+        fits = fits & (dr + hr <= host_cap)
     return np.where(fits, 1.0, wg)
 
 
@@ -83,9 +90,7 @@ def _max_feasible(ok, limit: int) -> int:
 
 def _infeasible_error(model, hw, wl, budgets) -> ValueError:
     dev_cap, host_cap = budgets
-    d0, h0 = memory_bytes(model, wl, 1, 1, 0.0)
-    dh, hh = memory_bytes(model, wl, 1, 1, 0.5)
-    d1, h1 = 2 * dh - d0, 2 * hh - h0  # the affine line's end, stream buffers counted
+    d0, d1, h0, h1 = _streaming_line(model, wl, 1, 1)
     dr, hr = memory_bytes(model, wl, 1, 1, 1.0)  # all resident: no stream buffers
     need = min(d0, d1, dr)
     parts = []
