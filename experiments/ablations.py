@@ -9,7 +9,10 @@ scaled model through `moejax.Engine(model, policy=…)`; the prediction is `pred
 the same policy on the `local` hardware, calibrated again first (`--recalibrate`), and
 `simulate()` of the row's timeline is reported beside it. The rows are timed in
 `--repeats` rounds of one run each (medians reported), so that the speed of this shared
-machine, which drifts by ~10 % within minutes, weighs on every row alike.
+machine, which drifts by ~10 % within minutes, weighs on every row alike. After every
+round the calibration's in-situ probes run again (`--reprobe`, `Reprobe`): the rows are
+priced with the link rates and copy core demand those probes measured beside them, and
+the prediction with the calibration's own figures is kept beside it in the JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ flags.DEFINE_string("output_png", "experiments/results/ablations_cpu.png", "PNG 
 flags.DEFINE_bool("quick", False, "only the overlap and attention rows")
 flags.DEFINE_integer("repeats", 5, "timed runs per row (median reported): one run of a "
                      "row varies by ~10 % on a shared 2-core machine", lower_bound=1)
+flags.DEFINE_bool("reprobe", True, "run the calibration's in-situ probes (link page "
+                  "rate, copy core demand) again after every round of rows and price the "
+                  "rows with their medians: one calibration's figures swing by 15-100 %")
 flags.DEFINE_bool("recalibrate", True, "calibrate this machine again first (its speed "
                   "drifts by ~10 % over an hour; `throughput` reuses the cached figures)")
 output_flag("output_json", ".json")
@@ -68,10 +74,11 @@ def rows(base, page_layer: int):
     return out
 
 
-def measure_rows(model, named_policies, budget: float) -> dict:
+def measure_rows(model, named_policies, budget: float, after_round) -> dict:
     """{name: (policy, engine, wall seconds of each timed run)}, the rows timed in
     `--repeats` rounds of one run per row (after one warm-up run each), so that every
-    row's median samples the same stretch of this shared machine's drifting speed."""
+    row's median samples the same stretch of this shared machine's drifting speed;
+    `after_round(policies)` runs after every round."""
     import numpy as np
 
     import moejax
@@ -91,8 +98,60 @@ def measure_rows(model, named_policies, budget: float) -> dict:
     for k in range(FLAGS.repeats):
         for name, (_, engine, walls) in out.items():
             walls.append(measure(engine, prompts[name], FLAGS.gen_len, warm=k == 0))
+        after_round([pol for pol, _, _ in out.values()])
         print(f"round {k + 1}/{FLAGS.repeats} of {len(out)} rows timed", flush=True)
     return out
+
+
+LINK_RUNS_PER_ROUND = 2
+
+
+class Reprobe:
+    """The calibration's in-situ probes, run again after every round of rows (on the
+    2-layer probe model): the link's page rate at each page size the rows stream
+    (`calibrate.page_rates`) and one overlapped run for `copy_core_demand`. `spec(hw)`
+    is `hw` with those figures replaced by the medians of the rounds — on this shared
+    machine one calibration's page rate swung from 4.6 to 7.4 GB/s and its fitted
+    demand from 1.0 to 2.3 between runs minutes apart."""
+
+    def __init__(self, cfg, latency_s: float):
+        from moejax.schedule.calibrate import probe_model
+
+        self.cfg, self.latency_s = cfg, latency_s
+        self.model = probe_model(cfg)
+        self.rates: dict[int, list] = {}
+        self.runs: list = []
+
+    def __call__(self, policies):
+        from moejax.schedule.calibrate import overlapped_runs, page_rates
+
+        for size in sorted({p.page_bytes for p in policies if p.gpu_weight_fraction < 1}):
+            self.rates.setdefault(size, []).extend(
+                page_rates(self.model, size, LINK_RUNS_PER_ROUND, self.latency_s))
+        self.runs += overlapped_runs(self.model, 1)
+
+    def spec(self, hw):
+        import numpy as np
+
+        from moejax.schedule import costs
+        from moejax.schedule.calibrate import fit_copy_core_demand
+        from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+
+        curve = dict(hw.h2d_curve or ())
+        curve.update({float(s): float(np.median(r)) for s, r in self.rates.items()})
+        hw = hw.replace(h2d_curve=tuple(sorted(curve.items())))
+        hw = hw.replace(h2d_bytes_per_s=float(costs.h2d_rate(hw, DEFAULT_PAGE_BYTES)))
+        if hw.device_is_host and self.runs:
+            hw = hw.replace(copy_core_demand=fit_copy_core_demand(self.cfg, hw, self.runs))
+        return hw
+
+    def summary(self, calibrated) -> dict:
+        from moejax.schedule import costs
+
+        link = {s: dict(calibrated=float(costs.h2d_rate(calibrated, s)), rounds=r)
+                for s, r in self.rates.items()}
+        return dict(link_bytes_per_s=link, overlapped_runs=len(self.runs),
+                    copy_core_demand_calibrated=calibrated.copy_core_demand)
 
 
 def plot(results, path):
@@ -128,7 +187,7 @@ def main(argv):
 
     from moejax.model_config.setups import get_setup
     from moejax.model_config.workload import Workload
-    from moejax.schedule import predict, search_policy
+    from moejax.schedule import costs, predict, search_policy
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
     from moejax.schedule.simulate import simulate
@@ -149,24 +208,39 @@ def main(argv):
     except ValueError as e:
         fail(f"device budget {budget / GB:.3g} GB: {e}")
     base = base.replace(page_bytes=page)
-    runs = measure_rows(local_model(cfg), rows(base, cfg.expert_bytes_per_layer()), budget)
+    reprobe = Reprobe(cfg, hw.link_latency_s) if FLAGS.reprobe else None
+    runs = measure_rows(local_model(cfg), rows(base, cfg.expert_bytes_per_layer()), budget,
+                        reprobe or (lambda _: None))
+    hw_calibrated = hw
+    if reprobe:
+        hw = reprobe.spec(hw)
+        for size, rates in reprobe.rates.items():
+            print(f"link beside the rows at {size / 2**20:.0f} MiB pages: "
+                  f"{np.median(rates) / 1e9:.2f} GB/s (median of {len(rates)} runs, "
+                  f"{min(rates) / 1e9:.2f}-{max(rates) / 1e9:.2f}); calibration "
+                  f"{costs.h2d_rate(hw_calibrated, size) / 1e9:.2f}")
+        print(f"copy core demand beside the rows: {hw.copy_core_demand:.2f} "
+              f"(calibration {hw_calibrated.copy_core_demand:.2f})")
     results = []
     print(f"{'row':34s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
     for name, (pol, engine, walls) in runs.items():
         measured = pol.batch_size * FLAGS.gen_len / float(np.median(walls))
         run = engine.last_run
         if not results:  # the routing of these prompts, measured once on the base run
-            wl = wl.replace(expert_imbalance=run.expert_imbalance)
-            print(f"router imbalance measured on the base run: {wl.expert_imbalance:.2f}")
+            wl = run.with_routing(wl)
+            print(f"router imbalance measured on the base run: prefill "
+                  f"{wl.imbalance['prefill']:.2f}, decode {wl.imbalance['decode']:.2f}")
         pol = pol.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
         pred = predict(cfg, hw, wl, pol)  # wg as the store rounded it to whole pages
-        sim = simulate(run.entries, cfg, hw, pol, imbalance=wl.expert_imbalance)
+        at_calibration = predict(cfg, hw_calibrated, wl, pol).tokens_per_s
+        sim = simulate(run.entries, cfg, hw, pol, imbalance=wl.imbalance)
         sim_tps = pol.batch_size * FLAGS.gen_len / sim.makespan_s
         err = (pred.tokens_per_s - measured) / measured
         results.append(dict(name=name, policy=policy_dict(pol), measured_tokens_per_s=measured,
                             measured_runs_tokens_per_s=[pol.batch_size * FLAGS.gen_len / w
                                                         for w in walls],
                             predicted_tokens_per_s=pred.tokens_per_s, error=err,
+                            predicted_with_calibration_tokens_per_s=at_calibration,
                             limit_tokens_per_s=pred.limit_tokens_per_s,
                             prefill_s=run.prefill_s, decode_s=run.decode_s,
                             predicted_prefill_s=pred.prefill_s,
@@ -192,8 +266,12 @@ def main(argv):
           f"{searched.num_micro_batches}, wg={searched.gpu_weight_fraction:.2f}, attention "
           f"on the {searched.attention_device}")
     out = dict(config=FLAGS.config, model=cfg.name, note=note, device_memory_gb=budget / GB,
-               expert_imbalance=wl.expert_imbalance, searched_after=policy_dict(searched),
+               expert_imbalance=wl.expert_imbalance,
+               decode_expert_imbalance=wl.imbalance["decode"],
+               searched_after=policy_dict(searched),
                prompt_len=FLAGS.prompt_len, gen_len=FLAGS.gen_len, hardware=hw.source,
+               reprobed=reprobe.summary(hw_calibrated) if reprobe else None,
+               copy_core_demand=hw.copy_core_demand,
                rows=results)
     os.makedirs(os.path.dirname(FLAGS.output_json) or ".", exist_ok=True)
     with open(FLAGS.output_json, "w") as f:

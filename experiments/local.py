@@ -125,7 +125,7 @@ def gantt(run, cfg, hw, path: str, decode_steps: int = 2):
 
     from moejax.schedule.simulate import simulate
 
-    sim = simulate(run.entries, cfg, hw, run.policy, imbalance=run.expert_imbalance)
+    sim = simulate(run.entries, cfg, hw, run.policy, imbalance=run.imbalance)
     keep = [e for e in run.entries if e.stage == "prefill" or e.step <= decode_steps]
     colors = {"page": "#4c72b0", "embed": "#999999", "pre_attn": "#55a868", "attn": "#c44e52",
               "d2h_qkv": "#8172b2", "cpu_attn": "#c44e52", "h2d_attn": "#937860",

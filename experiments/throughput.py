@@ -180,7 +180,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     try:
         engine.generate(prompts[:policy.micro_batch_size], 2)  # compile; not timed
         # the prompts' routing, seen by that warm-up, prices the expert GEMMs
-        wl = wl.replace(expert_imbalance=engine.last_run.expert_imbalance)
+        wl = engine.last_run.with_routing(wl)
         t0 = time.perf_counter()
         engine.generate(prompts, workload.gen_len, progress=Progress("local run"))
         wall = time.perf_counter() - t0
@@ -197,6 +197,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
            "policy": policy_dict(policy),
            "store_gpu_weight_fraction": engine.store.gpu_weight_fraction,
            "expert_imbalance": wl.expert_imbalance,
+           "decode_expert_imbalance": wl.imbalance["decode"],
            "predicted_tokens_per_s": pred.tokens_per_s,
            "measured_tokens_per_s": measured, "limit_tokens_per_s": pred.limit_tokens_per_s,
            "prediction_error": (pred.tokens_per_s - measured) / measured,

@@ -122,7 +122,20 @@ class RunRecord:
     rows: int  # real (unpadded) rows
     prompt_len: int  # padded prompt length T
     steps: int  # tokens generated per row (1 by prefill + decode steps run)
-    expert_imbalance: float = 1.0  # the routing the run saw (`Workload.expert_imbalance`)
+    expert_imbalance: float = 1.0  # the prefill's routing (`Workload.expert_imbalance`)
+    decode_expert_imbalance: float | None = None  # the decode steps' (None: none ran)
+
+    @property
+    def imbalance(self) -> dict:
+        """{stage: expert imbalance} the run saw, as `simulate` takes it."""
+        dec = self.decode_expert_imbalance
+        return {"prefill": self.expert_imbalance,
+                "decode": self.expert_imbalance if dec is None else dec}
+
+    def with_routing(self, wl):
+        """`wl` (a Workload) with the expert imbalance this run saw in each stage."""
+        return wl.replace(expert_imbalance=self.expert_imbalance,
+                          decode_expert_imbalance=self.decode_expert_imbalance)
 
     @property
     def prefill_s(self) -> float:
@@ -352,8 +365,10 @@ class Engine:
             self.weights.release_all()
             if reserved:
                 self.store.unreserve("kv_cache")
+        decoded = "decode" in run.router_counts
         self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run,
-                                  run.expert_imbalance())
+                                  run.expert_imbalance("prefill"),
+                                  run.expert_imbalance("decode") if decoded else None)
         return run
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

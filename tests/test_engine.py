@@ -77,3 +77,14 @@ def test_progress_must_be_callable(engine):
 def test_logits_reject_empty_input_and_bad_masks(engine, tokens, mask, needle):
     with pytest.raises(ValueError, match=needle):
         engine.model.logits(tokens, mask)
+
+
+def test_last_run_fits_the_routing_of_each_stage(engine):
+    engine.generate([[1, 2, 3, 4]] * 4, 3)
+    run = engine.last_run
+    assert run.expert_imbalance >= 1 and run.decode_expert_imbalance >= 1
+    assert run.imbalance == {"prefill": run.expert_imbalance,
+                             "decode": run.decode_expert_imbalance}
+    engine.generate([[1, 2, 3, 4]] * 4, 1)  # prefill only: no decode routing seen
+    assert engine.last_run.decode_expert_imbalance is None
+    assert engine.last_run.imbalance["decode"] == engine.last_run.expert_imbalance

@@ -39,7 +39,7 @@ import numpy as np
 
 from moejax.host_offload.memory import (DEFAULT_PAGE_BYTES, check_host_memory,
                                         default_device, device_sharding, has_pinned_host,
-                                        pinned_sharding)
+                                        pinned_sharding, steady_malloc)
 from moejax.model_config.model import ModelConfig
 
 EXPERTS = ("w1", "w3", "w2")
@@ -229,6 +229,7 @@ class HostWeightStore:
                  host_memory: str = "auto", device: jax.Device | None = None):
         self.cfg = cfg
         self.budget = device_memory_bytes
+        steady_malloc()  # page buffers from malloc's heaps, not freshly faulted mmaps
         self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, device_memory_bytes)
         self.device = device or default_device()
         self.host_memory = check_host_memory(host_memory)

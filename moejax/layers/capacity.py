@@ -11,6 +11,7 @@ expert's weights per block, after a copy of every expert's weights.
 
 from __future__ import annotations
 
+import functools
 from statistics import NormalDist
 
 import numpy as np
@@ -36,13 +37,6 @@ def uses_capacity(tokens, top_k: int, num_experts: int):
     return np.asarray(tokens) * top_k < SORTED_MIN_ROWS_PER_EXPERT * num_experts
 
 
-def max_count_noise(mean_count, top_k: int, num_experts: int):
-    """σ·√(2 ln E), σ² = μ(1 − k/E): how far the largest of E counts of mean μ lies
-    above μ by chance alone (Gaussian tail)."""
-    mu = np.asarray(mean_count, dtype=float)
-    return np.sqrt(2 * np.log(num_experts) * mu * (1 - top_k / num_experts))
-
-
 def sorted_blocks(rows_per_expert: float) -> tuple[int, int]:
     """(big, small) row-block sizes of the sorted path for a mean of `rows_per_expert`
     rows per expert: an expert's rows run as ⌊count/big⌋ blocks of `big`, then the rest
@@ -59,7 +53,7 @@ def count_quantiles(mean_count, top_k: int, num_experts: int, imbalance: float =
     """[..., E] typical per-expert row counts of a call with mean μ per expert: μ + σ·z_j
     at the E normal quantiles z_j = Φ⁻¹((j − ½)/E), σ² = μ(1 − k/E) + s², the binomial
     spread plus s = (imbalance − 1)·μ/√(2 ln E), the skew that puts the hottest expert
-    `imbalance`× above the uniform share (as `expected_rows` does). Sums to E·μ."""
+    `imbalance`× above the uniform share (as `max_count_pmf` does). Sums to E·μ."""
     z = np.array([NormalDist().inv_cdf((j + 0.5) / num_experts)
                   for j in range(num_experts)])
     mu = np.asarray(mean_count, dtype=float)[..., None]
@@ -87,21 +81,92 @@ def sorted_work(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
             np.sum(n_big + n_small, axis=-1) + 2 * num_experts)
 
 
+def _binomial_cdf(n: int, p: float) -> np.ndarray:
+    """[n + 1] P(X ≤ c), X ~ Binomial(n, p)."""
+    c = np.arange(n + 1)
+    log_fact = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, n + 1)))))
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    log_pmf = (log_fact[n] - log_fact[c] - log_fact[n - c]
+               + c * np.log(p) + (n - c) * np.log1p(-p))
+    return np.minimum(np.cumsum(np.exp(log_pmf)), 1.0)
+
+
+@functools.lru_cache(maxsize=1024)
+def max_count_pmf(tokens: int, top_k: int, num_experts: int,
+                  imbalance: float = 1.0) -> np.ndarray:
+    """[N + 1] P(max_e count_e = c) for N tokens' top-k choices among E experts: each
+    count binomial (N, k/E), the hottest expert's (N, min(1, imbalance·k/E)), taken as
+    independent: P(max ≤ c) = F_hot(c)·F(c)^(E−1). Against uniform random top-2-of-8
+    routing (2000 draws): E[max] 3 % low at N = 8-32, 0.5 % at 1024; E[C] 0-3 % low.
+    Read-only (cached)."""
+    n, p = int(tokens), top_k / num_experts
+    cdf = _binomial_cdf(n, min(1.0, imbalance * p)) * _binomial_cdf(n, p) ** (num_experts - 1)
+    pmf = np.diff(cdf, prepend=0.0)
+    pmf.setflags(write=False)
+    return pmf
+
+
+def expected_max_count(tokens: int, top_k: int, num_experts: int,
+                       imbalance: float = 1.0) -> float:
+    """E[max_e count_e] under `max_count_pmf`."""
+    pmf = max_count_pmf(int(tokens), top_k, num_experts, float(imbalance))
+    return float(pmf @ np.arange(pmf.size))
+
+
+def expected_capacity(tokens: int, top_k: int, num_experts: int,
+                      imbalance: float = 1.0) -> float:
+    """E[C] = Σ_c P(max = c)·bucket(c) (`max_count_pmf`, `capacity_bucket`): the mean
+    capacity the dispatch pads to, not the bucket of the mean max count (that one priced
+    decode micro-batches of 32 tokens at C = 14-16 where C averaged 12.1)."""
+    n = int(tokens)
+    pmf = max_count_pmf(n, top_k, num_experts, float(imbalance))
+    return float(pmf @ np.array([capacity_bucket(max(c, 1), n) for c in range(n + 1)]))
+
+
+def fit_imbalance(calls, top_k: int) -> float:
+    """The imbalance under which the expected max counts of these router calls add up
+    to their max counts: Σ E[max | N_c, imbalance] = Σ max_c (`expected_max_count`;
+    bisection on [1, E/k]). `calls`: per-expert count vectors [E], one per call, N_c =
+    Σ counts / k. 1 for no calls or routing no hotter than uniform. Uniform routing of
+    32 tokens fits ~1.1: the model's max runs 3 % low there, and the fit makes up for it,
+    so the capacity priced is the one the calls padded to."""
+    by_shape: dict = {}
+    for c in calls:
+        c = np.asarray(c)
+        key = (int(round(c.sum() / top_k)), c.size)
+        n_max = by_shape.setdefault(key, [0, 0.0])
+        n_max[0] += 1
+        n_max[1] += float(c.max())
+    if not by_shape:
+        return 1.0
+
+    def excess(imb):
+        return sum(k * expected_max_count(n, top_k, e, imb) - mx
+                   for (n, e), (k, mx) in by_shape.items())
+    lo, hi = 1.0, max(e for _, e in by_shape) / top_k
+    if excess(lo) >= 0:
+        return 1.0
+    if excess(hi) <= 0:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
+    return round((lo + hi) / 2, 6)  # a cache key for max_count_pmf
+
+
 def expected_work(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
     """(rows, weight passes) of the expert GEMMs for `tokens` tokens: a pass reads one
     expert's weights (`costs.gpu_ffn_s` prices each at the GEMM line's intercept).
 
-    Capacity path: E·C rows in E passes, C = bucket(expected max count); with the
-    hottest expert getting `imbalance`× the uniform share, the max of E counts of mean
-    μ = N·k/E is ≈ imbalance·μ + σ·√(2 ln E), σ² = μ(1 − k/E) (Gaussian tail).
-    Sorted path: `sorted_work`."""
+    Capacity path: E·C rows in E passes, C = `expected_capacity` (the hottest expert's
+    share `imbalance`× the uniform one). Sorted path: `sorted_work`."""
     n = np.asarray(tokens, dtype=float)
-    mu = n * top_k / num_experts
-    mx = np.minimum(n, np.ceil(imbalance * mu + max_count_noise(mu, top_k, num_experts)))
-    bucket = np.vectorize(capacity_bucket, otypes=[float])(np.maximum(mx, 1), n)
-    rows, calls = sorted_work(n, top_k, num_experts, imbalance)
     cap = uses_capacity(n, top_k, num_experts)
-    return (np.where(cap, num_experts * bucket, rows),
+    capacity = np.vectorize(
+        lambda t, c: expected_capacity(t, top_k, num_experts, imbalance) if c else 0.0,
+        otypes=[float])(np.round(n), cap)
+    rows, calls = sorted_work(n, top_k, num_experts, imbalance)
+    return (np.where(cap, num_experts * capacity, rows),
             np.where(cap, float(num_experts), calls))
 
 

@@ -15,7 +15,10 @@ class Workload:
     batch larger than it. `kv_bytes_per_elem` overrides the KV-cache element size
     (None: the model's dtype; 1 for an int8 cache). `expert_imbalance` is how unevenly
     the router spreads this job's tokens: E·max_e p_e, the hottest expert's share over
-    the uniform one (1: uniform; measured by `RunRecord.expert_imbalance`).
+    the uniform one (1: uniform; measured by `RunRecord.expert_imbalance`), in prefill
+    and, unless `decode_expert_imbalance` says otherwise, in decode: a prompt's tokens
+    and the tokens a model generates can load the experts differently (a random-weight
+    Mixtral's prompts fit 1.13-1.30, its decode steps 1.0).
     """
 
     prompt_len: int
@@ -24,6 +27,7 @@ class Workload:
     kv_bytes_per_elem: int | None = None
     name: str = ""
     expert_imbalance: float = 1.0
+    decode_expert_imbalance: float | None = None
 
     def __post_init__(self):
         for k in ("prompt_len", "gen_len"):
@@ -34,10 +38,20 @@ class Workload:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Workload: {k}={v!r} must be a positive integer or None")
-        if not isinstance(self.expert_imbalance, (int, float)) or not (
-                1.0 <= self.expert_imbalance < float("inf")):
-            raise ValueError(f"Workload: expert_imbalance={self.expert_imbalance!r} must "
-                             "be >= 1")
+        for k in ("expert_imbalance", "decode_expert_imbalance"):
+            v = getattr(self, k)
+            if v is None and k.startswith("decode"):
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (
+                    1.0 <= v < float("inf")):
+                raise ValueError(f"Workload: {k}={v!r} must be >= 1")
+
+    @property
+    def imbalance(self) -> dict:
+        """{stage: expert imbalance}, as `simulate` and `predict` price each stage."""
+        dec = self.decode_expert_imbalance
+        return {"prefill": self.expert_imbalance,
+                "decode": self.expert_imbalance if dec is None else dec}
 
     @property
     def context_len(self) -> int:

@@ -137,6 +137,7 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
     return max(t0 - b0 / rate, 0.0), float(rate)
 
 
+PAGE_RATE_RUNS_PER_REPEAT = 2  # probe runs per calibration repeat, for each page size
 H2D_SIZES = (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
 
 
@@ -223,7 +224,7 @@ def _probe_config(m: ModelConfig) -> ModelConfig:
                      dense_layers=tuple(i for i in m.dense_layers if i < 2))
 
 
-def _overlapped_runs(model, repeats: int):
+def overlapped_runs(model, repeats: int):
     """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on `model`,
     the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES`
     pages, 32 sequences of 32 tokens in one micro-batch, 16 new tokens, attention on
@@ -244,11 +245,11 @@ def _overlapped_runs(model, repeats: int):
     return runs
 
 
-def _copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
+def fit_copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
     """`copy_core_demand` where the device is the host's CPU: the host cores one page
     copy takes from compute beside it (`costs.core_demand`). A memcpy runs on one core
     but contends for memory bandwidth and cache, so it can cost compute more than a
-    core. For each of the `_overlapped_runs`, the demand with which `simulate` of that
+    core. For each of the `overlapped_runs`, the demand with which `simulate` of that
     run's timeline takes as long as its decode did (bisection: the simulated time grows
     with the demand), clipped to [0.1, 2·cores]; the median over the runs. On the
     2-core testbed: 1.5-2.4 — and ~4 when the runs come after the calibration's 1 GB
@@ -263,54 +264,85 @@ def _copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
         for _ in range(20):
             d = (lo + hi) / 2
             sim = simulate(run.entries, cfg, spec.replace(copy_core_demand=d), run.policy,
-                           imbalance=run.expert_imbalance)
+                           imbalance=run.imbalance)
             lo, hi = (d, hi) if sim.stage_s(run.entries, "decode") < run.decode_s \
                 else (lo, d)
         return (lo + hi) / 2
     return float(np.median([fit(r) for r in runs]))
 
 
-def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
-    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve, the probe model —
-    for `_overlapped_runs`) from short serial
-    runs of the real engine on a 2-layer, random-weight copy of `m` streaming every
-    expert in pages of each of `sizes` bytes. The pre-attentions (first size's runs)
-    give the fixed cost of one device op beyond its roofline price (Python dispatch,
-    parameter plumbing, the block the executor waits on); the curve is the rate the
-    weight store really gets per page size, r = bytes / (time − pages·latency) over
-    that size's full pages (all pages where a tensor is smaller). Standalone copies of
-    64 MiB read 1.6× faster than the store's, or 3.5× slower when measured after them
-    (fresh big buffers fault their pages in), so this runs before any big buffer."""
+def _probe_engine(model, page_bytes: int):
+    """The serial probe: 8 sequences in 2 micro-batches, every expert streamed in pages
+    of `page_bytes`, attention on the CPU."""
     import moejax
-    from moejax.model import MoEModel
     from moejax.schedule.policy import Policy
 
-    cfg = _probe_config(m)
-    model = MoEModel.random(cfg, seed=0)
-    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (8, 16)).tolist()
+    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0, attention_device="cpu",
+                                    kv_cache_device="cpu", page_bytes=int(page_bytes),
+                                    overlap=False)
+    return moejax.Engine(model, policy=pol)
+
+
+def _page_rate(run, page_bytes: int, latency_s: float) -> float:
+    """Bytes/s one run's weight store got from the link: bytes / (time − pages·latency)
+    over its full pages (all its pages where a tensor is smaller than a page)."""
+    dur = run.trace.end_s - run.trace.start_s
+    pages = [(e.nbytes, dur[e.id]) for e in run.entries if e.op == "page"]
+    full = [p for p in pages if p[0] == page_bytes] or pages
+    nbytes, sec = (float(sum(x)) for x in zip(*full))
+    return nbytes / max(sec - len(full) * latency_s, 0.5 * sec)
+
+
+def page_rates(model, page_bytes: int, runs: int, latency_s: float = 0.0,
+               records: list | None = None) -> list[float]:
+    """Bytes/s of the link as the weight store sees it, one figure per serial run of the
+    probe (`_probe_engine`) on `model` (a 2-layer random copy: `probe_model`), after one
+    run that compiles. One 0.7 s run of the 2-core testbed reads 4.1-6.1 GB/s at 4 MiB
+    pages: take a median of several, near the runs it is to price
+    (`experiments.ablations` re-measures it in every round of its rows). `records`, if
+    given, receives each timed run's `RunRecord`."""
+    engine = _probe_engine(model, page_bytes)
+    prompts = np.random.default_rng(0).integers(1, model.config.vocab_size,
+                                                (8, 16)).tolist()
+    rates = []
+    for i in range(runs + 1):  # the first run compiles
+        engine.generate(prompts, 4)
+        if i:
+            rates.append(_page_rate(engine.last_run, int(page_bytes), latency_s))
+            if records is not None:
+                records.append(engine.last_run)
+    return rates
+
+
+def probe_model(m: ModelConfig):
+    """The random-weight 2-layer copy of `m` the in-situ probes run."""
+    from moejax.model import MoEModel
+
+    return MoEModel.random(_probe_config(m), seed=0)
+
+
+def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
+    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve, the probe model —
+    for `overlapped_runs`) from short serial runs of the real engine on a 2-layer,
+    random-weight copy of `m` streaming every expert in pages of each of `sizes`
+    bytes. The pre-attentions (first size's runs) give the fixed cost of one device op
+    beyond its roofline price (Python dispatch, parameter plumbing, the block the
+    executor waits on); the curve is the rate the weight store really gets per page
+    size: the median of `PAGE_RATE_RUNS_PER_REPEAT`·repeats runs' `_page_rate`s (one
+    run's swings ±15 %). Standalone copies of 64 MiB read 1.6× faster than the store's,
+    or 3.5× slower when measured after them (fresh big buffers fault their pages in),
+    so this runs before any big buffer."""
+    model = probe_model(m)
     pre, curve = [], []
     for size in sizes:
-        pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0,
-                                        attention_device="cpu", kv_cache_device="cpu",
-                                        page_bytes=int(size), overlap=False)
-        engine = moejax.Engine(model, policy=pol)
-        pages = []
-        for i in range(repeats + 1):  # the first run compiles
-            engine.generate(prompts, 4)
-            run = engine.last_run
-            if i == 0:
-                continue
+        runs = []
+        rates = page_rates(model, size, PAGE_RATE_RUNS_PER_REPEAT * repeats, latency_s,
+                           runs)
+        for run in runs if not curve else ():
             dur = run.trace.end_s - run.trace.start_s
-            for e in run.entries:
-                if e.op == "pre_attn" and e.stage == "decode" and not curve:
-                    pre.append((e.tokens, dur[e.id]))
-                elif e.op == "page":
-                    pages.append((e.nbytes, dur[e.id]))
-        del engine
-        full = [p for p in pages if p[0] == size] or pages
-        nbytes, sec = (float(sum(x)) for x in zip(*full))
-        curve.append((float(size),
-                      nbytes / max(sec - len(full) * latency_s, 0.5 * sec)))
+            pre += [(e.tokens, dur[e.id]) for e in run.entries
+                    if e.op == "pre_attn" and e.stage == "decode"]
+        curve.append((float(size), float(np.median(rates))))
     return pre, tuple(curve), model
 
 
@@ -363,6 +395,9 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
             raise ValueError(f"{k}={v!r} must be a positive integer")
     import jax
 
+    from moejax.host_offload.memory import steady_malloc
+
+    steady_malloc()  # the allocator the engine's weight store runs with
     start = time.perf_counter()
     on_host = jax.default_backend() == "cpu"
     # the pages policies use: 1/4, 1 and 4 × the default page, and a whole layer's
@@ -372,7 +407,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     # the engine's runs first: after the big buffers below, big copies run 3.5× faster
     # and copies contend with compute twice as much (process state, not the machine)
     pre_attn, curve, probe = _executor_probe(m, sorted(set(sizes)), latency, repeats)
-    runs = _overlapped_runs(probe, 2 * repeats - 1) if on_host else []  # ±10 % each
+    runs = overlapped_runs(probe, 2 * repeats - 1) if on_host else []  # ±10 % each
     del probe
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
@@ -402,7 +437,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     spec = spec.replace(device_op_overhead_s=overhead)
     spec = spec.replace(h2d_bytes_per_s=float(costs.h2d_rate(spec, DEFAULT_PAGE_BYTES)))
     if on_host:
-        spec = spec.replace(copy_core_demand=_copy_core_demand(m, spec, runs))
+        spec = spec.replace(copy_core_demand=fit_copy_core_demand(m, spec, runs))
     if save:
         path = os.path.expanduser(path) if path else calibration_path()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

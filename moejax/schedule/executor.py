@@ -185,7 +185,7 @@ class BatchRun:
         self.steps_run = 0
         self.x, self.qkv, self.host, self.o, self.nxt = {}, {}, {}, {}, {}
         self.new_kv = {}  # prefill k, v awaiting their copy to the host cache
-        self.router_counts: dict[int, list] = {}  # MoE layer -> [E] counts per call
+        self.router_counts: dict[str, list] = {}  # stage -> [E] counts per MoE call
         self.dev_cache = None
         if kv is None:
             shape = (ubs, cache_len, cfg.num_kv_heads, cfg.head_dim)
@@ -277,7 +277,7 @@ class BatchRun:
         o = self.o.pop((e.step, i, k))
         h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
         if moe:  # read after the run: no sync here
-            self.router_counts.setdefault(i, []).append(counts)
+            self.router_counts.setdefault(e.stage, []).append(counts)
         cap = None  # the sorted path needs no capacity, so no host sync either
         if ops.needs_capacity(cfg, moe, normed.shape[0]):
             cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
@@ -310,21 +310,15 @@ class BatchRun:
         if self.eos is not None and self.done.all():
             raise StopTimeline()
 
-    def expert_imbalance(self) -> float:
-        """The `Workload.expert_imbalance` this run's routing shows (padding rows
-        included): inverting `layers.capacity.expected_rows`' max count per call,
-        Σ_calls (max_c − σ_c·√(2 ln E)) / Σ_calls μ_c, μ_c the call's mean count per
-        expert; at least 1."""
-        from moejax.layers.capacity import max_count_noise
+    def expert_imbalance(self, stage: str | None = None) -> float:
+        """The `Workload.expert_imbalance` this run's routing shows in `stage` (None:
+        both): `layers.capacity.fit_imbalance` of its router calls, the figure under
+        which their expected max counts add up to theirs; 1 where there were none."""
+        from moejax.layers.capacity import fit_imbalance
 
-        hot = mean = 0.0
-        for counts in self.router_counts.values():
-            for c in counts:
-                c = np.asarray(c)
-                mu = c.sum() / len(c)
-                hot += c.max() - max_count_noise(mu, self.cfg.top_k, len(c))
-                mean += mu
-        return max(float(hot / mean), 1.0) if mean else 1.0
+        calls = [np.asarray(c) for st, cs in self.router_counts.items()
+                 if stage in (None, st) for c in cs]
+        return fit_imbalance(calls, self.cfg.top_k)
 
     def tokens_out(self, n_rows: int) -> list[list[int]]:
         """New tokens of the first n_rows rows, cut after their first EOS."""

@@ -175,7 +175,7 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
     kvb = wl.kv_bytes_per_elem
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
               + costs.gpu_post_attention_s(m, hw, ubs, layer)
-              + costs.gpu_ffn_s(m, hw, ubs, layer, wl.expert_imbalance))
+              + costs.gpu_ffn_s(m, hw, ubs, layer, wl.imbalance["decode"]))
     h2d, io = _stream(m, hw, layer, wg, page_bytes)
     h2d_mb = d2h_mb = cpu_mb = 0.0
     if attention_device == "cpu":
@@ -204,7 +204,7 @@ def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, 
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
               + costs.gpu_prefill_attention_s(m, hw, ubs, s)
               + costs.gpu_post_attention_s(m, hw, tok, layer)
-              + costs.gpu_ffn_s(m, hw, tok, layer, wl.expert_imbalance))
+              + costs.gpu_ffn_s(m, hw, tok, layer, wl.imbalance["prefill"]))
     h2d, _ = _stream(m, hw, layer, wg, page_bytes)
     d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
               if kv_cache_device == "cpu" else 0.0)

@@ -33,10 +33,16 @@ def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
     return (stream + n * (costs.qkv_bytes(m, ubs) + costs.attn_out_bytes(m, ubs))) / n
 
 
+def _stage_imbalance(imbalance, stage: str) -> float:
+    """`imbalance`: one figure for both stages, or {stage: figure} as
+    `Workload.imbalance` and `RunRecord.imbalance` give it."""
+    return float(imbalance[stage] if isinstance(imbalance, dict) else imbalance)
+
+
 def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
-          kv_bytes_per_elem: int | None = None, imbalance: float = 1.0) -> float:
+          kv_bytes_per_elem: int | None = None, imbalance: float | dict = 1.0) -> float:
     """Seconds one entry takes on its resource alone (`imbalance`: the workload's
-    `expert_imbalance`)."""
+    expert imbalance, one figure or {stage: figure})."""
     t, ctx = e.tokens, e.context
     if e.op == "page":
         return float(costs.h2d_s(hw, e.nbytes) + costs.d2d_s(hw, e.copy_bytes))
@@ -59,7 +65,8 @@ def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
         return float(costs.h2d_s(hw, costs.attn_out_bytes(m, t)))
     if e.op == "post_attn":
         return float(costs.gpu_post_attention_s(m, hw, t, e.layer)
-                     + costs.gpu_ffn_s(m, hw, t, e.layer, imbalance))
+                     + costs.gpu_ffn_s(m, hw, t, e.layer,
+                                       _stage_imbalance(imbalance, e.stage)))
     if e.op == "head":
         return float(costs.gpu_lm_head_s(m, hw, t))
     raise ValueError(f"no price for op {e.op!r}")
@@ -83,7 +90,8 @@ class Simulation:
 
 
 def simulate(entries: list[Entry], m: ModelConfig, hw: HardwareSpec, policy: Policy,
-             kv_bytes_per_elem: int | None = None, imbalance: float = 1.0) -> Simulation:
+             kv_bytes_per_elem: int | None = None,
+             imbalance: float | dict = 1.0) -> Simulation:
     dur = [price(e, m, hw, policy, kv_bytes_per_elem, imbalance) for e in entries]
     start, end = np.zeros(len(entries)), np.zeros(len(entries))
     if not policy.overlap:

@@ -20,7 +20,16 @@ def test_presets():
                                      (dict(prompt_len=4, gen_len=4, kv_bytes_per_elem=True),
                                       "kv_bytes_per_elem=True"),
                                      (dict(prompt_len=4, gen_len=4, expert_imbalance=0.5),
-                                      "expert_imbalance=0.5")])
+                                      "expert_imbalance=0.5"),
+                                     (dict(prompt_len=4, gen_len=4,
+                                           decode_expert_imbalance=True),
+                                      "decode_expert_imbalance=True")])
 def test_validation_names_bad_value(kw, bad):
     with pytest.raises(ValueError, match=bad):
         Workload(**kw)
+
+
+def test_decode_imbalance_defaults_to_the_prefill_one():
+    assert Workload(4, 4, expert_imbalance=1.5).imbalance == {"prefill": 1.5, "decode": 1.5}
+    wl = Workload(4, 4, expert_imbalance=1.5, decode_expert_imbalance=1.0)
+    assert wl.imbalance == {"prefill": 1.5, "decode": 1.0}

@@ -45,3 +45,21 @@ def test_bad_arguments(kw, bad):
         calibrate("tiny_mixtral", save=False, **{**TINY, **kw})
     with pytest.raises(ValueError, match="unknown model"):
         calibrate("nope", save=False, **TINY)
+
+
+def test_page_rates_one_per_timed_run_of_the_probe():
+    import importlib
+
+    mod = importlib.import_module("moejax.schedule.calibrate")
+    model = mod.probe_model(get_model("tiny_mixtral"))
+    assert model.config.num_layers == 2
+    records = []
+    rates = mod.page_rates(model, 4096, 2, records=records)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    # each figure is its run's streamed bytes over the time its pages took
+    pages = [e for e in records[0].entries if e.op == "page"]
+    assert pages
+    dur = records[0].trace.end_s - records[0].trace.start_s
+    full = [e for e in pages if e.nbytes == 4096] or pages
+    assert rates[0] == pytest.approx(sum(e.nbytes for e in full)
+                                     / sum(dur[e.id] for e in full))

@@ -98,17 +98,17 @@ def test_missing_handler_named():
         execute(_tl(), {op: (lambda e: None) for op in OPS if op != "cpu_attn"})
 
 
-def test_expert_imbalance_inverts_the_expected_max_count():
+def test_expert_imbalance_is_fitted_per_stage():
     from types import SimpleNamespace
 
     import numpy as np
 
-    from moejax.layers.capacity import max_count_noise
+    from moejax.layers.capacity import fit_imbalance
     from moejax.schedule.executor import BatchRun
 
-    run = SimpleNamespace(cfg=SimpleNamespace(top_k=2), router_counts={
-        0: [np.array([40, 8, 8, 8]), np.array([16, 16, 16, 16])]})
-    hot = 40 - max_count_noise(16, 2, 4) + 16 - max_count_noise(16, 2, 4)
-    assert BatchRun.expert_imbalance(run) == pytest.approx(hot / 32)
-    flat = SimpleNamespace(cfg=run.cfg, router_counts={0: [np.full(4, 1000)]})
-    assert BatchRun.expert_imbalance(flat) == 1.0  # never below uniform
+    hot, even = np.array([40, 8, 8, 8]), np.array([16, 16, 16, 16])
+    run = SimpleNamespace(cfg=SimpleNamespace(top_k=2),
+                          router_counts={"prefill": [hot, hot], "decode": [even]})
+    assert BatchRun.expert_imbalance(run, "prefill") == fit_imbalance([hot, hot], 2) > 1
+    assert BatchRun.expert_imbalance(run, "decode") == 1.0
+    assert BatchRun.expert_imbalance(run) == fit_imbalance([hot, hot, even], 2)

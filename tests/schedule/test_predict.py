@@ -170,3 +170,10 @@ def test_searched_prediction_never_beats_the_hardware_limit(prompt, gen):
     m, hw = get_model("mixtral_8x7b"), get_hardware("l4_moe_lightning")
     _, p = search_policy(m, hw, Workload(prompt, gen))
     assert p.tokens_per_s <= p.limit_tokens_per_s * (1 + 1e-9)
+
+
+def test_decode_imbalance_prices_only_the_decode():
+    pol = Policy.from_micro_batches(64, 1, gpu_weight_fraction=1.0, page_bytes=100)
+    even = predict(M, HW, WL, pol)
+    hot = predict(M, HW, WL.replace(decode_expert_imbalance=3.0), pol)
+    assert hot.prefill_s == even.prefill_s and hot.decode_s > even.decode_s
