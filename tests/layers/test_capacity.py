@@ -58,6 +58,12 @@ def test_fit_imbalance_inverts_the_expected_max_count():
     assert 2 * expected_max_count(32, 2, 4, imb) == pytest.approx(56, abs=1e-3)
 
 
+def test_fit_imbalance_leaves_out_calls_too_small_to_show_skew():
+    # 1 token, top-2 of 8: the max is always 1; such calls once fitted imbalance E/k = 4
+    assert fit_imbalance([np.array([1, 1, 0, 0, 0, 0, 0, 0])] * 5, 2) == 1.0
+    assert expected_max_count(1, 2, 8) == pytest.approx(1.0)  # some count reaches the mean
+
+
 def test_fitted_imbalance_prices_the_capacity_the_routing_needed():
     # uniform routing fits a little above 1 (independent counts' max runs ~3 % low);
     # what matters is that the fit prices the capacity the calls padded to
