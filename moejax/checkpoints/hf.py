@@ -57,13 +57,14 @@ def _check_names(files: CheckpointFiles, rules: dict[Path, Rule], directory: str
 
 def _assemble(files: CheckpointFiles, rule: Rule, dtype: np.dtype) -> np.ndarray:
     if not rule.stacked:
-        return np.ascontiguousarray(rule.transform(files.read(rule.sources[0])), dtype)
-    first = rule.transform(files.read(rule.sources[0]))
+        return np.ascontiguousarray(rule.transform(files.read(rule.sources[0], rule.rows)),
+                                    dtype)
+    first = rule.transform(files.read(rule.sources[0], rule.rows))
     out = np.empty((len(rule.sources),) + first.shape, dtype)
     out[0] = first
     del first
     for e, name in enumerate(rule.sources[1:], start=1):
-        out[e] = rule.transform(files.read(name))
+        out[e] = rule.transform(files.read(name, rule.rows))
     return out
 
 

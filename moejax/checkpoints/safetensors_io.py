@@ -74,8 +74,17 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or only its rows [lo, hi) along axis 0 (`rows`): those are
+        contiguous on disk, so a fused tensor's parts are each read once."""
         dt, shape, begin, end = self.entries[name]
+        if rows is not None:
+            lo, hi = rows
+            if not (shape and 0 <= lo <= hi <= shape[0]):
+                raise ValueError(f"rows {rows} out of range for {name!r} of shape {shape}")
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            shape, begin, end = (hi - lo,) + shape[1:], begin + lo * row_bytes, \
+                begin + hi * row_bytes
         out = np.empty(shape, dt)
         view = memoryview(out.reshape(-1).view(np.uint8))
         got = 0
@@ -129,8 +138,8 @@ class CheckpointFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)
 
-    def read(self, name: str) -> np.ndarray:
-        return self.where[name].read(name)
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.where[name].read(name, rows)
 
     def file_of(self, name: str) -> str:
         return self.where[name].path

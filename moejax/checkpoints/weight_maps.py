@@ -33,6 +33,7 @@ class Rule:
     src_shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] = ident
     stacked: bool = False  # sources are experts, stacked along axis 0
+    rows: tuple[int, int] | None = None  # read only these rows [lo, hi) of the source
 
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
@@ -99,13 +100,9 @@ def mixtral_rules(c: ModelConfig) -> dict[Path, Rule]:
     return r
 
 
-def _rows_T(lo: int, hi: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Rows [lo, hi) of a fused [out, in] Linear weight, as an [in, hi − lo] kernel."""
-    return lambda a: a[lo:hi].T
-
-
 def dbrx_rules(c: ModelConfig) -> dict[Path, Rule]:
-    """DBRX (`transformer.` prefix). Fused Wqkv [h + 2·kv·d, h] is split into q, k, v;
+    """DBRX (`transformer.` prefix). Fused Wqkv [h + 2·kv·d, h] is split into q, k, v,
+    each reading only its own rows (so the fused tensor is read once, not three times);
     experts are fused per layer as `ffn.experts.mlp.{w1, v1, w2}`, each [E·f, h] (the layout
     transformers 5 keeps in memory and writes to disk): expert e computes
     (silu(x·w1_eᵀ) ⊙ x·v1_eᵀ)·w2_e, so w1, v1 are transposed and w2 is taken as is."""
@@ -122,10 +119,10 @@ def dbrx_rules(c: ModelConfig) -> dict[Path, Rule]:
         fused = (q + 2 * kv, h)
         r.update({
             (lp, "attn_norm", "scale"): _vector(na + "norm_1.weight", h),
-            (lp, "attn", "q_proj", "kernel"): Rule((wqkv,), fused, _rows_T(0, q)),
-            (lp, "attn", "k_proj", "kernel"): Rule((wqkv,), fused, _rows_T(q, q + kv)),
-            (lp, "attn", "v_proj", "kernel"): Rule((wqkv,), fused,
-                                                   _rows_T(q + kv, q + 2 * kv)),
+            (lp, "attn", "q_proj", "kernel"): Rule((wqkv,), fused, T, rows=(0, q)),
+            (lp, "attn", "k_proj", "kernel"): Rule((wqkv,), fused, T, rows=(q, q + kv)),
+            (lp, "attn", "v_proj", "kernel"): Rule((wqkv,), fused, T,
+                                                   rows=(q + kv, q + 2 * kv)),
             (lp, "attn", "o_proj", "kernel"): _linear(na + "attn.out_proj.weight", h, q),
             (lp, "ffn_norm", "scale"): _vector(na + "norm_2.weight", h),
             (lp, "router", "gate", "kernel"): _linear(p + "ffn.router.layer.weight", E, h),
