@@ -330,16 +330,15 @@ class HostWeightStore:
             raise ValueError(f"layers_{layer}/experts/{name}: shape {tuple(arr.shape)}, "
                              f"expected {shape}")
         is_numpy = isinstance(arr, np.ndarray)
-        flat = np.asarray(arr, dtype=self._dtype).reshape(-1)
+        # A device array is cut on the device: only its streamed part comes to the host.
+        flat = np.asarray(arr, dtype=self._dtype).reshape(-1) if is_numpy else \
+            jnp.ravel(jnp.asarray(arr, dtype=self._dtype))
         r = self.plan.resident_elems(name)
         if r:
             self._account("resident_experts", r * self.plan.itemsize,
                           f"layers_{layer}/experts/{name}[:{r}]")
-            if r == flat.size and not is_numpy:
-                dev = jax.device_put(arr, self._dev)  # already a device array: no copy
-            else:
-                dev = jax.device_put(flat[:r] if r < flat.size else flat.reshape(shape),
-                                     self._dev)
+            dev = jax.device_put(flat[:r] if r < flat.size else flat.reshape(shape),
+                                 self._dev)  # a device array's own buffer: no copy
             jax.block_until_ready(dev)  # the source may be a loader's buffer, freed next
             self._resident.setdefault(layer, {})[name] = dev
         streamed = [(i, p) for i, p in enumerate(self.plan.streamed_pages) if p.tensor == name]
@@ -348,9 +347,7 @@ class HostWeightStore:
             return
         kind = self._host_kind(is_numpy, adopt)
         lo, hi = streamed[0][1].start, streamed[-1][1].start + streamed[-1][1].size
-        src = flat[lo:hi]
-        if kind == "numpy" and not is_numpy:
-            src = np.array(src, copy=True)  # never a view of device memory
+        src = flat[lo:hi] if is_numpy else np.array(flat[lo:hi])  # to the host, once
         pages = self._host.setdefault(layer, [None] * len(self.plan.streamed_pages))
         for i, p in streamed:
             view = src[p.start - lo:p.start - lo + p.size]

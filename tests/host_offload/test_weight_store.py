@@ -172,3 +172,32 @@ def test_incomplete_store_names_the_missing_parameter(model):
     store.place(("embed", "embedding"), model.params["embed"]["embedding"])
     with pytest.raises(ValueError, match="incomplete: .* was never placed"):
         store.check_complete()
+
+
+@pytest.mark.parametrize("wg", [1.0, 0.37])
+def test_device_leaves_bring_only_their_streamed_bytes_to_the_host(model, wg, monkeypatch):
+    """A store built from device arrays cuts them on the device: the resident prefix
+    never round-trips through the host, the streamed pages come over once."""
+    from moejax.host_offload import weight_store
+
+    moved = []
+
+    class CountingNumpy:
+        def __getattr__(self, k):
+            return getattr(np, k)
+
+        def _count(self, fn, a, *args, **kw):
+            moved.append(a.nbytes if isinstance(a, jax.Array) else 0)
+            return fn(a, *args, **kw)
+
+        def asarray(self, a, *args, **kw):
+            return self._count(np.asarray, a, *args, **kw)
+
+        def array(self, a, *args, **kw):
+            return self._count(np.array, a, *args, **kw)
+
+    monkeypatch.setattr(weight_store, "np", CountingNumpy())
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
+                                        page_bytes=4 * 777)
+    assert sum(moved) == CFG.num_layers * store.plan.streamed_bytes
+    assert (sum(moved) == 0) == (wg == 1.0)
