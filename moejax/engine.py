@@ -252,10 +252,9 @@ class Engine:
             ubs = min(self.micro_batch_size, batch)
             return self._base_policy(ubs, math.ceil(batch / ubs))
         from moejax.model_config.hardware import get_hardware
-        from moejax.model_config.workload import Workload
         from moejax.schedule.predict import predict
 
-        hw, wl = get_hardware("local"), Workload(int(prompt_len), int(gen_len))
+        hw, wl = get_hardware("local"), self._workload(prompt_len, gen_len)
         best = None
         for n in MICRO_BATCH_CHOICES:
             ubs = math.ceil(batch / n)
@@ -273,6 +272,14 @@ class Engine:
         return best[1]
 
     # ------------------------------------------------------------------ running
+    def _workload(self, prompt_len: int, gen_len: int):
+        """The `Workload` a batch is priced with: its lengths, and the host KV cache's
+        element size (1 byte with kv_dtype="int8")."""
+        from moejax.model_config.workload import Workload
+
+        return Workload(int(prompt_len), int(gen_len),
+                        kv_bytes_per_elem=1 if self.kv_dtype == "int8" else None)
+
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
         """(predicted peak device bytes, budget) of a batch, or None without a budget:
         `predict.memory_bytes` — weights, stream buffers, activations, a device KV
@@ -280,12 +287,9 @@ class Engine:
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
-        from moejax.model_config.workload import Workload
         from moejax.schedule.predict import memory_bytes
 
-        kvb = 1 if self.kv_dtype == "int8" else None
-        dev, _ = memory_bytes(self.cfg, Workload(int(prompt_len), int(gen_len),
-                                                 kv_bytes_per_elem=kvb),
+        dev, _ = memory_bytes(self.cfg, self._workload(prompt_len, gen_len),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,
                               policy.kv_cache_device)

@@ -127,6 +127,18 @@ def test_int8_kv_cache_accuracy(model, prompts, reference_logits):
     assert np.mean(got.argmax(-1) == reference_logits.argmax(-1)) >= 0.95
 
 
+def test_int8_kv_cache_is_priced_at_one_byte(model, monkeypatch):
+    """The micro-batching search prices the host KV cache the engine will keep."""
+    import importlib
+
+    mod = importlib.import_module("moejax.schedule.predict")
+    seen, real = [], mod.predict
+    monkeypatch.setattr(mod, "predict", lambda m, hw, wl, pol: (
+        seen.append(wl.kv_bytes_per_elem), real(m, hw, wl, pol))[1])
+    moejax.Engine(model, kv_dtype="int8").policy_for(8, 16, 4)
+    assert seen and set(seen) == {1}
+
+
 @pytest.mark.parametrize("knobs,needle", [
     (dict(attention_device="tpu"), "attention_device='tpu'"),
     (dict(page_bytes=0), "page_bytes=0"),
