@@ -206,6 +206,13 @@ class _Slot:
     issued: set = field(default_factory=set)
 
 
+def in_host_memory(arr) -> bool:
+    """Whether a jax array's buffers are host memory (the CPU platform, or a host memory
+    kind), so NumPy can view them without a copy."""
+    return all(d.platform == "cpu" for d in arr.devices()) or \
+        getattr(arr.sharding, "memory_kind", None) in ("pinned_host", "unpinned_host")
+
+
 def _expert_path(path: Path) -> tuple[int, str] | None:
     if len(path) == 3 and path[0].startswith("layers_") and path[1] == "experts" \
             and path[2] in EXPERTS:
@@ -330,15 +337,20 @@ class HostWeightStore:
             raise ValueError(f"layers_{layer}/experts/{name}: shape {tuple(arr.shape)}, "
                              f"expected {shape}")
         is_numpy = isinstance(arr, np.ndarray)
-        # A device array is cut on the device: only its streamed part comes to the host.
-        flat = np.asarray(arr, dtype=self._dtype).reshape(-1) if is_numpy else \
+        on_host = is_numpy or in_host_memory(arr)
+        # An accelerator's array is cut there: only its streamed part comes to the host.
+        # An array in host memory is viewed, not copied.
+        flat = np.asarray(arr, dtype=self._dtype).reshape(-1) if on_host else \
             jnp.ravel(jnp.asarray(arr, dtype=self._dtype))
         r = self.plan.resident_elems(name)
         if r:
             self._account("resident_experts", r * self.plan.itemsize,
                           f"layers_{layer}/experts/{name}[:{r}]")
-            dev = jax.device_put(flat[:r] if r < flat.size else flat.reshape(shape),
-                                 self._dev)  # a device array's own buffer: no copy
+            if r == flat.size and not is_numpy:
+                dev = jax.device_put(arr, self._dev)  # already a device array: no copy
+            else:
+                dev = jax.device_put(flat[:r] if r < flat.size else flat.reshape(shape),
+                                     self._dev)
             jax.block_until_ready(dev)  # the source may be a loader's buffer, freed next
             self._resident.setdefault(layer, {})[name] = dev
         streamed = [(i, p) for i, p in enumerate(self.plan.streamed_pages) if p.tensor == name]
@@ -347,7 +359,9 @@ class HostWeightStore:
             return
         kind = self._host_kind(is_numpy, adopt)
         lo, hi = streamed[0][1].start, streamed[-1][1].start + streamed[-1][1].size
-        src = flat[lo:hi] if is_numpy else np.array(flat[lo:hi])  # to the host, once
+        src = flat[lo:hi] if on_host else np.asarray(flat[lo:hi])  # to the host, once
+        if kind == "numpy" and not is_numpy and on_host:
+            src = np.array(src, copy=True)  # never a view of device memory
         pages = self._host.setdefault(layer, [None] * len(self.plan.streamed_pages))
         for i, p in streamed:
             view = src[p.start - lo:p.start - lo + p.size]

@@ -174,10 +174,12 @@ def test_incomplete_store_names_the_missing_parameter(model):
         store.check_complete()
 
 
+
 @pytest.mark.parametrize("wg", [1.0, 0.37])
-def test_device_leaves_bring_only_their_streamed_bytes_to_the_host(model, wg, monkeypatch):
-    """A store built from device arrays cuts them on the device: the resident prefix
-    never round-trips through the host, the streamed pages come over once."""
+def test_accelerator_leaves_bring_only_their_streamed_bytes_to_the_host(model, wg,
+                                                                      monkeypatch):
+    """Device arrays off the host (as on a GPU) are cut on the device: the resident
+    prefix never round-trips through the host, the streamed pages come over once."""
     from moejax.host_offload import weight_store
 
     moved = []
@@ -197,7 +199,24 @@ def test_device_leaves_bring_only_their_streamed_bytes_to_the_host(model, wg, mo
             return self._count(np.array, a, *args, **kw)
 
     monkeypatch.setattr(weight_store, "np", CountingNumpy())
+    monkeypatch.setattr(weight_store, "in_host_memory", lambda arr: False)
     store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
                                         page_bytes=4 * 777)
     assert sum(moved) == CFG.num_layers * store.plan.streamed_bytes
     assert (sum(moved) == 0) == (wg == 1.0)
+    for i in range(CFG.num_layers):
+        got = store.wait(i)
+        for k, v in experts(model, i).items():
+            np.testing.assert_array_equal(np.asarray(got[k]), v)
+        store.release(i)
+
+
+def test_host_device_leaves_are_viewed_not_copied(model):
+    """On the CPU a device array is host memory: its pages view it (no second copy of
+    the weights per engine)."""
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.3,
+                                        page_bytes=4 * 4000)
+    if not has_pinned_host(jax.devices()[0]):
+        pytest.skip("host pages are NumPy copies where pinned_host is not offered")
+    assert np.shares_memory(np.asarray(store._host[1][-1]),
+                            np.asarray(model.params["layers_1"]["experts"]["w2"]))
