@@ -337,7 +337,7 @@ class HostWeightStore:
             raise ValueError(f"layers_{layer}/experts/{name}: shape {tuple(arr.shape)}, "
                              f"expected {shape}")
         is_numpy = isinstance(arr, np.ndarray)
-        on_host = is_numpy or in_host_memory(arr)
+        on_host = is_numpy or not isinstance(arr, jax.Array) or in_host_memory(arr)
         # An accelerator's array is cut there: only its streamed part comes to the host.
         # An array in host memory is viewed, not copied.
         flat = np.asarray(arr, dtype=self._dtype).reshape(-1) if on_host else \
