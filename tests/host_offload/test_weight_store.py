@@ -20,6 +20,15 @@ def experts(model, i):
     return {k: np.asarray(v) for k, v in model.params[f"layers_{i}"]["experts"].items()}
 
 
+def assert_streams_the_experts(store, model):
+    """Every layer the store assembles is exactly the model's experts."""
+    for i in range(CFG.num_layers):
+        got = store.wait(i)
+        for k, v in experts(model, i).items():
+            np.testing.assert_array_equal(np.asarray(got[k]), v)
+        store.release(i)
+
+
 def test_pages_tile_each_tensor_once_with_a_short_last_page():
     plan = make_plan(CFG, page_bytes=4 * 1000)  # 1000 elements; w1 has 24576
     for name in ("w1", "w3", "w2"):
@@ -32,11 +41,7 @@ def test_pages_tile_each_tensor_once_with_a_short_last_page():
 def test_wait_returns_the_exact_experts(model, wg, page_bytes):
     store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
                                         page_bytes=page_bytes)
-    for i in range(CFG.num_layers):
-        got = store.wait(i)
-        for k, v in experts(model, i).items():
-            np.testing.assert_array_equal(np.asarray(got[k]), v)
-        store.release(i)
+    assert_streams_the_experts(store, model)
 
 
 def test_pages_issued_in_any_order_assemble_the_layer(model):
@@ -204,11 +209,7 @@ def test_accelerator_leaves_bring_only_their_streamed_bytes_to_the_host(model, w
                                         page_bytes=4 * 777)
     assert sum(moved) == CFG.num_layers * store.plan.streamed_bytes
     assert (sum(moved) == 0) == (wg == 1.0)
-    for i in range(CFG.num_layers):
-        got = store.wait(i)
-        for k, v in experts(model, i).items():
-            np.testing.assert_array_equal(np.asarray(got[k]), v)
-        store.release(i)
+    assert_streams_the_experts(store, model)
 
 
 def test_host_device_leaves_are_viewed_not_copied(model):
