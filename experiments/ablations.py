@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
+from experiments.cli import (fail, finite_flag, no_extra_args, output_flag, quiet_logs,
+                             run)
 from experiments.local import (GB, check_positions, default_budget, local_config,
                                local_hardware, local_model, measure, policy_dict)
 from moejax.model_config.setups import setup_names
@@ -37,6 +38,7 @@ flags.DEFINE_integer("local_num_layers", 8, "layers of the scaled local model",
                      lower_bound=1)
 flags.DEFINE_float("device_memory_gb", None, "emulated device memory, GB (default: "
                    "~10 % of experts resident)", lower_bound=0.01)
+finite_flag("device_memory_gb")
 flags.DEFINE_string("output_json", "experiments/results/ablations_cpu.json", "JSON path")
 flags.DEFINE_string("output_png", "experiments/results/ablations_cpu.png", "PNG path")
 flags.DEFINE_bool("quick", False, "only the overlap and attention rows")
@@ -282,4 +284,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import no_extra_args, output_flag, quiet_logs
+from experiments.cli import no_extra_args, output_flag, quiet_logs, run
 
 flags.DEFINE_integer("batch_size", 64, "sequences in the batch", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
@@ -128,11 +127,11 @@ def main(argv):
     times = {name: {"full": [], "one": []} for name in runners}
     others_log, outs = [], {}
     for _ in range(FLAGS.repeats):
-        for name, run in runners.items():
+        for name, runner in runners.items():
             if FLAGS.split:
-                t, _, _ = timed(run, 1)
+                t, _, _ = timed(runner, 1)
                 times[name]["one"].append(t)
-            t, outs[name], others = timed(run, n)
+            t, outs[name], others = timed(runner, n)
             times[name]["full"].append(t)
             others_log.append((name, others))
             print(f"  {name:8s}{t:8.2f} s   (other processes used {others:.2f} of "
@@ -174,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run(main)

@@ -18,6 +18,7 @@ Every figure is the best of --repeats runs; ratios are taken within one process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -25,14 +26,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from moejax import ops
 from moejax.host_offload import CPUAttention, HostKVCache, HostWeightStore
 from moejax.host_offload.memory import (device_sharding, has_pinned_host, host_pool,
                                         host_threads)
 from moejax.model_config.model import ModelConfig, model_names
-from experiments.cli import no_extra_args, output_flag, quiet_logs
+from experiments.cli import no_extra_args, output_flag, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layer_mib", 192, "expert bytes of the streamed layer, MiB",
@@ -48,21 +49,26 @@ flags.DEFINE_string("output_json", "experiments/results/bench_offload_cpu.json",
 output_flag("output_json", ".json", allow_empty=True)
 
 
+MiB = 2**20
+
+
 def _positive_numbers(values, integer: bool) -> bool:
+    """Integers ≥ 1, or finite MiB sizes of at least one float32 element (4 bytes)."""
     try:
         nums = [int(v) if integer else float(v) for v in values]
     except ValueError:
         return False
-    return bool(nums) and all(n > 0 for n in nums)
+    return bool(nums) and all(n >= 1 if integer else math.isfinite(n)
+                              and int(n * MiB) // 4 * 4 >= 4 for n in nums)
 
 
 for _name, _int in (("page_mib", False), ("batches", True), ("contexts", True)):
     flags.register_validator(_name, lambda v, i=_int: _positive_numbers(v, i),
                              message="must be a comma-separated list of positive "
-                             + ("integers" if _int else "numbers"))
+                             + ("integers" if _int else "finite numbers of at least 4 "
+                                "bytes"))
 
 GB = 1e9
-MiB = 2**20
 
 
 def best_time(fn, repeats: int) -> float:
@@ -271,4 +277,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

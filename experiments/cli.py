@@ -4,11 +4,12 @@ output paths checked before any work starts, and quiet library logs."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
 
-from absl import flags
+from absl import app, flags
 
 
 def prog() -> str:
@@ -19,6 +20,27 @@ def prog() -> str:
 def fail(msg: str):
     """Exit non-zero with one line naming the entry point."""
     sys.exit(f"{prog()}: {msg}")
+
+
+def parse_flags(argv):
+    """absl's flag parsing with a bad flag reported as one line (absl's own parser
+    prints a second line of help hints)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e))
+
+
+def run(main) -> None:
+    """`app.run(main)` with one-line flag errors."""
+    app.run(main, flags_parser=parse_flags)
+
+
+def finite_flag(name: str, positive: bool = False) -> None:
+    """Refuse NaN and ±inf (absl's bounds let NaN through), and ≤ 0 if `positive`."""
+    flags.register_validator(
+        name, lambda v: v is None or (math.isfinite(v) and (v > 0 or not positive)),
+        message="must be a finite number" + (" > 0" if positive else ""))
 
 
 def no_extra_args(argv) -> None:

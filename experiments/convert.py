@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, no_extra_args, quiet_logs, writable
+from experiments.cli import fail, no_extra_args, quiet_logs, run, writable
 from moejax.checkpoints.native import convert_hf
 
 FLAGS = flags.FLAGS
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -32,7 +33,9 @@ def local_config(setup, checkpoint: str | None = None, hidden_size: int = 768,
             cfg = checkpoint_config(checkpoint).replace(dtype="float32")
         except ValueError as e:
             fail(str(e))
-        return cfg, f"checkpoint {checkpoint} ({cfg.name}, float32)"
+        return cfg, (f"checkpoint {checkpoint} ({cfg.family}: hidden {cfg.hidden_size}, "
+                     f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, "
+                     f"{cfg.weight_bytes() / GB:.2f} GB float32)")
     full = setup.model
     cfg = scaled_for_local(full, hidden_size=hidden_size, num_layers=num_layers)
     shape = (f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} "
@@ -80,7 +83,8 @@ def local_hardware(cfg, fresh: bool = False):
     if os.environ.get(CALIBRATION_ENV):
         return load_local()
     base = os.path.splitext(calibration_path())[0]
-    path = f"{base}_{cfg.name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
+    name = re.sub(r"[^\w.-]", "_", cfg.name)  # a file name, whatever the model's name
+    path = f"{base}_{name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
     if os.path.exists(path) and not fresh:
         try:
             with open(path) as f:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import no_extra_args, quiet_logs
+from experiments.cli import no_extra_args, quiet_logs, run
 
 flags.DEFINE_integer("batch_size", 64, "sequences", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
@@ -229,4 +228,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run(main)

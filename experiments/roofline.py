@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
+from experiments.cli import (fail, finite_flag, no_extra_args, output_flag, quiet_logs,
+                             run)
 
 from moejax.model_config.hardware import get_hardware, hardware_names
 from moejax.model_config.model import get_model, model_names
@@ -29,7 +30,7 @@ from moejax.model_config.workload import Workload, get_workload, workload_names
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "model + hardware + workload")
 flags.DEFINE_string("out", None,
-                    "PNG path (default experiments/results/roofline_<config>.png)")
+                    "PNG path (default experiments/results/roofline_<config>[_<overrides>].png)")
 flags.DEFINE_string("hardware", None, f"override the hardware: {', '.join(hardware_names())}")
 flags.DEFINE_string("model", None, f"override the model: {', '.join(model_names())}")
 flags.DEFINE_string("workload", None, f"override the workload: {', '.join(workload_names())}")
@@ -42,8 +43,7 @@ flags.register_validator("model", lambda v: v is None or v in model_names(),
                          message=f"must be one of {', '.join(model_names())}")
 flags.register_validator("workload", lambda v: v is None or v in workload_names(),
                          message=f"must be one of {', '.join(workload_names())}")
-flags.register_validator("device_memory_gib", lambda v: v is None or v > 0,
-                         message="must be > 0")
+finite_flag("device_memory_gib", positive=True)
 output_flag("out", ".png")
 
 
@@ -162,7 +162,12 @@ def main(argv):
     model = get_model(FLAGS.model) if FLAGS.model else setup.model
     hw = get_hardware(FLAGS.hardware) if FLAGS.hardware else setup.hardware
     workload = get_workload(FLAGS.workload) if FLAGS.workload else setup.workload
-    out = FLAGS.out or os.path.join("experiments", "results", f"roofline_{FLAGS.config}.png")
+    if dev_bytes is not None and dev_bytes > hw.gpu_memory_bytes:
+        fail(f"--device_memory_gib={dev_gib:g} exceeds {hw.name}'s "
+             f"{hw.gpu_memory_bytes / 2**30:.1f} GiB of device memory")
+    overrides = [v for v in (FLAGS.model, FLAGS.hardware, FLAGS.workload) if v]
+    name = "_".join([FLAGS.config, *overrides])  # an override never overwrites a preset's
+    out = FLAGS.out or os.path.join("experiments", "results", f"roofline_{name}.png")
     try:
         policy, pred = search_policy(model, hw, workload, device_memory_bytes=dev_bytes)
     except ValueError as e:
@@ -178,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

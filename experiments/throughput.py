@@ -19,9 +19,9 @@ import math
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, no_extra_args, output_flag, quiet_logs
+from experiments.cli import fail, finite_flag, no_extra_args, output_flag, quiet_logs, run
 from experiments.local import (GB, Progress, check_positions, default_budget, gantt,
                                local_config, local_hardware, local_model, policy_dict)
 from moejax.model_config.setups import setup_names
@@ -54,8 +54,8 @@ flags.DEFINE_string("output_json", "experiments/results/throughput_{config}.json
 flags.DEFINE_string("timeline_png", None, "Gantt chart of the measured vs predicted "
                     "timeline (prefill + first decode steps)")
 flags.DEFINE_bool("skip_local", False, "only the target section")
-flags.register_validator("device_memory_gb", lambda v: v is None or v > 0,
-                         message="must be > 0")
+finite_flag("device_memory_gb", positive=True)
+finite_flag("gpu_weight_fraction")
 output_flag("output_json", ".json", allow_empty=True)
 output_flag("timeline_png", ".png")
 flags.register_validator("checkpoint", lambda v: v is None or os.path.isdir(v),
@@ -67,12 +67,14 @@ flags.register_multi_flags_validator(
     message="--batch_size must be a multiple of --micro_batch_size (the batch runs as "
             "whole micro-batches)")
 LOCAL_ONLY = ("checkpoint", "batch_size", "micro_batch_size", "gpu_weight_fraction",
-              "attention_device", "device_memory_gb", "timeline_png")
+              "attention_device", "device_memory_gb", "timeline_png", "overlap",
+              "local_hidden_size", "local_num_layers", "max_local_batch")
 flags.register_multi_flags_validator(
-    ["skip_local", *LOCAL_ONLY],
-    lambda f: not f["skip_local"] or all(f[k] is None for k in LOCAL_ONLY),
-    message="--skip_local runs nothing here: drop it, or the local-run flags ("
-            + ", ".join("--" + k for k in LOCAL_ONLY) + ")")
+    ["checkpoint", "local_hidden_size", "local_num_layers"],
+    lambda f: not f["checkpoint"] or not (FLAGS["local_hidden_size"].present
+                                          or FLAGS["local_num_layers"].present),
+    message="--checkpoint fixes the local model's sizes: drop --local_hidden_size and "
+            "--local_num_layers")
 
 
 # --------------------------------------------------------------------- target
@@ -145,6 +147,10 @@ def local_policy(cfg, hw, workload, budget):
     return policy
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MiB"
+
+
 def local_section(setup, workload) -> tuple[dict, object, object]:
     import numpy as np
 
@@ -173,6 +179,11 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
         engine.check_memory(policy.batch_size, workload.prompt_len, workload.gen_len)
     except ValueError as e:
         fail(f"{budget_name(budget)}: {e}")
+    wg = engine.store.gpu_weight_fraction  # whole pages: at most the policy's
+    if FLAGS.gpu_weight_fraction is not None and wg != FLAGS.gpu_weight_fraction:
+        print(f"local: --gpu_weight_fraction={FLAGS.gpu_weight_fraction:g} runs as "
+              f"{wg:.4g} (experts stay resident in whole {_mib(page)} pages)", flush=True)
+    policy = policy.replace(gpu_weight_fraction=wg)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, (policy.batch_size, workload.prompt_len))
     prompts = prompts.tolist()
@@ -188,7 +199,6 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
         fail(str(e))
     run = engine.last_run
     from moejax.schedule.predict import predict
-    policy = policy.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
     pred = predict(cfg, hw, wl, policy)  # with wg as the store rounded it to pages
     measured = policy.batch_size * workload.gen_len / wall
     out = {"model": cfg.name, "note": note, "hardware": hw.name, "hardware_source": hw.source,
@@ -209,6 +219,10 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
 
 def main(argv):
     no_extra_args(argv)
+    given = [f"--{k}" for k in LOCAL_ONLY if FLAGS[k].present]
+    if FLAGS.skip_local and given:
+        fail(f"--skip_local runs nothing here, so {', '.join(given)} would be ignored: "
+             "drop one or the other")
     quiet_logs()
     from moejax.model_config.setups import get_setup
 
@@ -216,22 +230,22 @@ def main(argv):
     wl = setup.workload
     wl = wl.replace(prompt_len=FLAGS.prompt_len or wl.prompt_len,
                     gen_len=FLAGS.gen_len or wl.gen_len)
+    check_positions(setup.model, wl.prompt_len, wl.gen_len)
     result = {"config": FLAGS.config, "target": target_section(setup, wl)}
     t = result["target"]
     if "infeasible" in t:
-        print(f"target: {t['infeasible']}")
-    else:
-        ml = t["moe_lightning"].get("decode_tokens_per_s")
-        print(f"target ({t['model']} on {t['hardware']}, prompt {wl.prompt_len}, gen "
+        fail(f"--config={FLAGS.config}: {t['infeasible']}")
+    ml = t["moe_lightning"].get("decode_tokens_per_s")
+    print(f"target ({t['model']} on {t['hardware']}, prompt {wl.prompt_len}, gen "
               f"{wl.gen_len}): policy {t['policy']['micro_batch_size']}×"
               f"{t['policy']['num_micro_batches']} wg={t['policy']['gpu_weight_fraction']:.3f}"
-              f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
-              f"(limit {t['limit_tokens_per_s']:.1f}); MoE-Lightning reproduced "
-              + (f"{ml:.1f} decode tok/s" if ml else "infeasible"))
+          f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
+          f"(limit {t['limit_tokens_per_s']:.1f}); MoE-Lightning reproduced "
+          + (f"{ml:.1f} decode tok/s" if ml else "infeasible"))
     if not FLAGS.skip_local:
         loc, engine, hw = local_section(setup, wl)
         result["local"] = loc
-        print(f"local ({loc['model']}, {loc['device_memory_gb']:.2f} GB device budget): "
+        print(f"local ({loc['model']}, {loc['device_memory_gb']:.3g} GB device budget): "
               f"measured {loc['measured_tokens_per_s']:.1f} tok/s, predicted "
               f"{loc['predicted_tokens_per_s']:.1f} ({100 * loc['prediction_error']:+.1f} %)"
               f", limit {loc['limit_tokens_per_s']:.1f} (measured = "
@@ -251,4 +265,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -33,6 +33,7 @@ import numpy as np
 from moejax.host_offload.kv_cache import KV_DTYPES, HostKVCache
 from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model import MoEModel
+from moejax.model_config.hardware import fmt_bytes
 from moejax.schedule.executor import BatchRun, DeviceWeights, Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
 from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
@@ -69,11 +70,6 @@ def _check_policy_matches(store: HostWeightStore, policy: Policy) -> None:
             f"{policy.page_bytes}) does not place experts as the HostWeightStore does "
             f"(gpu_weight_fraction={store.gpu_weight_fraction:.6g}, page_bytes="
             f"{store.plan.page_bytes})")
-
-
-def _size(nbytes: float) -> str:
-    """Bytes for a message: GiB from 1 GiB up, else MiB."""
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def bucket(n: int, multiple: int = 16) -> int:
@@ -322,8 +318,8 @@ class Engine:
             raise ValueError(
                 f"a batch of {policy.batch_size} ({policy.micro_batch_size}×"
                 f"{policy.num_micro_batches}), prompt {prompt_len}, {gen_len} new tokens, "
-                f"attention on the {policy.attention_device} needs ~{_size(dev)} of "
-                f"device memory; device_memory_bytes={budget} ({_size(budget)}) is too "
+                f"attention on the {policy.attention_device} needs ~{fmt_bytes(dev)} of "
+                f"device memory; device_memory_bytes={budget} ({fmt_bytes(budget)}) is too "
                 "small: use smaller micro-batches, "
                 + ("a lower gpu_weight_fraction " if lower_wg else "")
                 + "or a larger budget")

@@ -99,3 +99,45 @@ def test_malformed_header_is_one_value_error(tmp_path, header):
     f.write_bytes(_raw_header(header))
     with pytest.raises(ValueError, match="safetensors file .*x.safetensors"):
         SafetensorsFile(str(f))
+
+
+def test_unsupported_tensor_dtype_is_named_not_called_corrupt(tmp_path):
+    from moejax.checkpoints.safetensors_io import SafetensorsFile
+
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(_raw_header({"u": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]}}))
+    with pytest.raises(ValueError, match="tensor 'u' has dtype U32, which moejax does not"):
+        SafetensorsFile(str(f))
+
+
+@pytest.mark.parametrize("index,needle", [
+    ([], "unreadable index"),
+    ({"weight_map": ["a"]}, "weight_map must map tensor names to shard file names"),
+    ({"weight_map": {"a": 3}}, "weight_map must map tensor names to shard file names"),
+], ids=["list", "map-is-list", "shard-is-int"])
+def test_malformed_index_is_one_value_error(ckpt, tmp_path, index, needle):
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    os.remove(out / "model.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=needle):
+        moejax.load_pretrained(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_config_without_dtype_takes_the_tensors_dtype(ckpt, tmp_path, dtype):
+    """HF loads such a checkpoint in its stored dtype (`dtype="auto"`), not bfloat16."""
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    if dtype != "float32":
+        import ml_dtypes
+        t = load_file(str(out / "model.safetensors"))
+        save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()},
+                  str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    m = moejax.load_pretrained(out)
+    assert m.config.dtype == dtype
+    assert m.params["embed"]["embedding"].dtype == dtype

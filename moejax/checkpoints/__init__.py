@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from moejax.checkpoints.hf import is_hf_checkpoint, load_hf_params
+from moejax.checkpoints.hf import hf_checkpoint_config, is_hf_checkpoint, load_hf_params
 from moejax.checkpoints.native import is_native_checkpoint, load_native, native_config
 from moejax.host_offload.memory import loading_memory
 from moejax.model import MoEModel
@@ -49,7 +49,7 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     if is_native_checkpoint(path):
         return native_config(path)
     if is_hf_checkpoint(path):
-        return ModelConfig.from_hf(path)
+        return hf_checkpoint_config(path)
     raise ValueError(f"{path!r} is not a checkpoint: expected moejax_native.json (native) "
                      "or config.json with model.safetensors[.index.json] (HF)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -100,6 +101,21 @@ def load_hf_params(directory: str, cfg: ModelConfig, place: Placer | None = None
             flat[path] = place(path, arr)
             del arr
         return unflatten(flat)
+    finally:
+        files.close()
+
+
+def hf_checkpoint_config(directory: str) -> ModelConfig:
+    """config.json's ModelConfig. A config naming no dtype (`dtype` / `torch_dtype`)
+    gets the dtype its tensors are stored in, as HF's `dtype="auto"` loads them."""
+    cfg = ModelConfig.from_hf(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        d = json.load(f)  # readable: from_hf just parsed it
+    if d.get("dtype") or d.get("torch_dtype"):
+        return cfg
+    files = CheckpointFiles(directory)
+    try:
+        return cfg.replace(dtype=files.float_dtype())
     finally:
         files.close()
 

@@ -234,12 +234,12 @@ def load_native(directory: str, dtype: str | None = None,
 def convert_hf(checkpoint: str, out: str, dtype: str | None = None,
             page_bytes: int | None = None) -> ModelConfig:
     """HF checkpoint directory → native directory `out`; returns the saved config."""
-    from moejax.checkpoints.hf import is_hf_checkpoint, load_hf_params
+    from moejax.checkpoints.hf import hf_checkpoint_config, is_hf_checkpoint, load_hf_params
 
     if not is_hf_checkpoint(checkpoint):
         raise ValueError(f"{checkpoint!r} is not an HF checkpoint (config.json + "
                          "model.safetensors[.index.json])")
-    cfg = ModelConfig.from_hf(checkpoint)
+    cfg = hf_checkpoint_config(checkpoint)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     writer = NativeWriter(out, cfg, page_bytes)

@@ -66,6 +66,10 @@ class SafetensorsFile:
         self._base = 8 + n
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
+            dt = e.get("dtype") if isinstance(e, dict) else None
+            if isinstance(dt, str) and dt not in _DTYPES:
+                raise ValueError(f"safetensors file {path}: tensor {name!r} has dtype {dt}, "
+                                 f"which moejax does not read ({', '.join(_DTYPES)})")
             entry = _entry(e, size - self._base)
             if entry is None:
                 raise ValueError(f"corrupt safetensors file {path}: bad entry for {name!r}")
@@ -109,8 +113,12 @@ class CheckpointFiles:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"unreadable index {index}: {e}") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"unreadable index {index}: {e!r}") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"index {index}: weight_map must map tensor names to "
+                                 f"shard file names, got {str(weight_map)[:80]}")
             shards = sorted(set(weight_map.values()))
         elif os.path.exists(single):
             shards = ["model.safetensors"]
@@ -134,6 +142,18 @@ class CheckpointFiles:
 
     def names(self) -> set[str]:
         return set(self.where)
+
+    def float_dtype(self) -> str:
+        """The floating dtype holding most of the checkpoint's bytes ("float32",
+        "bfloat16" or "float16"; float64 reads as float32): what HF's `dtype="auto"`
+        loads when config.json names none."""
+        nbytes: dict[str, int] = {}
+        for f in self.files.values():
+            for dt, _, begin, end in f.entries.values():
+                if dt.kind == "f" or dt == np.dtype(ml_dtypes.bfloat16):
+                    name = "float32" if dt == np.float64 else dt.name
+                    nbytes[name] = nbytes.get(name, 0) + end - begin
+        return max(nbytes, key=nbytes.get) if nbytes else "float32"
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)

@@ -21,6 +21,14 @@ MiB = 2**20
 GB = 1e9
 TFLOP = 1e12
 
+
+
+def fmt_bytes(nbytes: float) -> str:
+    """A size for a message: GiB from 1 GiB up, else MiB (so small models' sizes do not
+    all read 0.00 GiB)."""
+    return f"{nbytes / GiB:.2f} GiB" if abs(nbytes) >= GiB else f"{nbytes / MiB:.1f} MiB"
+
+
 CALIBRATION_ENV = "MOEJAX_CALIBRATION"
 DEFAULT_CALIBRATION_PATH = os.path.join("~", ".cache", "moejax", "local_hw.json")
 

@@ -42,8 +42,16 @@ def _check_window(d: dict) -> None:
                          "(moejax attends over the full context)")
 
 
+def _silu_only(d: dict, key: str = "hidden_act") -> None:
+    act = d.get(key, "silu")
+    if act != "silu":
+        raise ValueError(f"HF config ({d.get('model_type')}): {key} {act!r} is not "
+                         "supported (silu only)")
+
+
 def _mixtral(d: dict, name: str) -> ModelConfig:
     _check_window(d)
+    _silu_only(d)
     vocab, h, f, L, heads = _need(d, "vocab_size", "hidden_size", "intermediate_size",
                                   "num_hidden_layers", "num_attention_heads")
     kv = d.get("num_key_value_heads") or heads
@@ -118,9 +126,7 @@ def _qwen3_moe(d: dict, name: str) -> ModelConfig:
     _check_window(d)
     if d.get("attention_bias"):
         raise ValueError("HF config (qwen3_moe): attention_bias=true is not supported")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"HF config (qwen3_moe): hidden_act {d['hidden_act']!r} is not "
-                         "supported (silu only)")
+    _silu_only(d)
     vocab, h, f, L, heads = _need(d, "vocab_size", "hidden_size", "moe_intermediate_size",
                                   "num_hidden_layers", "num_attention_heads")
     # transformers 5 writes `num_local_experts`; released configs say `num_experts`.
@@ -155,7 +161,41 @@ PARSERS: dict[str, Callable[[dict, str], ModelConfig]] = {
     "mixtral": _mixtral, "dbrx": _dbrx, "qwen3_moe": _qwen3_moe}
 
 
+# Keys the parsers read as numbers (top level or DBRX's attn_config / ffn_config).
+_INT_KEYS = frozenset((
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+    "decoder_sparse_step", "sliding_window", "d_model", "n_layers", "n_heads",
+    "max_seq_len", "ffn_hidden_size", "moe_num_experts", "moe_top_k", "kv_n_heads"))
+_FLOAT_KEYS = frozenset(("rope_theta", "rms_norm_eps", "clip_qkv",
+                         "moe_normalize_expert_weights"))
+
+
+def _check_types(d: Any, where: str = "config.json") -> None:
+    """ValueError naming the first field whose JSON type the parsers cannot use (a
+    string where a size belongs, a list where an object belongs)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"HF config: {where} must be a JSON object, got "
+                         f"{type(d).__name__} {str(d)[:60]}")
+    for k, v in d.items():
+        if v is None:
+            continue
+        if k in _INT_KEYS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"HF config: {k}={v!r} in {where} must be an integer")
+        if k in _FLOAT_KEYS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"HF config: {k}={v!r} in {where} must be a number")
+        if k in ("attn_config", "ffn_config", "rope_parameters", "rope_scaling",
+                 "ffn_act_fn"):
+            _check_types(v, f"{where} {k}")
+        if k == "mlp_only_layers" and (not isinstance(v, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in v)):
+            raise ValueError(f"HF config: {k}={v!r} in {where} must be a list of layer "
+                             "indices")
+
+
 def config_from_hf(d: dict, name: str) -> ModelConfig:
+    _check_types(d)
     mt = d.get("model_type")
     if mt not in PARSERS:
         raise ValueError(f"unsupported model_type {mt!r}; supported: "

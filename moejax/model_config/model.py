@@ -189,6 +189,9 @@ class ModelConfig:
 
         if isinstance(path_or_dict, Mapping):
             d, where = dict(path_or_dict), "<dict>"
+        elif not isinstance(path_or_dict, (str, os.PathLike)):
+            raise ValueError("ModelConfig.from_hf takes a config.json path or a dict, got "
+                             f"{type(path_or_dict).__name__} {str(path_or_dict)[:60]}")
         else:
             where = os.fspath(path_or_dict)
             file = os.path.join(where, "config.json") if os.path.isdir(where) else where
@@ -197,7 +200,10 @@ class ModelConfig:
                     d = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"cannot read HF config {file}: {e}") from None
-        return config_from_hf(d, name=name or where)
+        # named by its directory ("Mixtral-8x7B-v0.1"), not by the whole path
+        folder = os.path.dirname(file) if where != "<dict>" else where
+        return config_from_hf(d, name=name or os.path.basename(os.path.abspath(folder))
+                              or where)
 
 
 # ------------------------------------------------------------------ presets

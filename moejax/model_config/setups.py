@@ -71,8 +71,8 @@ _SETUPS = {s.name: s for s in (
     # Vendor datasheet figures (hardware.py) instead.
     Setup("mixtral_l4_vendor", "mixtral_8x7b", "l4", "mtbench_g32"),
     Setup("mixtral_t4_vendor", "mixtral_8x7b", "t4", "mtbench_g32"),
-    # This machine, calibrated, a 1 GiB emulated device.
-    Setup("tiny_local", "mixtral_4l_1024", "local", "local_demo", device_memory_gib=1.0),
+    # This machine, calibrated, a 2 GiB emulated device (the 4-layer model streams).
+    Setup("tiny_local", "mixtral_4l_1024", "local", "local_demo", device_memory_gib=2.0),
 )}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.model_config.hardware import GiB, HardwareSpec
+from moejax.model_config.hardware import HardwareSpec, fmt_bytes
 from moejax.model_config.model import ModelConfig
 from moejax.model_config.workload import Workload
 from moejax.schedule.hrm import ubs_candidates
@@ -95,8 +95,8 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
     need = min(d0, d1, dr)
     parts = []
     if need > dev_cap:
-        parts.append(f"device memory is short by {(need - dev_cap) / GiB:.2f} GiB "
-                     f"(needs {need / GiB:.2f} GiB, budget {dev_cap / GiB:.2f} GiB)")
+        parts.append(f"device memory is short by {fmt_bytes(need - dev_cap)} "
+                     f"(needs {fmt_bytes(need)}, budget {fmt_bytes(dev_cap)})")
     else:  # the least host memory among the placements the device budget allows
         hosts = [hr + (dr if hw.device_is_host else 0)] if dr <= dev_cap else []
         if min(d0, d1) <= dev_cap:
@@ -104,8 +104,8 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
             hosts.append(h0 + (h1 - h0) * hi
                          + ((d0 + (d1 - d0) * hi) if hw.device_is_host else 0))
         host = min(hosts)
-        parts.append(f"host memory is short by {(host - host_cap) / GiB:.2f} GiB (needs "
-                     f"{host / GiB:.2f} GiB, budget {host_cap / GiB:.2f} GiB)")
+        parts.append(f"host memory is short by {fmt_bytes(host - host_cap)} (needs "
+                     f"{fmt_bytes(host)}, budget {fmt_bytes(host_cap)})")
     return ValueError(f"no policy fits {model.name} on {hw.name} (prompt "
                       f"{wl.prompt_len}, gen {wl.gen_len}) even at batch 1: "
                       + "; ".join(parts))

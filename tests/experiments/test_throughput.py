@@ -21,7 +21,8 @@ def test_tiny_run_writes_both_sections(tmp_path):
     png = tmp_path / "t.png"
     r = run("--config", "mixtral_l4", "--local_hidden_size", "64", "--local_num_layers",
             "2", "--prompt_len", "8", "--gen_len", "3", "--max_local_batch", "4",
-            "--output_json", str(out), "--timeline_png", str(png))
+            "--gpu_weight_fraction", "0.3", "--output_json", str(out),
+            "--timeline_png", str(png))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     t, loc = d["target"], d["local"]
@@ -32,6 +33,11 @@ def test_tiny_run_writes_both_sections(tmp_path):
               "limit_tokens_per_s", "prefill_s", "decode_s"):
         assert k in loc
     assert loc["measured_tokens_per_s"] > 0 and "scaled" in loc["note"]
+    # the flag's 0.3 is cut to whole pages: the policy printed and written is what ran
+    wg = loc["store_gpu_weight_fraction"]
+    assert wg < 0.3 and loc["policy"]["gpu_weight_fraction"] == wg
+    assert f"--gpu_weight_fraction=0.3 runs as {wg:.4g}" in r.stdout
+    assert f"gpu_weight_fraction={wg!r}," in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -43,12 +49,21 @@ def test_tiny_run_writes_both_sections(tmp_path):
     (["--timeline_png", "/proc/x.png"], "--timeline_png=/proc/x.png: must be a writable"),
     (["--batch_size", "10", "--micro_batch_size", "4"], "multiple of --micro_batch_size"),
     (["--skip_local", "--device_memory_gb", "2"], "--skip_local runs nothing here"),
+    (["--skip_local", "--nooverlap"], "so --overlap would be ignored"),
+    (["--gpu_weight_fraction", "nan"], "--gpu_weight_fraction=nan: must be a finite"),
+    (["--device_memory_gb", "inf"], "--device_memory_gb=inf: must be a finite number > 0"),
+    (["--checkpoint", "experiments", "--local_num_layers", "2"],
+     "drop --local_hidden_size and --local_num_layers"),
+    (["--skip_local", "--prompt_len", "40000"], "exceeds mixtral_8x7b's 32768 positions"),
+    (["--skip_local", "--prompt_len", "30000"],
+     "--config=mixtral_l4: no policy fits mixtral_8x7b"),
+    (["--bogus"], "Unknown command line flag 'bogus'"),
     (["stray"], "throughput: unexpected arguments: stray"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle):
-    r = run(*args, "--output_json", "")  # all caught before anything runs
+    r = run(*args, "--output_json", "")  # all caught before the local run
     assert r.returncode != 0
-    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_unwritable_output_json_is_refused_before_running(tmp_path):

@@ -43,6 +43,46 @@ def test_unsupported_model_type_lists_supported(mt):
     assert {"dbrx", "mixtral", "qwen3_moe"} <= set(PARSERS)
 
 
+@pytest.mark.parametrize("config,needle", [
+    ({**QWEN3_HUB, "hidden_size": "2048"}, "hidden_size='2048' in config.json must be an int"),
+    ({**QWEN3_HUB, "num_experts": True}, "num_experts=True"),
+    ({**QWEN3_HUB, "rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' .* must be a number"),
+    ({**DBRX_HUB, "ffn_config": {**DBRX_HUB["ffn_config"], "moe_top_k": "4"}},
+     "moe_top_k='4' in config.json ffn_config"),
+    ({**DBRX_HUB, "attn_config": [1]}, "config.json attn_config must be a JSON object"),
+])
+def test_wrong_json_types_are_named(config, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig.from_hf(config)
+
+
+MIXTRAL_TINY = {"model_type": "mixtral", "vocab_size": 32, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({**MIXTRAL_TINY, "hidden_act": "gelu"}, "mixtral.*hidden_act 'gelu' is not supported"),
+    ({**MIXTRAL_TINY, "rope_parameters": [1]}, "rope_parameters must be a JSON object"),
+    ({**QWEN3_HUB, "mlp_only_layers": 5}, "mlp_only_layers=5 .* list of layer indices"),
+    ({**DBRX_HUB, "ffn_config": {**DBRX_HUB["ffn_config"], "ffn_act_fn": "silu"}},
+     "ffn_act_fn must be a JSON object"),
+])
+def test_unsupported_or_malformed_fields_are_refused(config, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig.from_hf(config)
+
+
+def test_from_hf_of_neither_path_nor_dict_is_a_value_error():
+    with pytest.raises(ValueError, match="takes a config.json path or a dict, got list"):
+        ModelConfig.from_hf([1])
+
+
+def test_config_json_that_is_not_an_object_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object, got list"):
+        ModelConfig.from_hf(tmp_path)
+
+
 def test_released_dbrx_config_is_the_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DBRX_HUB))
     c = ModelConfig.from_hf(tmp_path)

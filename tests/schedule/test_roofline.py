@@ -2,8 +2,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from moejax.model_config.hardware import get_hardware
 from moejax.model_config.model import get_model
+from moejax.model_config.setups import get_setup, setup_names
 from moejax.model_config.workload import get_workload
 from moejax.schedule import search_policy
 
@@ -23,8 +26,25 @@ def test_plot_and_table(tmp_path):
     assert "944.66 (324×14, 0.056)" in table
 
 
-def test_bad_flag_is_one_line_error():
-    r = subprocess.run([sys.executable, "-m", "experiments.roofline", "--hardware", "nope"],
+@pytest.mark.parametrize("args,needle", [
+    (["--hardware", "nope"], "--hardware=nope"),
+    (["--device_memory_gib", "100"], "--device_memory_gib=100 exceeds l4_moe_lightning's "
+                                     "24.0 GiB"),
+    (["--device_memory_gib", "nan"], "--device_memory_gib=nan: must be a finite number"),
+])
+def test_bad_flag_is_one_line_error(args, needle, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.roofline", *args,
+                        "--out", str(tmp_path / "r.png")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "--hardware=nope" in r.stderr and "Traceback" not in r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_every_preset_has_a_target_policy():
+    """Each --config's model fits its hardware and budget (tiny_local's 1 GiB did not)."""
+    for name in setup_names():
+        s = get_setup(name)
+        gib = s.device_memory_gib
+        policy, pred = search_policy(s.model, s.hardware, s.workload,
+                                     device_memory_bytes=None if gib is None else gib * 2**30)
+        assert pred.tokens_per_s > 0, name
