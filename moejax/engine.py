@@ -279,12 +279,16 @@ class Engine:
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
         """(predicted peak device bytes, budget) of a batch, or None without a budget:
         `predict.memory_bytes` — weights, stream buffers, activations, a device KV
-        cache — the figure the search keeps within budget."""
+        cache — the figure the search keeps within budget. A device KV cache is priced
+        at the length `_run` allocates: prompt_len (a multiple of 16) + bucket(gen_len)
+        ≥ bucket(longest prompt + gen_len)."""
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
         from moejax.schedule.predict import memory_bytes
 
+        if policy.attention_device == "gpu":
+            gen_len = bucket(gen_len)
         dev, _ = memory_bytes(self.cfg, self._workload(prompt_len, gen_len),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,

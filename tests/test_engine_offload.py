@@ -161,6 +161,20 @@ def test_device_kv_cache_over_budget_is_refused(model, prompts):
         e.generate(prompts, NEW)
 
 
+def test_device_kv_cache_is_priced_at_the_length_it_is_allocated(model, prompts,
+                                                                 reference):
+    """The device cache holds bucket(11 + NEW) = 32 positions, not 16 + NEW = 22."""
+    kw = dict(attention_device="gpu", kv_cache_device="gpu")
+    knobs = dict(gpu_weight_fraction=0.0, page_bytes=4 * 1000, attention_device="gpu",
+                 micro_batch_size=4)
+    tight = _need(model, 0.0, **kw)
+    with pytest.raises(ValueError, match="attention on the gpu needs ~"):
+        moejax.Engine(model, device_memory_bytes=tight, **knobs).generate(prompts, NEW)
+    enough = int(memory_bytes(model.config, Workload(16, 16), 4, 1, 0.0, **kw)[0])
+    assert moejax.Engine(model, device_memory_bytes=enough, **knobs).generate(
+        prompts, NEW) == reference
+
+
 def test_a_ready_store_runs_a_matching_policy(model, prompts, reference):
     from moejax.host_offload import HostWeightStore
     from moejax.schedule import Policy

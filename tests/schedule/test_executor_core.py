@@ -112,3 +112,23 @@ def test_expert_imbalance_is_fitted_per_stage():
     assert BatchRun.expert_imbalance(run, "prefill") == fit_imbalance([hot, hot], 2) > 1
     assert BatchRun.expert_imbalance(run, "decode") == 1.0
     assert BatchRun.expert_imbalance(run) == fit_imbalance([hot, hot, even], 2)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stop_timeline_ends_the_run_at_that_entry(overlap):
+    """A handler raising StopTimeline (every row hit EOS) ends the run: nothing on its
+    resource, and nothing that depends on it, runs after it."""
+    from moejax.schedule.executor import StopTimeline
+
+    tl = _tl(overlap)
+    stop = next(e for e in tl if e.op == "head" and e.step == 1)
+    handlers, log = _recorder()
+
+    def head(e):
+        handlers["head"](e)
+        if e.id == stop.id:
+            raise StopTimeline()
+    execute(tl, {**handlers, "head": head}, overlap=overlap)
+    assert stop.id in log
+    later = [e.id for e in tl if e.id > stop.id and e.resource == stop.resource]
+    assert later and not set(later) & set(log)

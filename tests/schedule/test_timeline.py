@@ -35,6 +35,78 @@ def test_each_layer_and_micro_batch_computed_once():
     assert len(attn) == 3 * CFG.num_layers * 3 and set(attn.values()) == {1}
 
 
+def _ancestors(tl):
+    """{id: bitmask of the entries that finish before it starts}: its deps, and the
+    entries before it on its resource (each resource runs its entries in list order),
+    transitively."""
+    anc, last = [0] * len(tl), {}
+    for e in tl:
+        preds = set(e.deps) | ({last[e.resource]} if e.resource in last else set())
+        for d in preds:
+            anc[e.id] |= anc[d] | (1 << d)
+        last[e.resource] = e.id
+    return anc
+
+
+def _needs(tl, pol):
+    """(entry, [entries whose output it reads]) for every entry: CGOPipe's data flow."""
+    at = {(e.op, e.stage, e.step, e.layer, e.micro_batch): e.id for e in tl}
+    passes = sorted({(e.stage != "prefill", e.step, e.layer) for e in tl})
+    pos = {p: i for i, p in enumerate(passes)}
+    pages = {}
+    for e in tl:
+        if e.op == "page":
+            pages.setdefault(pos[(e.stage != "prefill", e.step, e.layer)], []).append(e.id)
+    last = CFG.num_layers - 1
+    for e in tl:
+        key = (e.stage, e.step, e.layer, e.micro_batch)
+        p = pos.get((e.stage != "prefill", e.step, e.layer))
+        prev_pass = passes[p - 1] if p else None
+        if e.op == "embed":
+            need = [at[("head", "prefill" if e.step == 1 else "decode", e.step - 1, last,
+                        e.micro_batch)]] if e.step else []
+        elif e.op == "pre_attn":
+            need = [at[("embed", *key)] if e.layer == 0 else at[
+                ("post_attn", e.stage, prev_pass[1], prev_pass[2], e.micro_batch)]]
+        elif e.op in ("d2h_qkv", "attn", "d2h_kv"):
+            need = [at[("pre_attn", *key)]]
+        elif e.op == "cpu_attn":
+            need = [at[("d2h_qkv", *key)]]
+            if pol.kv_cache_device == "cpu":
+                need.append(at[("d2h_kv", "prefill", 0, e.layer, e.micro_batch)])
+        elif e.op == "h2d_attn":
+            need = [at[("cpu_attn", *key)]]
+        elif e.op == "post_attn":
+            out = "h2d_attn" if ("h2d_attn", *key) in at else "attn"
+            need = [at[(out, *key)]] + pages.get(p, [])
+        elif e.op == "head":
+            need = [at[("post_attn", *key)]]
+        elif e.op == "page":
+            first = pages[p][0] == e.id
+            old = passes[p - 2] if p >= 2 else None  # the slot's previous user
+            need = [i for i in (at.get(("post_attn", "decode" if old[0] else "prefill",
+                                        old[1], old[2], k))
+                                for k in range(pol.num_micro_batches))] if first and old \
+                else []
+        yield e, need
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_ub=1), dict(overlap=False),
+                                dict(attention_device="gpu", kv_cache_device="gpu"),
+                                dict(wg=0.0, page_bytes=20_000)],
+                         ids=["cpu-attn", "one-micro-batch", "serial", "gpu-attn",
+                              "more-pages"])
+def test_every_op_starts_after_the_ops_whose_output_it_reads(kw):
+    pol, tl = _timeline(**kw)
+    anc = _ancestors(tl)
+    checked = 0
+    for e, need in _needs(tl, pol):
+        for d in need:
+            assert anc[e.id] >> d & 1, (e, tl[d])
+            checked += 1
+    assert checked > len(tl)  # the data flow was found, not skipped
+
+
 def test_post_attention_follows_every_page_of_its_layer():
     _, tl = _timeline()
     pages = {}
@@ -86,10 +158,18 @@ def test_single_micro_batch_output_goes_before_the_next_layers_pages():
     assert ("page", 1) in h2d and h2d.index(("page", 1)) > out
 
 
+L4 = get_hardware("l4")
+# compute-bound: pages arrive long before the device frees their slot, so only the
+# slot-free edge keeps a third layer's pages from landing
+COMPUTE_BOUND = L4.replace(gpu_memory_bytes_per_s=L4.gpu_memory_bytes_per_s / 1000,
+                           device_op_overhead_s=1e-3)
+
+
+@pytest.mark.parametrize("hw", [L4, COMPUTE_BOUND], ids=["l4", "compute-bound"])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_at_most_two_device_buffer_slots_live(overlap):
+def test_at_most_two_device_buffer_slots_live(overlap, hw):
     pol, tl = _timeline(n_ub=2, wg=0.0, steps=2, overlap=overlap)
-    sim = simulate(tl, CFG, get_hardware("l4"), pol)
+    sim = simulate(tl, CFG, hw, pol)
     live = {}
     for e in tl:
         key = (e.stage, e.step, e.layer)
