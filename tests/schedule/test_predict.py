@@ -112,6 +112,21 @@ def test_memory_hand_computed():
     assert hk == pytest.approx(host - 720) and dk > dev + 720 - 1e-9
 
 
+def test_memory_decode_peak_hand_computed():
+    """A long generation from a 1-token prompt: the decode activations set the peak."""
+    wl = Workload(1, 40)
+    # weights 552 + 288 + stream 2·384 + 288, then decode: hidden 2·6·4·2 = 96, two
+    # working sets 2·2·34·2 = 272, logits 80 (prefill's would be 280)
+    assert memory_bytes(M, wl, 2, 3, 0.25)[0] == pytest.approx(1896 + 448)
+    # attention on the device: + fp32 scores 2·2·2·41·4 = 1312, and from a host cache two
+    # micro-batches' staged K, V 2·(2·41)·8 = 1312
+    assert memory_bytes(M, wl, 2, 3, 0.25, "gpu", "cpu")[0] == pytest.approx(
+        1896 + 448 + 1312 + 1312)
+    # a device cache instead: all 6·41 tokens of 3 layers, 24 B each
+    assert memory_bytes(M, wl, 2, 3, 0.25, "gpu", "gpu")[0] == pytest.approx(
+        1896 + 448 + 1312 + 5904)
+
+
 def test_moe_lens_bound_hand_computed():
     b = moe_lens_bound(M, HW.replace(gpu_memory_bytes=1000), WL)
     assert b.pme == pytest.approx(0.625)  # 2·5 / (8·2)

@@ -73,3 +73,25 @@ def test_copies_that_take_more_cores_slow_the_timeline():
     hw = HW.replace(cpu_cores=2, device_is_host=True)
     light, heavy = (simulate(tl, M, hw.replace(copy_core_demand=d), pol) for d in (1.0, 3.0))
     assert heavy.makespan_s > light.makespan_s
+
+
+def test_prices_count_the_resident_copy_and_host_contention():
+    """Hand model: a pass's first page also copies the 96-byte resident prefix on the
+    device; CPU attention beside the link reads host memory with its 288 streamed bytes
+    and 3 micro-batches' q/k/v and outputs (MoE-Lens contention)."""
+    from moejax.schedule import costs
+    from tests.schedule.hand import HW as H, M as HM
+
+    hw = H.replace(cpu_flops_per_s=1e6)  # attention memory-bound: contention visible
+    pol = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.25, page_bytes=100)
+    tl = build_timeline(HM, pol, prompt_len=3, decode_steps=1)
+    first = next(e for e in tl if e.op == "page" and e.page == 0)
+    assert first.copy_bytes == 96
+    assert price(first, HM, hw, pol) == pytest.approx(
+        costs.h2d_s(hw, first.nbytes) + costs.d2d_s(hw, 96))
+    attn = next(e for e in tl if e.op == "cpu_attn")
+    io = 288 + 3 * (costs.qkv_bytes(HM, 2) + costs.attn_out_bytes(HM, 2))
+    assert price(attn, HM, hw, pol) == pytest.approx(
+        costs.cpu_attention_s(HM, hw, 2, 4, concurrent_host_bytes=io / 3))
+    serial = pol.replace(overlap=False)  # nothing beside it: no contention
+    assert price(attn, HM, hw, serial) < price(attn, HM, hw, pol)
