@@ -27,7 +27,14 @@ def _layer_from_costs(hw, overlap):
     io = 288 + 3 * (costs.attn_out_bytes(M, 2) + costs.qkv_bytes(M, 2))
     cpu = 3 * costs.cpu_attention_s(M, hw, 2, 4,
                                     concurrent_host_bytes=io / 3 if overlap else 0)
-    return (max(h2d, d2h, gpu, cpu) if overlap else h2d + d2h + gpu + cpu), cpu
+    if not overlap:
+        return h2d + d2h + gpu + cpu, cpu
+    # the timeline's stalls: micro-batch 0's trip through the other lanes before the
+    # first post-attention; its output behind the copy and the first chunk of pages
+    out, qkv = costs.h2d_s(hw, costs.attn_out_bytes(M, 2)), costs.d2h_s(hw, costs.qkv_bytes(M, 2))
+    stalls = max(gpu + cpu / 3 + out + qkv, cpu + gpu / 3 + out + qkv,
+                 gpu + costs.d2d_s(hw, 96) + costs.h2d_s(hw, 288, transfers=3) / 3 + out)
+    return max(h2d, d2h, gpu, cpu, stalls), cpu
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -13,18 +13,21 @@ from moejax.schedule.timeline import build_timeline
 M, HW = get_model("mixtral_8x7b"), get_hardware("l4")
 
 
-@pytest.mark.parametrize("ubs,n_ub,wg", [(64, 4, 0.0), (128, 8, 0.2), (324, 14, 0.056),
-                                       (32, 1, 0.0)])
+@pytest.mark.parametrize("ubs,n_ub,wg,prompt", [
+    (64, 4, 0.0, 77), (128, 8, 0.2, 77), (324, 14, 0.056, 77), (32, 1, 0.0, 77),
+    (64, 4, 0.9, 77),  # the first output waits behind the resident copy
+    (256, 1, 1.0, 512),  # one micro-batch: nothing overlaps within a layer
+])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_simulated_stage_times_agree_with_predict(ubs, n_ub, wg, overlap):
+def test_simulated_stage_times_agree_with_predict(ubs, n_ub, wg, prompt, overlap):
     pol = Policy.from_micro_batches(ubs, n_ub, gpu_weight_fraction=wg, overlap=overlap)
-    tl = build_timeline(M, pol, prompt_len=77, decode_steps=4)
+    tl = build_timeline(M, pol, prompt_len=prompt, decode_steps=4)
     sim = simulate(tl, M, HW, pol)
-    pred = predict(M, HW, Workload(77, 5), pol)
+    pred = predict(M, HW, Workload(prompt, 5), pol)
     assert sim.stage_s(tl, "prefill") == pytest.approx(pred.prefill_s, rel=0.03)
-    # serial: the same sums; overlapped: list scheduling sees the bubbles the closed
-    # form leaves out, so it may be slower, never by much
-    tol = 0.03 if not overlap else 0.15
+    # serial: the same sums; overlapped: list scheduling sees bubbles the closed form
+    # (`predict._layer_stalls`) approximates
+    tol = 0.03 if not overlap else 0.10
     assert sim.stage_s(tl, "decode") == pytest.approx(pred.decode_s, rel=tol)
 
 
