@@ -85,7 +85,8 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    eos_ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    eos_ids = (list(eos_token_id) if isinstance(eos_token_id, (list, tuple, np.ndarray))
+               else [eos_token_id])
     for e in eos_ids if eos_token_id is not None else ():
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)) \
                 or not 0 <= e < cfg.vocab_size:

@@ -56,6 +56,13 @@ def test_any_of_a_list_of_eos_ids_stops_a_row(engine):
     assert stopped == full[:min(full.index(full[3]), full.index(full[1])) + 1]
 
 
+def test_eos_ids_may_be_a_numpy_array(engine):
+    full = engine.generate([[3, 4, 5]], max_new_tokens=8)[0]
+    stopped = engine.generate([[3, 4, 5]], max_new_tokens=8,
+                              eos_token_id=np.array([full[3], full[1]]))[0]
+    assert stopped == full[:min(full.index(full[3]), full.index(full[1])) + 1]
+
+
 @pytest.mark.parametrize("eos", ["2", 1.5, True, [2, 999]])
 def test_bad_eos_ids_are_refused(engine, eos):
     with pytest.raises(ValueError, match="eos_token_id"):
