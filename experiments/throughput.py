@@ -147,15 +147,12 @@ def local_policy(cfg, hw, workload, budget):
     return policy
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:g} MiB"
-
-
 def local_section(setup, workload) -> tuple[dict, object, object]:
     import numpy as np
 
     import moejax
     from moejax.model_config.workload import Workload
+    from moejax.model_config.hardware import fmt_bytes
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
 
@@ -182,7 +179,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     wg = engine.store.gpu_weight_fraction  # whole pages: at most the policy's
     if FLAGS.gpu_weight_fraction is not None and wg != FLAGS.gpu_weight_fraction:
         print(f"local: --gpu_weight_fraction={FLAGS.gpu_weight_fraction:g} runs as "
-              f"{wg:.4g} (experts stay resident in whole {_mib(page)} pages)", flush=True)
+              f"{wg:.4g} (experts stay resident in whole {fmt_bytes(page)} pages)", flush=True)
     policy = policy.replace(gpu_weight_fraction=wg)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, (policy.batch_size, workload.prompt_len))
@@ -237,8 +234,8 @@ def main(argv):
         fail(f"--config={FLAGS.config}: {t['infeasible']}")
     ml = t["moe_lightning"].get("decode_tokens_per_s")
     print(f"target ({t['model']} on {t['hardware']}, prompt {wl.prompt_len}, gen "
-              f"{wl.gen_len}): policy {t['policy']['micro_batch_size']}×"
-              f"{t['policy']['num_micro_batches']} wg={t['policy']['gpu_weight_fraction']:.3f}"
+          f"{wl.gen_len}): policy {t['policy']['micro_batch_size']}×"
+          f"{t['policy']['num_micro_batches']} wg={t['policy']['gpu_weight_fraction']:.3f}"
           f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
           f"(limit {t['limit_tokens_per_s']:.1f}); MoE-Lightning reproduced "
           + (f"{ml:.1f} decode tok/s" if ml else "infeasible"))

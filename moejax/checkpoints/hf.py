@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -12,7 +11,8 @@ import numpy as np
 
 from moejax.checkpoints.safetensors_io import CheckpointFiles
 from moejax.checkpoints.weight_maps import IGNORED_SUFFIXES, WEIGHT_MAPS, Path, Rule
-from moejax.model_config.model import ModelConfig
+from moejax.model_config.hf_config import config_from_hf, named_dtype
+from moejax.model_config.model import ModelConfig, read_hf_config
 
 # place(path, host array) -> the leaf to keep (device array, host-store handle, ...)
 Placer = Callable[[Path, np.ndarray], object]
@@ -108,10 +108,9 @@ def load_hf_params(directory: str, cfg: ModelConfig, place: Placer | None = None
 def hf_checkpoint_config(directory: str) -> ModelConfig:
     """config.json's ModelConfig. A config naming no dtype (`dtype` / `torch_dtype`)
     gets the dtype its tensors are stored in, as HF's `dtype="auto"` loads them."""
-    cfg = ModelConfig.from_hf(directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        d = json.load(f)  # readable: from_hf just parsed it
-    if d.get("dtype") or d.get("torch_dtype"):
+    d, name = read_hf_config(directory)
+    cfg = config_from_hf(d, name)
+    if named_dtype(d):
         return cfg
     files = CheckpointFiles(directory)
     try:

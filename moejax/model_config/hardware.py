@@ -22,7 +22,6 @@ GB = 1e9
 TFLOP = 1e12
 
 
-
 def fmt_bytes(nbytes: float) -> str:
     """A size for a message: GiB from 1 GiB up, else MiB (so small models' sizes do not
     all read 0.00 GiB)."""

@@ -11,8 +11,13 @@ _HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"
               "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def named_dtype(d: dict):
+    """The dtype config.json names (`dtype`, or the older `torch_dtype`), else None."""
+    return d.get("dtype") or d.get("torch_dtype")
+
+
 def _dtype(d: dict) -> str:
-    raw = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
+    raw = named_dtype(d) or "bfloat16"
     raw = str(raw).replace("torch.", "")
     if raw not in _HF_DTYPES:
         raise ValueError(f"HF config: unsupported dtype {raw!r}")

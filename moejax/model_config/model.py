@@ -188,22 +188,25 @@ class ModelConfig:
         from moejax.model_config.hf_config import config_from_hf
 
         if isinstance(path_or_dict, Mapping):
-            d, where = dict(path_or_dict), "<dict>"
-        elif not isinstance(path_or_dict, (str, os.PathLike)):
-            raise ValueError("ModelConfig.from_hf takes a config.json path or a dict, got "
-                             f"{type(path_or_dict).__name__} {str(path_or_dict)[:60]}")
-        else:
-            where = os.fspath(path_or_dict)
-            file = os.path.join(where, "config.json") if os.path.isdir(where) else where
-            try:
-                with open(file) as f:
-                    d = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read HF config {file}: {e}") from None
-        # named by its directory ("Mixtral-8x7B-v0.1"), not by the whole path
-        folder = os.path.dirname(file) if where != "<dict>" else where
-        return config_from_hf(d, name=name or os.path.basename(os.path.abspath(folder))
-                              or where)
+            return config_from_hf(dict(path_or_dict), name=name or "<dict>")
+        d, folder = read_hf_config(path_or_dict)
+        return config_from_hf(d, name=name or folder)
+
+
+def read_hf_config(path: str | os.PathLike) -> tuple[Any, str]:
+    """(parsed `config.json`, the name of its directory) of a checkpoint directory or a
+    config file: a model is named "Mixtral-8x7B-v0.1", not by its whole path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError("ModelConfig.from_hf takes a config.json path or a dict, got "
+                         f"{type(path).__name__} {str(path)[:60]}")
+    where = os.fspath(path)
+    file = os.path.join(where, "config.json") if os.path.isdir(where) else where
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read HF config {file}: {e}") from None
+    return d, os.path.basename(os.path.dirname(os.path.abspath(file))) or where
 
 
 # ------------------------------------------------------------------ presets
