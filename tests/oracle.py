@@ -79,6 +79,27 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def bf16_logits_err(hf, directory, vocab: int) -> float:
+    """Save a bfloat16 copy of `hf`, load it with moejax in bfloat16, and return the
+    median over positions of the relative error of its logits against HF's bfloat16
+    model's. The median, since in bf16 a near-tie in the router flips an expert at a
+    few positions on one side only; arithmetic kept in the wrong precision moves all."""
+    import copy
+
+    import torch
+
+    import moejax
+
+    hb = copy.deepcopy(hf).to(torch.bfloat16)
+    hb.save_pretrained(str(directory))
+    m = moejax.load_pretrained(directory)
+    assert m.config.dtype == "bfloat16"
+    tok = np.random.default_rng(6).integers(0, vocab, (2, 12))
+    ours, theirs = np.asarray(m.logits(tok), np.float64), hf_logits(hb, tok)
+    per_pos = np.max(np.abs(ours - theirs), -1) / np.max(np.abs(theirs), -1)
+    return float(np.median(per_pos))
+
+
 def tokens_match(ours: list[int], theirs: list[int], scores, tol: float = 1e-4) -> bool:
     """Equal, or first differing where HF's top-2 logits are within `tol` (a near-tie):
     from there on the continuations legitimately diverge."""

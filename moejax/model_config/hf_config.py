@@ -25,11 +25,15 @@ def _dtype(d: dict) -> str:
 
 
 def _rope_theta(d: dict, default: float = 10000.0) -> float:
-    """transformers ≥ 5 nests it in `rope_parameters`; older configs keep `rope_theta`."""
-    rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    """transformers ≥ 5 nests it in `rope_parameters`; older configs keep `rope_theta`.
+    As in transformers (`convert_rope_params_to_dict`), a non-empty `rope_scaling` wins
+    over `rope_parameters`; θ is its `rope_theta`, else the top-level one, else the
+    family's default."""
+    rp = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
         raise ValueError(f"HF config: rope scaling {rp!r} is not supported")
-    return float(rp.get("rope_theta", d.get("rope_theta", default)))
+    theta = rp.get("rope_theta")
+    return float(theta if theta is not None else d.get("rope_theta") or default)
 
 
 def _need(d: dict, *keys: str) -> list[Any]:
@@ -39,9 +43,12 @@ def _need(d: dict, *keys: str) -> list[Any]:
     return [d[k] for k in keys]
 
 
-def _check_window(d: dict) -> None:
+def _check_window(d: dict, switch: bool = False) -> None:
+    """Refuse a sliding window shorter than the context. With `switch` (Qwen3) the window
+    applies only when `use_sliding_window` is true (HF's default: false); without it
+    (Mixtral) HF applies `sliding_window` whatever that key says."""
     w = d.get("sliding_window")
-    if w is not None and d.get("use_sliding_window", True) and w < d.get(
+    if w is not None and (not switch or d.get("use_sliding_window", False)) and w < d.get(
             "max_position_embeddings", w + 1):
         raise ValueError(f"HF config: sliding_window={w} is not supported "
                          "(moejax attends over the full context)")
@@ -78,7 +85,8 @@ def _dbrx(d: dict, name: str) -> ModelConfig:
     rope θ: the released checkpoints keep it in `attn_config.rope_theta` (5e5). transformers
     5.23 requires that key but ignores it: its rotary reads `rope_parameters`, which for a
     legacy config is the generic default 1e4, and `save_pretrained` then writes both. The
-    DBRX-specific key wins here when present (a warning when the two disagree).
+    DBRX-specific key wins here when present, with a warning when the two disagree (so
+    the released checkpoints warn: moejax then departs from the transformers oracle).
     """
     attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
     # transformers' attribute_map aliases (hidden_size → d_model, ...) may appear instead.
@@ -96,12 +104,12 @@ def _dbrx(d: dict, name: str) -> ModelConfig:
     if d.get("tie_word_embeddings"):
         raise ValueError("HF config (dbrx): tie_word_embeddings=true is not supported "
                          "(transformers rejects it for DBRX too)")
-    theta = _rope_theta(d, 10000.0)
+    theta = _rope_theta(d, 10000.0)  # what transformers 5's rotary uses
     if attn.get("rope_theta") is not None:
-        if "rope_parameters" in d and float(attn["rope_theta"]) != theta:
+        if float(attn["rope_theta"]) != theta:
             warnings.warn(f"HF config (dbrx): attn_config.rope_theta={attn['rope_theta']} "
-                          f"and rope_parameters rope_theta={theta} disagree; using "
-                          "attn_config's (transformers 5 would use rope_parameters')")
+                          f"and the rope θ transformers 5 would use ({theta:g}, from "
+                          "rope_parameters or its default) disagree; using attn_config's")
         theta = float(attn["rope_theta"])
     p = ffn.get("moe_normalize_expert_weights", 1.0)
     return ModelConfig(
@@ -128,7 +136,7 @@ def _qwen3_moe(d: dict, name: str) -> ModelConfig:
     """Qwen3-MoE: per-head q/k RMSNorm, `head_dim` independent of hidden size, optional
     top-k renormalisation (`norm_topk_prob`), no shared experts; dense layers by
     `mlp_only_layers` / `decoder_sparse_step` with `intermediate_size`."""
-    _check_window(d)
+    _check_window(d, switch=True)
     if d.get("attention_bias"):
         raise ValueError("HF config (qwen3_moe): attention_bias=true is not supported")
     _silu_only(d)

@@ -85,10 +85,50 @@ def test_config_json_that_is_not_an_object_is_refused(tmp_path):
 
 def test_released_dbrx_config_is_the_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DBRX_HUB))
-    c = ModelConfig.from_hf(tmp_path)
+    with pytest.warns(UserWarning, match="disagree"):  # transformers 5 would run 1e4
+        c = ModelConfig.from_hf(tmp_path)
     assert c.replace(name="dbrx") == get_model("dbrx")
     # attn_config.rope_theta is DBRX's θ; transformers 5 would fall back to 1e4 here.
     assert c.rope_theta == 5e5 and c.clip_qkv == 8.0 and c.topk_norm_p == 1.0
+
+
+@pytest.mark.parametrize("config,theta", [
+    (MIXTRAL_TINY, 1e6), ({**QWEN3_HUB, "rope_theta": None}, 1e4),
+    ({**DBRX_HUB, "attn_config": {"kv_n_heads": 8}}, 1e4)])
+def test_rope_theta_default_is_the_familys(config, theta):
+    """A config naming no θ runs HF's class default: Mixtral 1e6, Qwen3 and DBRX 1e4."""
+    assert ModelConfig.from_hf(config).rope_theta == theta
+
+
+@pytest.mark.parametrize("kind", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_rope_theta_defaults_are_transformers(kind):
+    transformers = pytest.importorskip("transformers")
+    hf = getattr(transformers, kind)()
+    mt = {"MixtralConfig": MIXTRAL_TINY, "Qwen3MoeConfig": {**QWEN3_HUB, "rope_theta": None}}
+    assert hf.rope_parameters["rope_theta"] == ModelConfig.from_hf(mt[kind]).rope_theta
+
+
+def test_rope_scaling_wins_over_rope_parameters():
+    """transformers reads `rope_scaling` first when both are present: linear scaling
+    there is refused even though rope_parameters says default."""
+    d = {**MIXTRAL_TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+         "rope_scaling": {"type": "linear", "factor": 4.0}}
+    with pytest.raises(ValueError, match="rope scaling .*linear"):
+        ModelConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("flag", [False, None])
+def test_mixtral_window_applies_whatever_use_sliding_window_says(flag):
+    """HF's Mixtral ignores `use_sliding_window` (a Qwen key): a short window is refused."""
+    d = {**MIXTRAL_TINY, "sliding_window": 4, "max_position_embeddings": 64,
+         "use_sliding_window": flag}
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        ModelConfig.from_hf(d)
+
+
+def test_qwen3_window_without_its_switch_is_ignored_as_in_hf():
+    d = {k: v for k, v in QWEN3_HUB.items() if k != "use_sliding_window"}
+    assert ModelConfig.from_hf({**d, "sliding_window": 64}).num_layers == 48
 
 
 def test_dbrx_conflicting_rope_theta_warns_and_keeps_attn_config():
