@@ -26,7 +26,7 @@ import time
 
 from absl import flags
 
-from experiments.cli import no_extra_args, output_flag, quiet_logs, run
+from experiments.cli import no_extra_args, output_flag, quiet_logs, require, run
 
 flags.DEFINE_integer("batch_size", 64, "sequences in the batch", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
@@ -106,6 +106,7 @@ def timed(fn, *args):
 
 def main(argv):
     no_extra_args(argv)
+    require("torch", "transformers", extra="bench")
     quiet_logs()
     import numpy as np
     import torch

@@ -30,10 +30,11 @@ from absl import flags
 
 from moejax import ops
 from moejax.host_offload import CPUAttention, HostKVCache, HostWeightStore
-from moejax.host_offload.memory import (device_sharding, has_pinned_host, host_pool,
-                                        host_threads)
+from moejax.host_offload.memory import (available_host_bytes, device_sharding,
+                                        has_pinned_host, host_pool, host_threads)
+from moejax.model_config.hardware import fmt_bytes
 from moejax.model_config.model import ModelConfig, model_names
-from experiments.cli import no_extra_args, output_flag, quiet_logs, run
+from experiments.cli import fail, no_extra_args, output_flag, quiet_logs, run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layer_mib", 192, "expert bytes of the streamed layer, MiB",
@@ -251,9 +252,19 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+# Host copies of the streamed layer alive at once: the three tensors, their flat copy,
+# the memcpy target, a device copy (host memory on XLA:CPU), a pinned copy, two slots.
+LAYER_COPIES = 7
+
+
 def main(argv):
     no_extra_args(argv)
     quiet_logs()
+    need, avail = LAYER_COPIES * FLAGS.layer_mib * MiB, available_host_bytes()
+    if avail is not None and need > avail:
+        fail(f"--layer_mib={FLAGS.layer_mib}: the streaming benchmark holds ~"
+             f"{LAYER_COPIES} copies of the layer ({fmt_bytes(need)}); "
+             f"{fmt_bytes(avail)} of host memory is available")
     t = time.perf_counter()
     res = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
                        "host_threads": host_threads(), "jax": jax.__version__,

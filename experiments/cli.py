@@ -22,13 +22,30 @@ def fail(msg: str):
     sys.exit(f"{prog()}: {msg}")
 
 
+HELP_FLAGS = ("-?", "-h", "-help", "--help", "--helpshort", "-helpshort", "--helpfull",
+              "-helpfull", "--helpxml", "-helpxml")
+
+
 def parse_flags(argv):
     """absl's flag parsing with a bad flag reported as one line (absl's own parser
-    prints a second line of help hints)."""
+    prints a second line of help hints), and help asked for exiting 0 (absl: 1)."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e))
+    except SystemExit as e:
+        if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
+
+
+def require(*modules: str, extra: str) -> None:
+    """One line, before any work, when an optional package is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"needs {', '.join(missing)}, not installed: pip install -e '.[{extra}]'")
 
 
 def run(main) -> None:

@@ -21,7 +21,7 @@ import time
 
 from absl import flags
 
-from experiments.cli import no_extra_args, quiet_logs, run
+from experiments.cli import no_extra_args, quiet_logs, require, run
 
 flags.DEFINE_integer("batch_size", 64, "sequences", lower_bound=1)
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens per sequence", lower_bound=1)
@@ -90,6 +90,8 @@ def attend_before(q, k, v, mask):
 
 def main(argv):
     no_extra_args(argv)
+    if FLAGS.hf:  # the HF comparison
+        require("torch", "transformers", extra="bench")
     quiet_logs()
     import jax
     import jax.numpy as jnp

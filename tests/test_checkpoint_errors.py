@@ -91,7 +91,9 @@ def _raw_header(header) -> bytes:
     {"w": {"dtype": "F32", "shape": [2], "data_offsets": None}},
     {"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},
     {"w": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}},  # past the end
-], ids=["list", "entry-not-object", "shape-str", "offsets-null", "negative", "past-end"])
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},  # shorter than 2 f32
+], ids=["list", "entry-not-object", "shape-str", "offsets-null", "negative", "past-end",
+        "too-short"])
 def test_malformed_header_is_one_value_error(tmp_path, header):
     from moejax.checkpoints.safetensors_io import SafetensorsFile
 
@@ -99,6 +101,55 @@ def test_malformed_header_is_one_value_error(tmp_path, header):
     f.write_bytes(_raw_header(header))
     with pytest.raises(ValueError, match="safetensors file .*x.safetensors"):
         SafetensorsFile(str(f))
+
+
+def test_deeply_nested_header_is_unreadable_not_a_recursion_error(tmp_path):
+    from moejax.checkpoints.safetensors_io import SafetensorsFile
+
+    h = b"[" * 100_000 + b"]" * 100_000
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(ValueError, match="unreadable safetensors file .*x.safetensors"):
+        SafetensorsFile(str(f))
+
+
+def _split_in_two(ckpt, tmp_path, edit_second=None, index_edit=None):
+    """The checkpoint as two shards s1 (embedding, LM head) and s2 (the rest) plus an
+    index; `edit_second(tensors)` and `index_edit(weight_map)` alter them first."""
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    os.remove(out / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if "layers" not in k}
+    second = {k: v for k, v in tensors.items() if "layers" in k}
+    (edit_second or (lambda t: None))(second)
+    save_file(first, str(out / "s1.safetensors"))
+    save_file(second, str(out / "s2.safetensors"))
+    wm = {k: "s1.safetensors" for k in first} | {k: "s2.safetensors" for k in second}
+    (index_edit or (lambda m: None))(wm)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return out
+
+
+def test_two_shards_load_like_one(ckpt, tmp_path):
+    tok = np.arange(6)[None] % 50
+    np.testing.assert_array_equal(moejax.load_pretrained(_split_in_two(ckpt, tmp_path))
+                                  .logits(tok), moejax.load_pretrained(ckpt).logits(tok))
+
+
+def test_tensor_stored_in_two_shards_is_refused(ckpt, tmp_path):
+    def dup(t):
+        t["lm_head.weight"] = np.full((101, 48), 7.0, np.float32)
+    with pytest.raises(ValueError, match="'lm_head.weight' is stored twice: in .*s1"):
+        moejax.load_pretrained(_split_in_two(ckpt, tmp_path, edit_second=dup))
+
+
+def test_index_naming_a_tensor_its_shard_lacks_is_refused(ckpt, tmp_path):
+    def move(wm):
+        wm["lm_head.weight"] = "s2.safetensors"
+    with pytest.raises(ValueError, match="names tensors absent from their shard: "
+                                         r"\['lm_head.weight'\]"):
+        moejax.load_pretrained(_split_in_two(ckpt, tmp_path, index_edit=move))
 
 
 def test_unsupported_tensor_dtype_is_named_not_called_corrupt(tmp_path):

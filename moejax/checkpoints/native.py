@@ -35,6 +35,7 @@ from moejax.model_config.model import ModelConfig
 
 FORMAT, VERSION = "moejax-native", 2  # 1: one orbax tree; 2: one per group (layer)
 META, PARAMS = "moejax_native.json", "params"
+PARTIAL = ".moejax-partial"  # marks a `.tmp` directory as an unfinished save
 Path = tuple[str, ...]
 Placer = Callable[[Path, np.ndarray], object]
 
@@ -84,8 +85,13 @@ class NativeWriter:
         self.groups: dict[str, dict[Path, np.ndarray]] = {}
         self.leaves: dict[str, dict] = {}
         self.tmp = directory.rstrip("/") + ".tmp"
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.path.exists(self.tmp):  # an interrupted save's leftover, nothing else
+            if os.listdir(self.tmp) and not os.path.exists(os.path.join(self.tmp, PARTIAL)):
+                raise ValueError(f"{self.tmp!r} exists and is not an unfinished moejax "
+                                 "save; move it away first")
+            shutil.rmtree(self.tmp)
         os.makedirs(os.path.join(self.tmp, PARAMS))
+        open(os.path.join(self.tmp, PARTIAL), "w").close()
 
     def add(self, path: Path, leaf) -> None:
         """Take one leaf (NumPy or jax, already in `cfg.dtype`); returns None, so a
@@ -122,6 +128,7 @@ class NativeWriter:
                 "leaves": self.leaves}
         with open(os.path.join(self.tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
+        os.remove(os.path.join(self.tmp, PARTIAL))
         os.rename(self.tmp, self.directory)
 
 
@@ -146,23 +153,35 @@ def read_meta(directory: str) -> dict:
     try:
         with open(file) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors included
         raise ValueError(f"unreadable native checkpoint metadata {file}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{file}: not a {FORMAT} checkpoint")
     if meta.get("version") not in (1, VERSION):
         raise ValueError(f"{file}: format version {meta.get('version')!r}, this moejax "
                          f"reads 1 and {VERSION}")
-    for k in ("config", "leaves", "page_bytes"):
-        if k not in meta:
-            raise ValueError(f"{file}: missing {k!r}")
+    for k, kind in (("config", dict), ("leaves", dict), ("page_bytes", int)):
+        if not isinstance(meta.get(k), kind) or isinstance(meta[k], bool):
+            raise ValueError(f"{file}: {k!r} must be a JSON "
+                             f"{'object' if kind is dict else 'integer'}, got "
+                             f"{str(meta.get(k))[:60]}")
+    for key, leaf in meta["leaves"].items():
+        if not (isinstance(leaf, dict) and _is_int(leaf.get("crc32"))
+                and isinstance(leaf.get("shape"), list)
+                and all(_is_int(d) and d >= 0 for d in leaf["shape"])):
+            raise ValueError(f"{file}: leaf {key!r} must be an object with an integer "
+                             f"'crc32' and a 'shape' list, got {str(leaf)[:60]}")
     return meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def native_config(directory: str) -> ModelConfig:
     d = dict(read_meta(directory)["config"])
-    d["dense_layers"] = tuple(d.get("dense_layers", ()))
     try:
+        d["dense_layers"] = tuple(d.get("dense_layers", ()))
         return ModelConfig(**d)
     except TypeError as e:
         raise ValueError(f"{directory}: bad config in {META}: {e}") from None

@@ -57,7 +57,7 @@ class SafetensorsFile:
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(os.pread(self._fd, n, 8))
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        except (OSError, struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"unreadable safetensors file {path}: {e}") from None
         if not isinstance(header, dict):
             raise ValueError(f"corrupt safetensors file {path}: the header is not a JSON "
@@ -133,6 +133,9 @@ class CheckpointFiles:
                 raise ValueError(f"missing shard {p} named by the index")
             self.files[s] = f = SafetensorsFile(p)
             for name in f.entries:
+                if name in self.where:
+                    raise ValueError(f"tensor {name!r} is stored twice: in "
+                                     f"{self.where[name].path} and in {p}")
                 self.where[name] = f
         if os.path.exists(index):
             bad = [n for n, s in weight_map.items() if n not in self.files[s].entries]

@@ -42,8 +42,8 @@ CAPACITY_SLACK = 1.25  # expert capacity buckets round token counts up (layers/e
 class MoELensBound:
     """MoE-Lens hardware limit (DESIGN.md §4): T_max = min(PME·M/δ, T_gpu).
 
-    PME = 2(p+g)/((2p+g)·g); M = KV tokens that fit in host memory next to the expert
-    weights; δ = bytes one pass over the weights must move / B_h2d; T_gpu = device
+    PME = 2(p+g)/((2p+g)·g); M = KV tokens that fit in host memory next to the weights
+    the device cannot hold; δ = bytes one pass over the weights must move / B_h2d; T_gpu = device
     FLOP/s / FLOPs per token. T_max counts processed tokens (prompt + generated: PME's
     p+g numerator); `generated_tokens_per_s` = T_max·g/(p+g) is the figure comparable
     with `Prediction.tokens_per_s`.
@@ -52,7 +52,10 @@ class MoELensBound:
     link, so a policy keeping some there could beat that "limit"; moejax moves only
     the bytes that cannot fit on the device, max(model bytes − usable device memory, 0),
     which keeps T_max an upper bound for every policy (it equals DESIGN's δ minus at most
-    the device memory, ~25 % for Mixtral 8x7B on an L4)."""
+    the device memory, ~25 % for Mixtral 8x7B on an L4). For the same reason M counts
+    the host memory left next to those bytes, not next to every expert: a policy that
+    keeps some experts on the device has that much more host memory for KV (DBRX on a
+    256 GiB host cannot hold all its 236 GiB of experts beside any KV, yet runs)."""
 
     pme: float
     kv_capacity_tokens: float  # M
@@ -66,9 +69,9 @@ class MoELensBound:
 def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> MoELensBound:
     p, g = workload.prompt_len, workload.gen_len
     pme = 2 * (p + g) / ((2 * p + g) * g)
-    host = hw.host_memory_bytes * HOST_MEMORY_USABLE - model.expert_bytes_total()
-    m_tokens = max(host, 0.0) / model.kv_bytes_per_token(workload.kv_bytes_per_elem)
     must_move = max(model.weight_bytes() - hw.gpu_memory_bytes * DEVICE_MEMORY_USABLE, 0.0)
+    host = hw.host_memory_bytes * HOST_MEMORY_USABLE - must_move
+    m_tokens = max(host, 0.0) / model.kv_bytes_per_token(workload.kv_bytes_per_elem)
     delta = must_move / hw.h2d_bytes_per_s
     per_layer = sum(model.attention_proj_flops_per_token()
                     + (model.expert_flops_per_token() if model.is_moe_layer(i)

@@ -85,6 +85,84 @@ def _drop_leaf(d):
     json.dump(meta, open(d / META, "w"))
 
 
+def _edit_meta(change):
+    def edit(d):
+        meta = json.load(open(d / META))
+        change(meta)
+        json.dump(meta, open(d / META, "w"))
+    return edit
+
+
+def _set(key, value):
+    return _edit_meta(lambda m: m.__setitem__(key, value))
+
+
+def _leaf(name, key, value):
+    def change(m):
+        if value is None:
+            del m["leaves"][name][key]
+        else:
+            m["leaves"][name][key] = value(m["leaves"][name][key])
+    return _edit_meta(change)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (_set("leaves", []), "'leaves' must be a JSON object"),
+    (_set("config", [1, 2]), "'config' must be a JSON object"),
+    (_set("page_bytes", "4"), "'page_bytes' must be a JSON integer"),
+    (_set("version", 3), "format version 3"),
+    (_leaf("embed/embedding", "crc32", None), "leaf 'embed/embedding' must be an object"),
+    (_edit_meta(lambda m: m["leaves"].__setitem__("final_norm/scale", 3)),
+     "leaf 'final_norm/scale' must be an object"),
+    (_leaf("lm_head/kernel", "crc32", lambda c: c ^ 1),
+     "leaf 'lm_head/kernel' fails its CRC-32"),
+    (_leaf("layers_0/experts/w1", "shape", lambda s: [s[0] - 1]),
+     r"leaf 'layers_0/experts/w1' has shape \(7679,\), expected \(7680,\)"),
+    (_edit_meta(lambda m: m["config"].__setitem__("dense_layers", 5)), "bad config"),
+    (lambda d: (d / META).write_bytes(b'{"format": "\xff"}'),
+     "unreadable native checkpoint metadata"),
+], ids=["leaves-list", "config-list", "page-bytes-str", "version-3", "no-crc",
+        "leaf-int", "crc-edited", "shape-edited", "dense-layers-int", "not-utf8"])
+def test_malformed_metadata_is_one_value_error(native, tmp_path, edit, needle):
+    with pytest.raises(ValueError, match=needle):
+        moejax.load_pretrained(corrupt_copy(native, tmp_path, edit))
+
+
+def test_dtype_override_casts_a_native_checkpoint(hf, native):
+    m = moejax.load_pretrained(native, dtype="bfloat16")
+    assert m.config.dtype == "bfloat16"
+    assert m.params["layers_0"]["experts"]["w1"].dtype == jax.numpy.bfloat16
+    ref = moejax.load_pretrained(hf, dtype="bfloat16")
+    assert same_params(m.params, ref.params)
+
+
+def test_page_bytes_not_a_multiple_of_the_dtype_is_refused(hf, tmp_path):
+    with pytest.raises(ValueError, match="page_bytes=6 must be a positive multiple of 4"):
+        convert(hf, str(tmp_path / "out"), page_bytes=6)
+
+
+def test_failed_conversion_leaves_no_tmp(hf, tmp_path, monkeypatch):
+    import moejax.checkpoints.hf as hf_mod
+
+    def half(checkpoint, cfg, place):
+        place(("embed", "embedding"), np.zeros((101, 48), np.float32))
+        raise ValueError("disk full")
+    monkeypatch.setattr(hf_mod, "load_hf_params", half)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="disk full"):
+        convert(hf, str(out))
+    assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(out)
+
+
+def test_foreign_tmp_directory_is_not_deleted(hf, tmp_path):
+    out = tmp_path / "out"
+    os.makedirs(str(out) + ".tmp")
+    (tmp_path / "out.tmp" / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="out.tmp' exists and is not an unfinished moejax"):
+        convert(hf, str(out))
+    assert (tmp_path / "out.tmp" / "notes.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda d: os.remove(d / META), "is not a checkpoint"),
     (lambda d: (d / META).write_text("{"), "unreadable native checkpoint metadata"),
@@ -101,8 +179,12 @@ def test_corrupt_or_partial_directories_fail_loudly(native, tmp_path, edit, need
 
 
 def test_interrupted_conversion_leaves_no_checkpoint(hf, tmp_path):
+    from moejax.checkpoints.hf import hf_checkpoint_config
+    from moejax.checkpoints.native import NativeWriter
+
     out = tmp_path / "out"
-    os.makedirs(str(out) + ".tmp")  # what a killed save leaves behind
+    NativeWriter(str(out), hf_checkpoint_config(hf))  # killed before finish()
+    assert os.path.exists(str(out) + ".tmp")
     with pytest.raises(ValueError, match="does not exist"):
         moejax.load_pretrained(out)
     convert(hf, str(out))  # and a re-run replaces the leftover

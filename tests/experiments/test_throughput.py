@@ -88,3 +88,8 @@ def test_batch_whose_activations_do_not_fit_is_one_line():
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("throughput: --device_memory_gb=0.05: a batch of 64") \
         and "of device memory" in last and "Traceback" not in r.stderr
+
+
+def test_help_exits_zero():
+    r = run("--help")
+    assert r.returncode == 0 and "--gpu_weight_fraction" in r.stdout

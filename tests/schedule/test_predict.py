@@ -7,6 +7,7 @@ from moejax.model_config.model import get_model
 from moejax.model_config.workload import Workload
 from moejax.schedule import Policy, costs, predict
 from moejax.schedule.predict import memory_bytes, memory_budgets, moe_lens_bound
+from moejax.schedule.search import search_policy
 
 from tests.schedule.hand import HW as _HW
 from tests.schedule.hand import M
@@ -137,14 +138,24 @@ def test_memory_decode_peak_hand_computed():
 def test_moe_lens_bound_hand_computed():
     b = moe_lens_bound(M, HW.replace(gpu_memory_bytes=1000), WL)
     assert b.pme == pytest.approx(0.625)  # 2·5 / (8·2)
-    assert b.kv_capacity_tokens == pytest.approx((90_000 - 1152) / 24)
-    # only what cannot stay on the device moves: 552 + 1152 − 0.9·1000 bytes
-    assert b.delta_s == pytest.approx((552 + 1152 - 900) / 20)
-    assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3702 / 40.2)
+    # only what cannot stay on the device moves: 552 + 1152 − 0.9·1000 = 804 bytes,
+    # and the host keeps KV next to those bytes
+    assert b.kv_capacity_tokens == pytest.approx((90_000 - 804) / 24)
+    assert b.delta_s == pytest.approx(804 / 20)
+    assert b.kv_bound_tokens_per_s == pytest.approx(0.625 * 3716.5 / 40.2)
     # per processed token: (4 tokens through 3 layers of 96 + 192, 2 LM heads of 80) / 5
     assert b.gpu_bound_tokens_per_s == pytest.approx(1000 / 723.2)
     assert b.processed_tokens_per_s == pytest.approx(1000 / 723.2)
     assert b.generated_tokens_per_s == pytest.approx(1000 / 723.2 * 2 / 5)
+
+
+def test_limit_bounds_a_policy_whose_experts_do_not_all_fit_on_the_host():
+    """DBRX on an A40 host (256 GiB): its 236 GiB of experts leave no room for KV beside
+    all of them, but a policy keeping some on the device runs; the limit stays above."""
+    m, hw = get_model("dbrx"), get_hardware("a40")
+    assert m.expert_bytes_total() > memory_budgets(hw)[1]
+    _, p = search_policy(m, hw, Workload(512, 32))
+    assert 0 < p.tokens_per_s <= p.limit_tokens_per_s
 
 
 def test_moe_lens_bound_when_the_model_fits_is_the_gpu_bound():
