@@ -114,7 +114,7 @@ class Progress:
         w = 30
         fill = w * done // total
         sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {done}/{total} "
-                         f"tokens, {time.perf_counter() - self.t0:5.1f} s")
+                         f"steps, {time.perf_counter() - self.t0:5.1f} s")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -78,14 +78,17 @@ def bucket(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
 
-def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
-    """ValueError naming the first problem with a generate() call."""
+def validate_request(cfg, prompts, max_new_tokens, eos_token_id,
+                     logits_only: bool = False) -> None:
+    """ValueError naming the first problem with a generate() call (`logits_only`: a
+    prompt_logits() call, whose prompts may fill every position)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    eos_ids = (list(eos_token_id) if isinstance(eos_token_id, (list, tuple, np.ndarray))
+    eos_ids = (np.atleast_1d(eos_token_id).tolist() if isinstance(eos_token_id, np.ndarray)
+               else list(eos_token_id) if isinstance(eos_token_id, (list, tuple))
                else [eos_token_id])
     for e in eos_ids if eos_token_id is not None else ():
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)) \
@@ -103,7 +106,10 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id) -> None:
         if bad:
             raise ValueError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary "
                              f"[0, {cfg.vocab_size})")
-        if len(p) + max_new_tokens > cfg.max_positions:
+        if logits_only and len(p) > cfg.max_positions:
+            raise ValueError(f"prompt {i}: {len(p)} tokens exceed max_positions "
+                             f"{cfg.max_positions}")
+        if not logits_only and len(p) + max_new_tokens > cfg.max_positions:
             raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
                              f"{max_new_tokens} exceeds max_positions {cfg.max_positions}")
 
@@ -172,10 +178,16 @@ class Engine:
                 raise ValueError(f"policy must be a moejax.schedule.Policy, got "
                                  f"{type(policy).__name__}")
             if gpu_weight_fraction is not None or page_bytes is not None or (
+                    micro_batch_size is not None) or (
                     attention_device is not None
                     and attention_device != policy.attention_device):
-                raise ValueError("policy given: gpu_weight_fraction, page_bytes and "
-                                 "attention_device come from it")
+                raise ValueError("policy given: gpu_weight_fraction, page_bytes, "
+                                 "micro_batch_size and attention_device come from it")
+            if policy.attention_device == "gpu" and policy.kv_cache_device == "cpu":
+                raise ValueError("policy kv_cache_device='cpu' with attention_device='gpu' "
+                                 "is priced by the model but not run by the engine: its "
+                                 "device attention keeps the KV cache on the device "
+                                 "(kv_cache_device='gpu')")
             gpu_weight_fraction, page_bytes = policy.gpu_weight_fraction, policy.page_bytes
             attention_device = policy.attention_device
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not
@@ -191,6 +203,8 @@ class Engine:
         if not is_store and not isinstance(model, MoEModel):
             raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
                              f"{type(model).__name__}")
+        if not is_store:
+            model.check_params()
         if offload not in (None, True, False):
             raise ValueError(f"offload={offload!r} must be None, True or False")
         self.offload = (given or is_store) if offload is None else offload
@@ -207,7 +221,10 @@ class Engine:
                              "device KV cache keeps the model dtype)")
         self.kv_dtype, self.policy, self.micro_batch_size = kv_dtype, policy, micro_batch_size
         self.cfg = model.cfg if is_store else model.config
-        self.model = None if is_store else model
+        # offloaded, the store holds every weight: no reference to `model` is kept, so
+        # dropping the caller's frees the tree the store was made from (a copy when
+        # `host_memory` asks for another memory kind than its leaves')
+        self.model = model if not (is_store or self.offload) else None
         self.store: HostWeightStore | None = None
         if is_store:
             if device_memory_bytes is not None or host_memory != "auto" or (
@@ -361,7 +378,7 @@ class Engine:
                     * cfg.head_dim * cfg.bytes_per_param
                 self.store.reserve("kv_cache", nbytes)
                 reserved = True
-        on_step = None if progress is None else (lambda s: progress(s + 1, max_new_tokens))
+        on_step = None if progress is None else (lambda s: progress(s + 1))
         run = BatchRun(cfg, self.weights, kv, policy, tokens, lens, cache_len, steps,
                        eos_token_id, on_step, full_logits)
         try:
@@ -379,7 +396,7 @@ class Engine:
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 logits [B, max prompt length, vocab] of right-padded prompts, through
         this engine's placement (the reference is `model.logits`)."""
-        validate_request(self.cfg, prompts, 1, None)
+        validate_request(self.cfg, prompts, 1, None, logits_only=True)
         run = self._run(prompts, 1, full_logits=True)
         return np.concatenate(run.logits)[:len(prompts), :max(map(len, prompts))]
 
@@ -388,16 +405,23 @@ class Engine:
                  progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """Greedy decoding of a ragged batch; rows are `max_new_tokens` long, or end at
         (and include) their first `eos_token_id` when given (one id, or a list of them
-        as in HF generation configs). `progress(tokens_done, max_new_tokens)`
-        is called after every step. A batch larger than a given policy's batch size runs
-        as several batches."""
+        as in HF generation configs). A batch larger than a given policy's batch size runs
+        as several batches, one after the other. `progress(steps_done, steps_total)` is
+        called after every step: steps_total = max_new_tokens × batches, and steps_done
+        counts across batches (a batch that stops early at EOS skips its remaining
+        steps)."""
         validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be callable, got {type(progress).__name__}")
         size = self.policy.batch_size if self.policy is not None else len(prompts)
+        starts = range(0, len(prompts), size)
+        total = max_new_tokens * len(starts)
         out = []
-        for i in range(0, len(prompts), size):
+        for k, i in enumerate(starts):
             chunk = list(prompts[i:i + size])
-            run = self._run(chunk, max_new_tokens, eos_token_id, progress)
+            done = k * max_new_tokens
+            on_step = None if progress is None else (
+                lambda s, done=done: progress(done + s, total))
+            run = self._run(chunk, max_new_tokens, eos_token_id, on_step)
             out += run.tokens_out(len(chunk))
         return out

@@ -48,6 +48,28 @@ class MoEModel:
             jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
         return cls(config, params)
 
+    def check_params(self) -> None:
+        """ValueError naming the first parameter whose path, shape or dtype is not the
+        config's (a hand-built model; loaders check theirs as they read)."""
+        from moejax.checkpoints.hf import param_shapes
+
+        want = param_shapes(self.config)
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a nested dict, got "
+                             f"{type(self.params).__name__}")
+        flat = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        got = {tuple(getattr(k, "key", k) for k in kp): leaf for kp, leaf in flat}
+        for path in sorted(set(want) | set(got)):
+            name = "/".join(map(str, path))
+            if path not in got or path not in want:
+                raise ValueError(f"params {'lack' if path not in got else 'have an extra'}"
+                                 f" {name!r} for config {self.config.name!r}")
+            shape, dtype = tuple(np.shape(got[path])), np.dtype(got[path].dtype)
+            if shape != want[path].shape or dtype != want[path].dtype:
+                raise ValueError(f"params {name!r}: {dtype}{shape}, config "
+                                 f"{self.config.name!r} needs "
+                                 f"{np.dtype(want[path].dtype)}{want[path].shape}")
+
     def check_tokens(self, tokens: np.ndarray) -> None:
         bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
         if bad.size:

@@ -28,6 +28,19 @@ def test_bad_requests_raise_and_engine_stays_usable(engine, prompts, max_new, ne
     assert len(engine.generate([[1, 2, 3]], 2)[0]) == 2
 
 
+def test_prompt_plus_new_tokens_may_fill_every_position(engine):
+    assert len(engine.generate([[1] * 250], 6)[0]) == 6  # 256 = max_positions
+    with pytest.raises(ValueError, match="250 tokens \\+ max_new_tokens 7 exceeds"):
+        engine.generate([[1] * 250], 7)
+
+
+def test_prompt_logits_take_a_prompt_of_max_positions(engine):
+    logits = engine.prompt_logits([[1] * 256])
+    assert logits.shape == (1, 256, 128)
+    with pytest.raises(ValueError, match="257 tokens exceed max_positions 256"):
+        engine.prompt_logits([[1] * 257])
+
+
 def test_prompts_may_be_any_sequence_of_ids(engine):
     assert engine.generate([range(1, 4)], 2) == engine.generate([[1, 2, 3]], 2)
 
@@ -42,6 +55,7 @@ def test_eos_stops_a_row_early_and_is_included(engine):
     eos = full[2]
     stopped = engine.generate([[3, 4, 5]], max_new_tokens=8, eos_token_id=eos)[0]
     assert stopped == full[:full.index(eos) + 1]
+    assert engine.last_run.steps == full.index(eos) + 1  # the run itself stopped there
 
 
 def test_logits_reject_out_of_vocab_tokens(engine):
@@ -61,6 +75,8 @@ def test_eos_ids_may_be_a_numpy_array(engine):
     stopped = engine.generate([[3, 4, 5]], max_new_tokens=8,
                               eos_token_id=np.array([full[3], full[1]]))[0]
     assert stopped == full[:min(full.index(full[3]), full.index(full[1])) + 1]
+    scalar = engine.generate([[3, 4, 5]], max_new_tokens=8, eos_token_id=np.array(full[2]))
+    assert scalar[0] == full[:full.index(full[2]) + 1]
 
 
 @pytest.mark.parametrize("eos", ["2", 1.5, True, [2, 999]])
@@ -95,3 +111,24 @@ def test_last_run_fits_the_routing_of_each_stage(engine):
     engine.generate([[1, 2, 3, 4]] * 4, 1)  # prefill only: no decode routing seen
     assert engine.last_run.decode_expert_imbalance is None
     assert engine.last_run.imbalance["decode"] == engine.last_run.expert_imbalance
+
+
+def _tiny_params(edit):
+    m = MoEModel.random(moejax.get_model("tiny_mixtral").replace(num_layers=2), seed=1)
+    edit(m.params)
+    return m
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda p: p["layers_0"]["attn"]["q_proj"].__setitem__(
+        "kernel", np.zeros((64, 48), np.float32)), "'layers_0/attn/q_proj/kernel': "
+     "float32\\(64, 48\\), config 'tiny_mixtral' needs float32"),
+    (lambda p: p.__setitem__("layers_7", p["layers_1"]), "have an extra 'layers_7/"),
+    (lambda p: p.pop("layers_1"), "lack 'layers_1/"),
+    (lambda p: p["embed"].__setitem__("embedding", p["embed"]["embedding"].astype(
+        np.float16)), "'embed/embedding': float16"),
+])
+@pytest.mark.parametrize("offload", [False, True])
+def test_params_that_do_not_match_the_config_are_named(edit, needle, offload):
+    with pytest.raises(ValueError, match=needle):
+        moejax.Engine(_tiny_params(edit), offload=offload)

@@ -171,8 +171,36 @@ def test_device_kv_cache_is_priced_at_the_length_it_is_allocated(model, prompts,
     with pytest.raises(ValueError, match="attention on the gpu needs ~"):
         moejax.Engine(model, device_memory_bytes=tight, **knobs).generate(prompts, NEW)
     enough = int(memory_bytes(model.config, Workload(16, 16), 4, 1, 0.0, **kw)[0])
-    assert moejax.Engine(model, device_memory_bytes=enough, **knobs).generate(
-        prompts, NEW) == reference
+    e = moejax.Engine(model, device_memory_bytes=enough, **knobs)
+    for _ in range(3):  # each run hands its cache's reservation back
+        assert e.generate(prompts, NEW) == reference
+
+
+def test_searched_micro_batching_keeps_to_the_budget(model, prompts, reference):
+    """A budget that 2 × 2 fits and 4 × 1 does not: the search runs one that fits."""
+    wl = Workload(16, NEW)
+    budget = int(memory_bytes(model.config, wl, 2, 2, 0.0)[0]) + 1
+    assert memory_bytes(model.config, wl, 4, 1, 0.0)[0] > budget
+    e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
+                      page_bytes=4 * 1000)
+    assert e.generate(prompts, NEW) == reference
+    assert e.last_run.policy.micro_batch_size <= 2
+
+
+def test_an_offloading_engine_keeps_no_reference_to_the_model(tmp_path):
+    """The store holds every weight; the caller's model (here a copy the store was
+    made from, NumPy → pinned or jax → NumPy) is freed once the caller drops it."""
+    import gc
+    import weakref
+
+    m = MoEModel.random(moejax.get_model("tiny_mixtral").replace(num_layers=2), seed=2)
+    ref = weakref.ref(m)
+    e = moejax.Engine(m, gpu_weight_fraction=0.0, page_bytes=4 * 1000, host_memory="numpy")
+    want = moejax.Engine(m).generate([[1, 2, 3]], 3)
+    del m
+    gc.collect()
+    assert ref() is None and e.model is None
+    assert e.generate([[1, 2, 3]], 3) == want
 
 
 def test_a_ready_store_runs_a_matching_policy(model, prompts, reference):

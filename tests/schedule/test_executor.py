@@ -76,7 +76,8 @@ def test_single_moe_layer_overlapped_matches_serial(prompts):
 
 def test_run_after_an_eos_stop_reuses_the_slots(model, prompts, reference):
     eng = moejax.Engine(model, policy=_policy())
-    eng.generate(prompts, 5, eos_token_id=reference[0][0])  # stops after step 1
+    eng.generate(prompts, 5, eos_token_id=[r[0] for r in reference])  # every row ends
+    assert eng.last_run.steps == 1  # stopped after the prefill, passes holding slots
     assert eng.generate(prompts, 5) == reference
 
 
@@ -87,9 +88,24 @@ def test_progress_reports_every_token(model, prompts):
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-def test_policy_and_knobs_conflict(model):
+def test_progress_counts_across_the_batches_of_a_request(model, prompts):
+    seen = []  # 5 prompts, a policy of 6 rows capped to 2: three batches of 2 steps
+    moejax.Engine(model, policy=_policy().replace(batch_size=2, num_micro_batches=1)
+                  ).generate(prompts, 2, progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+
+
+@pytest.mark.parametrize("knob", [dict(gpu_weight_fraction=0.5), dict(page_bytes=4000),
+                                  dict(micro_batch_size=2)])
+def test_policy_and_knobs_conflict(model, knob):
     with pytest.raises(ValueError, match="come from it"):
-        moejax.Engine(model, policy=_policy(), gpu_weight_fraction=0.5)
+        moejax.Engine(model, policy=_policy(), **knob)
+
+
+def test_device_attention_with_a_host_cache_is_refused_up_front(model):
+    pol = _policy(attention_device="gpu", kv_cache_device="cpu")
+    with pytest.raises(ValueError, match="kv_cache_device='cpu' with attention_device="):
+        moejax.Engine(model, policy=pol)
 
 
 def test_searched_micro_batching_runs(model, prompts, reference):
