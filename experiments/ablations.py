@@ -76,6 +76,17 @@ def rows(base, page_layer: int):
     return out
 
 
+def fitted(name: str, pol, fitting_wg):
+    """(name, policy) with the policy's wg lowered to the largest that fits the budget
+    (`fitting_wg(policy)`, None when none does), said in the name when it moved: a row
+    that changes the placement (attention and KV cache on the device) needs device
+    memory the searched base spent on resident experts."""
+    wg = fitting_wg(pol)
+    if wg is None or wg >= pol.gpu_weight_fraction:
+        return name, pol
+    return f"{name} (wg {wg:.2f} fits)", pol.replace(gpu_weight_fraction=wg)
+
+
 def measure_rows(model, named_policies, budget: float, after_round) -> dict:
     """{name: (policy, engine, wall seconds of each timed run)}, the rows timed in
     `--repeats` rounds of one run per row (after one warm-up run each), so that every
@@ -92,7 +103,7 @@ def measure_rows(model, named_policies, budget: float, after_round) -> dict:
             engine = moejax.Engine(model, policy=pol, device_memory_bytes=int(budget))
             engine.check_memory(pol.batch_size, FLAGS.prompt_len, FLAGS.gen_len)
         except ValueError as e:
-            print(f"{name:34s} skipped: {e}")
+            print(f"{name:40s} skipped: {e}")
             continue
         prompts[name] = rng.integers(1, model.config.vocab_size,
                                      (pol.batch_size, FLAGS.prompt_len)).tolist()
@@ -190,6 +201,7 @@ def main(argv):
     from moejax.model_config.setups import get_setup
     from moejax.model_config.workload import Workload
     from moejax.schedule import costs, predict, search_policy
+    from moejax.schedule.search import fitting_weight_fraction
     from moejax.schedule.policy import DEFAULT_PAGE_BYTES
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
     from moejax.schedule.simulate import simulate
@@ -211,8 +223,9 @@ def main(argv):
         fail(f"device budget {budget / GB:.3g} GB: {e}")
     base = base.replace(page_bytes=page)
     reprobe = Reprobe(cfg, hw.link_latency_s) if FLAGS.reprobe else None
-    runs = measure_rows(local_model(cfg), rows(base, cfg.expert_bytes_per_layer()), budget,
-                        reprobe or (lambda _: None))
+    named = [fitted(name, pol, lambda p: fitting_weight_fraction(cfg, hw, wl, p, budget))
+             for name, pol in rows(base, cfg.expert_bytes_per_layer())]
+    runs = measure_rows(local_model(cfg), named, budget, reprobe or (lambda _: None))
     hw_calibrated = hw
     if reprobe:
         hw = reprobe.spec(hw)
@@ -224,7 +237,7 @@ def main(argv):
         print(f"copy core demand beside the rows: {hw.copy_core_demand:.2f} "
               f"(calibration {hw_calibrated.copy_core_demand:.2f})")
     results = []
-    print(f"{'row':34s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
+    print(f"{'row':40s}{'measured':>10s}{'predicted':>11s}{'error':>8s}  tok/s")
     for name, (pol, engine, walls) in runs.items():
         measured = pol.batch_size * FLAGS.gen_len / float(np.median(walls))
         run = engine.last_run
@@ -250,7 +263,7 @@ def main(argv):
                             simulated_tokens_per_s=sim_tps,
                             simulated_prefill_s=sim.stage_s(run.entries, "prefill"),
                             simulated_decode_s=sim.stage_s(run.entries, "decode")))
-        print(f"{name:34s}{measured:10.1f}{pred.tokens_per_s:11.1f}{100 * err:+7.1f}%"
+        print(f"{name:40s}{measured:10.1f}{pred.tokens_per_s:11.1f}{100 * err:+7.1f}%"
               f"  sim {sim_tps:6.1f} {100 * (sim_tps - measured) / measured:+5.1f}%",
               flush=True)
     del runs

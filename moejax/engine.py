@@ -297,16 +297,14 @@ class Engine:
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
         """(predicted peak device bytes, budget) of a batch, or None without a budget:
         `predict.memory_bytes` — weights, stream buffers, activations, a device KV
-        cache — the figure the search keeps within budget. A device KV cache is priced
-        at the length `_run` allocates: prompt_len (a multiple of 16) + bucket(gen_len)
-        ≥ bucket(longest prompt + gen_len)."""
+        cache — the figure the search keeps within budget, at the same lengths: a
+        device KV cache of prompt_len (the padded one) + gen_len positions, which `_run`
+        never exceeds."""
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
         from moejax.schedule.predict import memory_bytes
 
-        if policy.attention_device == "gpu":
-            gen_len = bucket(gen_len)
         dev, _ = memory_bytes(self.cfg, self._workload(prompt_len, gen_len),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,
@@ -372,7 +370,9 @@ class Engine:
         if policy.attention_device == "cpu":
             kv = HostKVCache(cfg, rows, cache_len, self.kv_dtype)
         else:
-            cache_len = bucket(cache_len)
+            # a multiple of 16 where that is no longer than what the budget check
+            # priced (padded prompt + new tokens), so shapes repeat across calls
+            cache_len = min(bucket(cache_len), t + max_new_tokens)
             if self.store is not None:
                 nbytes = 2 * cfg.num_layers * rows * cache_len * cfg.num_kv_heads \
                     * cfg.head_dim * cfg.bytes_per_param

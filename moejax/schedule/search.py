@@ -144,6 +144,19 @@ def _search_placement(model, hw, wl, placement, budgets, cap):
     return best
 
 
+def fitting_weight_fraction(model: ModelConfig, hw: HardwareSpec, workload: Workload,
+                            policy: Policy, device_memory_bytes: float | None = None
+                            ) -> float | None:
+    """The largest gpu_weight_fraction ≤ the policy's with which its batching and
+    placement fit the budgets (`memory_budgets`), or None when none does: how an
+    ablation row that changes the placement is kept runnable."""
+    budgets = memory_budgets(hw, device_memory_bytes)
+    wg = float(_best_wg(model, hw, workload, policy.micro_batch_size,
+                        np.array([float(policy.num_micro_batches)]),
+                        (policy.attention_device, policy.kv_cache_device), budgets)[0])
+    return None if np.isnan(wg) else min(wg, policy.gpu_weight_fraction)
+
+
 def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                   device_memory_bytes: float | None = None) -> tuple[Policy, Prediction]:
     """The policy with the highest predicted end-to-end tokens/s that fits the device

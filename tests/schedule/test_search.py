@@ -131,3 +131,24 @@ def test_infeasible_error_names_the_all_resident_need_when_that_is_smallest():
         search_policy(m, hw, wl, device_memory_bytes=resident - 2**30)
     policy, _ = search_policy(m, hw, wl, device_memory_bytes=resident + 2**20)
     assert policy.gpu_weight_fraction == 1.0
+
+
+def test_fitting_weight_fraction_lowers_wg_only_as_far_as_the_budget_needs():
+    """The searched CPU-attention policy moved to device attention: its KV cache needs
+    device memory, so wg drops to the largest value that fits; a fitting policy keeps
+    its wg; a batch nothing fits gives None."""
+    from moejax.schedule.search import fitting_weight_fraction
+
+    hw = get_hardware("l4")
+    pol, _ = search_policy(MIXTRAL, hw, MTBENCH)
+    assert fitting_weight_fraction(MIXTRAL, hw, MTBENCH, pol) == pol.gpu_weight_fraction
+    gpu = pol.replace(micro_batch_size=16, batch_size=16 * pol.num_micro_batches,
+                      attention_device="gpu", kv_cache_device="gpu",
+                      gpu_weight_fraction=0.2)
+    wg = fitting_weight_fraction(MIXTRAL, hw, MTBENCH, gpu)
+    dev_budget = memory_budgets(hw)[0]
+    mem = lambda w: memory_bytes(MIXTRAL, MTBENCH, 16, gpu.num_micro_batches, w, "gpu",
+                                 "gpu")[0]
+    assert 0 <= wg < 0.2 and mem(wg) <= dev_budget < mem(wg + 0.01)
+    huge = gpu.replace(micro_batch_size=4096, batch_size=4096 * gpu.num_micro_batches)
+    assert fitting_weight_fraction(MIXTRAL, hw, MTBENCH, huge) is None
