@@ -34,7 +34,7 @@ def parse_flags(argv):
     except flags.Error as e:
         fail(str(e))
     except SystemExit as e:
-        if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+        if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
             sys.exit(0)
         raise
 

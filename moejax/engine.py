@@ -408,8 +408,8 @@ class Engine:
         as in HF generation configs). A batch larger than a given policy's batch size runs
         as several batches, one after the other. `progress(steps_done, steps_total)` is
         called after every step: steps_total = max_new_tokens × batches, and steps_done
-        counts across batches (a batch that stops early at EOS skips its remaining
-        steps)."""
+        counts across batches (a batch that stops early at EOS jumps to its end), so
+        the last call is always (steps_total, steps_total)."""
         validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be callable, got {type(progress).__name__}")
@@ -424,4 +424,6 @@ class Engine:
                 lambda s, done=done: progress(done + s, total))
             run = self._run(chunk, max_new_tokens, eos_token_id, on_step)
             out += run.tokens_out(len(chunk))
+            if progress is not None and self.last_run.steps < max_new_tokens:
+                progress(done + max_new_tokens, total)  # stopped early: batch done
         return out

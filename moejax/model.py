@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -54,7 +55,7 @@ class MoEModel:
         from moejax.checkpoints.hf import param_shapes
 
         want = param_shapes(self.config)
-        if not isinstance(self.params, dict):
+        if not isinstance(self.params, Mapping):  # a dict or flax's FrozenDict
             raise ValueError(f"params must be a nested dict, got "
                              f"{type(self.params).__name__}")
         flat = jax.tree_util.tree_flatten_with_path(self.params)[0]

@@ -132,3 +132,12 @@ def _tiny_params(edit):
 def test_params_that_do_not_match_the_config_are_named(edit, needle, offload):
     with pytest.raises(ValueError, match=needle):
         moejax.Engine(_tiny_params(edit), offload=offload)
+
+
+def test_frozen_dict_params_run_as_before():
+    from flax.core import freeze
+
+    m = MoEModel.random(moejax.get_model("tiny_mixtral").replace(num_layers=2), seed=1)
+    want = moejax.Engine(m).generate([[1, 2, 3]], 3)
+    assert moejax.Engine(MoEModel(m.config, freeze(m.params))).generate([[1, 2, 3]], 3) \
+        == want

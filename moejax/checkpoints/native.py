@@ -90,8 +90,9 @@ class NativeWriter:
                 raise ValueError(f"{self.tmp!r} exists and is not an unfinished moejax "
                                  "save; move it away first")
             shutil.rmtree(self.tmp)
+        os.makedirs(self.tmp)
+        open(os.path.join(self.tmp, PARTIAL), "w").close()  # first: all after is ours
         os.makedirs(os.path.join(self.tmp, PARAMS))
-        open(os.path.join(self.tmp, PARTIAL), "w").close()
 
     def add(self, path: Path, leaf) -> None:
         """Take one leaf (NumPy or jax, already in `cfg.dtype`); returns None, so a
@@ -128,8 +129,8 @@ class NativeWriter:
                 "leaves": self.leaves}
         with open(os.path.join(self.tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
-        os.remove(os.path.join(self.tmp, PARTIAL))
-        os.rename(self.tmp, self.directory)
+        os.rename(self.tmp, self.directory)  # a failure here leaves a marked leftover
+        os.remove(os.path.join(self.directory, PARTIAL))
 
 
 def save_native(directory: str, cfg: ModelConfig, params: dict,

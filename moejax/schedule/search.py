@@ -52,8 +52,9 @@ def _streaming_line(model, wl, ubs, n_ub, placement=()):
     return d0, 2 * dh - d0, h0, 2 * hh - h0
 
 
-def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
-    """Largest feasible wg per candidate (NaN where none fits)."""
+def _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets):
+    """(lo, hi) per candidate: the streaming wg (< 1, on the WG_STEP grid) that fit both
+    budgets form the interval [lo, hi] (empty when lo > hi)."""
     dev_cap, host_cap = budgets
     d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement)
     lo, hi = _interval(d0, d1 - d0, dev_cap)
@@ -63,13 +64,23 @@ def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
     for a, b in host_terms:
         lo2, hi2 = _interval(a, b, host_cap)
         lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
-    wg = np.floor(np.minimum(hi, 1 - WG_STEP) / WG_STEP) / (1 / WG_STEP)
-    wg = np.where(wg >= np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, wg, np.nan)
-    dr, hr = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)  # no stream buffers
+    hi = np.floor(np.minimum(hi, 1 - WG_STEP) / WG_STEP) / (1 / WG_STEP)
+    return np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, hi
+
+
+def _resident_fits(model, hw, wl, ubs, n_ub, placement, budgets):
+    """Whether wg = 1 (every expert resident, no stream buffers) fits."""
+    dev_cap, host_cap = budgets
+    dr, hr = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)
     fits = (dr <= dev_cap) & (hr <= host_cap)
-    if hw.device_is_host:
-        fits = fits & (dr + hr <= host_cap)
-    return np.where(fits, 1.0, wg)
+    return fits & (dr + hr <= host_cap) if hw.device_is_host else fits
+
+
+def _best_wg(model, hw, wl, ubs, n_ub, placement, budgets):
+    """Largest feasible wg per candidate (NaN where none fits)."""
+    lo, hi = _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets)
+    wg = np.where(hi >= lo, hi, np.nan)
+    return np.where(_resident_fits(model, hw, wl, ubs, n_ub, placement, budgets), 1.0, wg)
 
 
 def _max_feasible(ok, limit: int) -> int:
@@ -149,12 +160,18 @@ def fitting_weight_fraction(model: ModelConfig, hw: HardwareSpec, workload: Work
                             ) -> float | None:
     """The largest gpu_weight_fraction ≤ the policy's with which its batching and
     placement fit the budgets (`memory_budgets`), or None when none does: how an
-    ablation row that changes the placement is kept runnable."""
+    ablation row that changes the placement is kept runnable. The fitting wg are 1
+    (everything resident) when that fits, and an interval [lo, hi] of streaming ones,
+    lo > 0 where host memory cannot hold every streamed expert."""
     budgets = memory_budgets(hw, device_memory_bytes)
-    wg = float(_best_wg(model, hw, workload, policy.micro_batch_size,
-                        np.array([float(policy.num_micro_batches)]),
-                        (policy.attention_device, policy.kv_cache_device), budgets)[0])
-    return None if np.isnan(wg) else min(wg, policy.gpu_weight_fraction)
+    args = (model, hw, workload, policy.micro_batch_size,
+            np.array([float(policy.num_micro_batches)]),
+            (policy.attention_device, policy.kv_cache_device), budgets)
+    if policy.gpu_weight_fraction >= 1 and _resident_fits(*args)[0]:
+        return 1.0
+    lo, hi = (float(x[0]) for x in _streaming_wg_range(*args))
+    wg = min(hi, policy.gpu_weight_fraction)
+    return wg if wg >= lo else None
 
 
 def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,

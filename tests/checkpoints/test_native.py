@@ -154,6 +154,22 @@ def test_failed_conversion_leaves_no_tmp(hf, tmp_path, monkeypatch):
     assert not os.path.exists(str(out) + ".tmp") and not os.path.exists(out)
 
 
+def test_a_save_whose_rename_failed_is_cleaned_up_by_the_next(hf, tmp_path):
+    from moejax.checkpoints.hf import hf_checkpoint_config, load_hf_params
+    from moejax.checkpoints.native import NativeWriter
+
+    out = tmp_path / "out"
+    w = NativeWriter(str(out), hf_checkpoint_config(hf))
+    load_hf_params(hf, w.cfg, place=w.add)
+    os.makedirs(out / "x")  # the rename onto a non-empty directory fails
+    with pytest.raises(OSError):
+        w.finish()
+    shutil.rmtree(out)
+    convert(hf, str(out))
+    assert not os.path.exists(out / ".moejax-partial")
+    assert moejax.load_pretrained(out).config.num_layers == 2
+
+
 def test_foreign_tmp_directory_is_not_deleted(hf, tmp_path):
     out = tmp_path / "out"
     os.makedirs(str(out) + ".tmp")

@@ -95,6 +95,14 @@ def test_progress_counts_across_the_batches_of_a_request(model, prompts):
     assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
 
 
+def test_progress_ends_at_its_total_when_a_batch_stops_at_eos(model, prompts, reference):
+    seen = []  # every row of each batch stops after its first token
+    moejax.Engine(model, policy=_policy().replace(batch_size=2, num_micro_batches=1)
+                  ).generate(prompts, 3, eos_token_id=[r[0] for r in reference],
+                             progress=lambda d, n: seen.append((d, n)))
+    assert seen == [(1, 9), (3, 9), (4, 9), (6, 9), (7, 9), (9, 9)]
+
+
 @pytest.mark.parametrize("knob", [dict(gpu_weight_fraction=0.5), dict(page_bytes=4000),
                                   dict(micro_batch_size=2)])
 def test_policy_and_knobs_conflict(model, knob):

@@ -152,3 +152,23 @@ def test_fitting_weight_fraction_lowers_wg_only_as_far_as_the_budget_needs():
     assert 0 <= wg < 0.2 and mem(wg) <= dev_budget < mem(wg + 0.01)
     huge = gpu.replace(micro_batch_size=4096, batch_size=4096 * gpu.num_micro_batches)
     assert fitting_weight_fraction(MIXTRAL, hw, MTBENCH, huge) is None
+
+
+def test_fitting_weight_fraction_respects_the_host_floor_and_the_gap_below_one():
+    """DBRX on an A40: streaming every expert overflows the host, so wg = 0 has no
+    fitting value at or below it. Mixtral with a budget just above all-resident: wg
+    0.97 streams and needs stream buffers, so it drops to the streaming interval's top."""
+    from moejax.schedule.search import fitting_weight_fraction
+
+    dbrx, a40, wl = get_model("dbrx"), get_hardware("a40"), Workload(512, 32)
+    pol, _ = search_policy(dbrx, a40, wl)
+    assert fitting_weight_fraction(dbrx, a40, wl, pol.replace(gpu_weight_fraction=0.0)) \
+        is None
+    hw = get_hardware("l4").replace(host_memory_bytes=2 ** 40)
+    small = Policy.from_micro_batches(4, 1, gpu_weight_fraction=0.97)
+    budget = 1.001 * memory_bytes(MIXTRAL, MTBENCH, 4, 1, 1.0)[0]
+    wg = fitting_weight_fraction(MIXTRAL, hw, MTBENCH, small, budget)
+    assert wg < 0.97 and memory_bytes(MIXTRAL, MTBENCH, 4, 1, wg)[0] <= budget
+    assert memory_bytes(MIXTRAL, MTBENCH, 4, 1, wg + 0.01)[0] > budget
+    assert fitting_weight_fraction(MIXTRAL, hw, MTBENCH, small.replace(
+        gpu_weight_fraction=1.0), budget) == 1.0
