@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import time
 
@@ -76,24 +74,13 @@ def local_hardware(cfg, fresh: bool = False):
     """`local` calibrated with this model's expert shape (cached per model; with
     `fresh`, measured again now and the cache rewritten); the file
     `$MOEJAX_CALIBRATION` names instead, when set."""
-    from moejax.model_config.hardware import (CALIBRATION_ENV, HardwareSpec,
-                                              calibration_path, load_local)
-    from moejax.schedule.calibrate import calibrate
+    from moejax.model_config.hardware import load_local, local_calibration_path
 
-    if os.environ.get(CALIBRATION_ENV):
-        return load_local()
-    base = os.path.splitext(calibration_path())[0]
-    name = re.sub(r"[^\w.-]", "_", cfg.name)  # a file name, whatever the model's name
-    path = f"{base}_{name}_{cfg.hidden_size}x{cfg.expert_ffn_size}.json"
-    if os.path.exists(path) and not fresh:
-        try:
-            with open(path) as f:
-                return HardwareSpec.from_json(json.load(f)["spec"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    print(f"calibrating this machine for {cfg.name} ({'again' if fresh else 'once'}; "
-          f"cached in {path}) …", flush=True)
-    return calibrate(cfg, path=path)
+    path = local_calibration_path(cfg)
+    if fresh or not os.path.exists(path):
+        print(f"calibrating this machine for {cfg.name} ({'again' if fresh else 'once'}; "
+              f"cached in {path}) …", flush=True)
+    return load_local(path, recalibrate=fresh, model=cfg)
 
 
 def default_budget(cfg, page_bytes: int) -> float:

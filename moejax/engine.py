@@ -265,10 +265,11 @@ class Engine:
         if self.micro_batch_size is not None:
             ubs = min(self.micro_batch_size, batch)
             return self._base_policy(ubs, math.ceil(batch / ubs))
-        from moejax.model_config.hardware import get_hardware
+        from moejax.model_config.hardware import load_local
         from moejax.schedule.predict import predict
 
-        hw, wl = get_hardware("local"), self._workload(prompt_len, gen_len)
+        # calibrated with this model's expert shape: the GEMM line and page curve are
+        hw, wl = load_local(model=self.cfg), self._workload(prompt_len, gen_len)
         best = None
         for n in MICRO_BATCH_CHOICES:
             ubs = math.ceil(batch / n)

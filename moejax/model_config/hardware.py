@@ -10,10 +10,13 @@ presets are MoE-Lightning's own constants (DESIGN.md §4) and exist to reproduce
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -77,23 +80,31 @@ class HardwareSpec:
                     "host_memory_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s",
                     "cpu_cores", "copy_core_demand")
         optional = ("gemm_flops_per_s", "cpu_attention_bytes_per_s", "d2d_bytes_per_s")
-        bad = [f"{k}={getattr(self, k)!r}" for k in positive
-               if not isinstance(getattr(self, k), (int, float)) or not getattr(self, k) > 0]
+        bad = [f"{k}={getattr(self, k)!r}" for k in positive if not _pos(getattr(self, k))]
         bad += [f"{k}={getattr(self, k)!r}" for k in optional
-                if getattr(self, k) is not None and not getattr(self, k) > 0]
+                if getattr(self, k) is not None and not _pos(getattr(self, k))]
+        if isinstance(self.cpu_cores, bool) or not isinstance(self.cpu_cores, int):
+            bad.append(f"cpu_cores={self.cpu_cores!r} (a whole number)")
+        if not isinstance(self.device_is_host, bool):
+            bad.append(f"device_is_host={self.device_is_host!r} (true or false)")
         if self.h2d_curve is not None:
             pts = self.h2d_curve
-            ok = (len(pts) > 0 and all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in pts)
+            ok = (isinstance(pts, (list, tuple)) and len(pts) > 0
+                  and all(isinstance(p, (list, tuple)) and len(p) == 2 and _pos(p[0])
+                          and _pos(p[1]) for p in pts)
                   and all(a[0] < b[0] for a, b in zip(pts, pts[1:])))
             if not ok:
                 bad.append(f"h2d_curve={pts!r} (want increasing (bytes, bytes/s) pairs)")
+            else:  # hashable, as a frozen spec should be
+                object.__setattr__(self, "h2d_curve", tuple(tuple(p) for p in pts))
         for k in ("link_latency_s", "gemm_intercept_s", "device_op_overhead_s",
                   "cpu_attention_call_s"):
             v = getattr(self, k)
-            if v is not None and not v >= 0:
+            if v is not None and not (_pos(v) or v == 0):
                 bad.append(f"{k}={v!r}")
         if bad:
-            raise ValueError(f"HardwareSpec {self.name!r}: must be > 0 (latencies >= 0): "
+            raise ValueError(f"HardwareSpec {self.name!r}: must be finite and > 0 "
+                             "(latencies >= 0): "
                              + ", ".join(bad))
         if (self.gemm_intercept_s is None) != (self.gemm_flops_per_s is None):
             raise ValueError(f"HardwareSpec {self.name!r}: gemm_intercept_s and "
@@ -115,6 +126,9 @@ class HardwareSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "HardwareSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"HardwareSpec JSON must be an object, got "
+                             f"{type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -122,6 +136,12 @@ class HardwareSpec:
         if d.get("h2d_curve") is not None:
             d = {**d, "h2d_curve": tuple(tuple(p) for p in d["h2d_curve"])}
         return cls(**d)
+
+
+def _pos(v) -> bool:
+    """A finite real number > 0 (not a bool, not a string)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+        and v > 0
 
 
 # --------------------------------------------------------------------- presets
@@ -193,6 +213,7 @@ A40 = HardwareSpec(
     gpu_memory_bytes=46068 * MiB,  # nvidia-smi total on an A40 (48 GB GDDR6 nominal)
     gpu_memory_bytes_per_s=696 * GB,  # NVIDIA A40 datasheet
     cpu_flops_per_s=2.94 * TFLOP,  # Xeon 8380: 40 cores x 2.3 GHz x 32 fp32 FLOP/cycle
+    # (AVX2 rate; its two AVX-512 FMA units peak at 64, 5.89 TFLOP/s, at lower clocks)
     host_memory_bytes=256 * GiB,  # assumed; MoE-Lens varies KV capacity 70-210 GB
     host_memory_bytes_per_s=160 * GB,  # ~78% of 8ch DDR4-3200 (204.8 GB/s), STREAM-like
     h2d_bytes_per_s=25 * GB,  # PCIe 4.0 x16, pinned: ~25 GB/s typical
@@ -209,6 +230,7 @@ H100 = HardwareSpec(
     gpu_memory_bytes=81559 * MiB,  # nvidia-smi total on an H100 80GB HBM3
     gpu_memory_bytes_per_s=3.35e12,  # NVIDIA H100 SXM5 datasheet
     cpu_flops_per_s=3.58 * TFLOP,  # Xeon 8480+: 56 cores x 2.0 GHz x 32 fp32 FLOP/cycle
+    # (AVX2 rate; its two AVX-512 FMA units peak at 64, 7.17 TFLOP/s, at lower clocks)
     host_memory_bytes=1024 * GiB,  # DGX H100: 2 TB over two sockets, one socket's share
     host_memory_bytes_per_s=250 * GB,  # ~80% of 8ch DDR5-4800 (307 GB/s) per socket
     h2d_bytes_per_s=50 * GB,  # PCIe 5.0 x16, pinned: ~50 GB/s typical of 63 nominal
@@ -231,20 +253,93 @@ def calibration_path() -> str:
     return os.path.expanduser(os.environ.get(CALIBRATION_ENV) or DEFAULT_CALIBRATION_PATH)
 
 
-def load_local(path: str | None = None, recalibrate: bool = False) -> HardwareSpec:
-    """The calibrated `local` spec: read the JSON cache, calibrating (and caching) if it
-    is absent, unreadable or `recalibrate` is set."""
-    path = os.path.expanduser(path) if path else calibration_path()
-    if not recalibrate and os.path.exists(path):
-        try:
-            with open(path) as f:
-                return HardwareSpec.from_json(json.load(f)["spec"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            logging.warning("calibration cache %s unusable (%s); recalibrating", path, e)
-    from moejax.schedule.calibrate import calibrate  # lazy: pulls in JAX
+CACHE_VERSION = 2  # bump when the calibrated fields or their meaning change
+_WARNED: set = set()  # (cache, model shape) pairs already warned about
 
-    logging.warning("calibrating this machine (about a minute; cached in %s)", path)
-    return calibrate(path=path)
+
+def cache_stamp(model) -> dict:
+    """What a calibration cache must match to be reused: its format, this machine's
+    core count, and the shape of the model it was fitted on (the GEMM line and the
+    page curve are that model's)."""
+    return {"cache_version": CACHE_VERSION, "cpu_count": os.cpu_count() or 1,
+            "model_shape": [model.hidden_size, model.expert_ffn_size, model.dtype]}
+
+
+def local_calibration_path(model=None) -> str:
+    """`$MOEJAX_CALIBRATION` when set; else ~/.cache/moejax/local_hw.json, or with a
+    model, local_hw_<name>_<hidden>x<ffn>.json beside it (one fit per expert shape)."""
+    path = calibration_path()
+    if model is None or os.environ.get(CALIBRATION_ENV):
+        return path
+    name = re.sub(r"[^\w.-]", "_", model.name)
+    return f"{os.path.splitext(path)[0]}_{name}_{model.hidden_size}x" \
+           f"{model.expert_ffn_size}.json"
+
+
+def _read_cache(path: str, model) -> HardwareSpec:
+    """The cached spec; ValueError saying why it cannot be reused."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"unreadable: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("meta"), dict):
+        raise ValueError("not a calibration cache")
+    meta, want = d["meta"], cache_stamp(model) if model is not None else None
+    if meta.get("cache_version") != CACHE_VERSION:
+        raise ValueError(f"cache version {meta.get('cache_version')!r}, "
+                         f"this moejax writes {CACHE_VERSION}")
+    if meta.get("cpu_count") != (os.cpu_count() or 1):
+        raise ValueError(f"measured on {meta.get('cpu_count')} cores, this machine has "
+                         f"{os.cpu_count()}")
+    if want is not None and meta.get("model_shape") != want["model_shape"] \
+            and (path, str(want["model_shape"])) not in _WARNED:
+        _WARNED.add((path, str(want["model_shape"])))
+        logging.warning("calibration %s was fitted on a model of shape %s, not %s",
+                        path, meta.get("model_shape"), want["model_shape"])
+    return HardwareSpec.from_json(d.get("spec"))
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    """An exclusive lock on `path`.lock for the block; none where it cannot be made (a
+    read-only directory: the calibration then runs, uncached)."""
+    import fcntl
+
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        f = open(path + ".lock", "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def load_local(path: str | None = None, recalibrate: bool = False,
+               model=None) -> HardwareSpec:
+    """The calibrated `local` spec: read the JSON cache, calibrating (and caching) if it
+    is absent, unusable (another format or machine) or `recalibrate` is set. With
+    `model` (a ModelConfig), the cache is that model's expert shape's
+    (`local_calibration_path`) and a calibration measures with it. One process
+    calibrates at a time (a lock beside the cache): a second waits, then reuses it."""
+    path = os.path.expanduser(path) if path else local_calibration_path(model)
+    if not recalibrate:
+        with contextlib.suppress(ValueError):
+            return _read_cache(path, model)
+    with _lock(path):
+        if not recalibrate:
+            try:  # calibrated by another process while this one waited
+                return _read_cache(path, model)
+            except ValueError as e:
+                if os.path.exists(path):
+                    logging.warning("calibration cache %s unusable (%s); recalibrating",
+                                    path, e)
+        from moejax.schedule.calibrate import calibrate  # lazy: pulls in JAX
+
+        logging.warning("calibrating this machine (1-3 minutes; cached in %s)", path)
+        return calibrate(model if model is not None else "mixtral_4l_1024", path=path)
 
 
 def get_hardware(name: str) -> HardwareSpec:

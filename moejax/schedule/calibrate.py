@@ -28,14 +28,16 @@ under 60 s on 2 cores. Tests pass tiny sizes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import statistics
 import time
 
 import numpy as np
 
-from moejax.model_config.hardware import HardwareSpec, calibration_path
+from moejax.model_config.hardware import HardwareSpec, cache_stamp, calibration_path
 from moejax.model_config.model import ModelConfig, get_model
 from moejax.schedule import costs
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES
@@ -220,8 +222,9 @@ def _link(copy_bytes: int, repeats: int):
 
 def _probe_config(m: ModelConfig) -> ModelConfig:
     """A 2-layer copy of `m` for the in-situ runs of the real engine."""
-    return m.replace(name=f"{m.name}_probe", num_layers=2,
-                     dense_layers=tuple(i for i in m.dense_layers if i < 2))
+    dense = tuple(i for i in m.dense_layers if i < 2)
+    return m.replace(name=f"{m.name}_probe", num_layers=2,  # ≥ 1 MoE layer to stream
+                     dense_layers=dense if len(dense) < 2 else ())
 
 
 def overlapped_runs(model, repeats: int):
@@ -268,7 +271,11 @@ def fit_copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
             lo, hi = (d, hi) if sim.stage_s(run.entries, "decode") < run.decode_s \
                 else (lo, d)
         return (lo + hi) / 2
-    return float(np.median([fit(r) for r in runs]))
+    d = float(np.median([fit(r) for r in runs]))
+    if not 0.1 * 1.01 < d < 2.0 * spec.cpu_cores * 0.99:
+        logging.warning("copy_core_demand fit %.3g sits at its bound [0.1, %g]: the "
+                        "overlapped runs did not bracket it", d, 2.0 * spec.cpu_cores)
+    return d
 
 
 def _probe_engine(model, page_bytes: int):
@@ -440,12 +447,18 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         spec = spec.replace(copy_core_demand=fit_copy_core_demand(m, spec, runs))
     if save:
         path = os.path.expanduser(path) if path else calibration_path()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         meta = dict(model=m.name, dtype=m.dtype, gemm_points=points, copy_bytes=copy_bytes,
                     read_bytes=read_bytes, jax=jax.__version__, h2d_curve_alone=alone,
-                    seconds=time.perf_counter() - start)
+                    seconds=time.perf_counter() - start,
+                    **cache_stamp(m))
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"spec": spec.to_json(), "meta": meta}, f, indent=1)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump({"spec": spec.to_json(), "meta": meta}, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:  # the measurement stands; only the cache is lost
+            logging.warning("calibration not cached (%s): %s", path, e)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
     return spec

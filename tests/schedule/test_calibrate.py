@@ -32,6 +32,17 @@ def test_tiny_calibration_round_trips(tmp_path, monkeypatch):
     assert pred.tokens_per_s > 0 and pred.peak_device_bytes <= 2e6
 
 
+def test_an_unwritable_cache_loses_only_the_cache():
+    spec = calibrate("tiny_mixtral", path="/proc/moejax/local_hw.json", **TINY)
+    assert spec.gemm_flops_per_s > 0
+
+
+def test_a_model_whose_first_layers_are_dense_calibrates():
+    cfg = get_model("tiny_mixtral").replace(num_layers=4, dense_layers=(0, 1),
+                                            dense_ffn_size=32)
+    assert calibrate(cfg, save=False, **TINY).gemm_flops_per_s > 0
+
+
 def test_no_save(tmp_path):
     spec = calibrate("tiny_mixtral", path=str(tmp_path / "x.json"), save=False, **TINY)
     assert spec.gemm_flops_per_s > 0 and not (tmp_path / "x.json").exists()
