@@ -22,8 +22,9 @@ host → device and device → pinned host, host memory is NumPy. Measured:
   `cpu_attention_bytes_per_s`; host matmul FLOP/s (NumPy, or the device GEMM rate when
   the device is the host's own CPU) → `cpu_flops_per_s`.
 
-The result is cached as JSON (`hardware.calibration_path()`); the defaults take well
-under 60 s on 2 cores. Tests pass tiny sizes.
+The result is cached as JSON (`hardware.load_local` picks the file, stamped with
+`hardware.cache_stamp`); the defaults take 1-3 minutes on 2 cores (the cache's
+meta["seconds"]: 75-160 s). Tests pass tiny sizes.
 """
 
 from __future__ import annotations
