@@ -87,3 +87,29 @@ def test_broadcasting():
 def test_device_copy_uses_the_calibrated_rate_or_half_the_read_bandwidth():
     assert costs.d2d_s(HW.replace(d2d_bytes_per_s=10.0), 50) == pytest.approx(5.0)
     assert costs.d2d_s(HW, 50) == pytest.approx(100 / HW.gpu_memory_bytes_per_s)
+
+
+def test_h2d_rate_interpolates_the_curve_in_log_size_and_is_flat_outside():
+    hw = HW.replace(h2d_curve=((1e3, 10.0), (1e5, 30.0)))
+    assert costs.h2d_rate(hw, 1e4) == pytest.approx(20.0)  # log-midpoint: the mean
+    assert costs.h2d_rate(hw, 1e2) == 10.0 and costs.h2d_rate(hw, 1e7) == 30.0
+    # per-transfer size picks the rate: 2 transfers of 1e4 bytes at 20 B/s
+    assert costs.h2d_s(hw, 2e4, transfers=2) == pytest.approx(2e4 / 20.0)
+
+
+def test_device_op_overhead_is_added_once_per_op():
+    hw = HW.replace(device_op_overhead_s=0.25)
+    assert costs.gpu_pre_attention_s(M, hw, 3) == pytest.approx(1.36 + 0.25)
+
+
+def test_cpu_attention_call_cost_and_int8_cache():
+    hw = HW.replace(cpu_attention_bytes_per_s=4, cpu_attention_call_s=0.5)
+    assert costs.cpu_attention_s(M, hw, 2, 5) == pytest.approx(36.0 + 0.5)
+    # an int8 cache: kv(12) at 1 byte per element is 48 bytes, not 96: (48+32+16)/4
+    assert costs.cpu_attention_s(M, hw, 2, 5, kv_bytes_per_elem=1) == pytest.approx(
+        24.0 + 0.5)
+
+
+def test_expert_imbalance_raises_the_ffn_price_of_a_many_token_call():
+    hw = HW.replace(gemm_intercept_s=0.0, gemm_flops_per_s=50)
+    assert costs.gpu_ffn_s(M, hw, 64, imbalance=2.0) > costs.gpu_ffn_s(M, hw, 64)
