@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.checkpoints.hf import param_shapes, unflatten
+from moejax.checkpoints.safetensors_io import _int
 from moejax.host_offload.memory import DEFAULT_PAGE_BYTES
 from moejax.model_config.model import ModelConfig
 
@@ -167,16 +168,12 @@ def read_meta(directory: str) -> dict:
                              f"{'object' if kind is dict else 'integer'}, got "
                              f"{str(meta.get(k))[:60]}")
     for key, leaf in meta["leaves"].items():
-        if not (isinstance(leaf, dict) and _is_int(leaf.get("crc32"))
+        if not (isinstance(leaf, dict) and _int(leaf.get("crc32"))
                 and isinstance(leaf.get("shape"), list)
-                and all(_is_int(d) and d >= 0 for d in leaf["shape"])):
+                and all(_int(d) and d >= 0 for d in leaf["shape"])):
             raise ValueError(f"{file}: leaf {key!r} must be an object with an integer "
                              f"'crc32' and a 'shape' list, got {str(leaf)[:60]}")
     return meta
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def native_config(directory: str) -> ModelConfig:
