@@ -9,7 +9,7 @@ Roofs: device compute and memory, host compute and memory, and the host→device
 FFN appears twice, against device memory (per micro-batch) and against the link (per
 layer pass of the whole batch). Vertical lines: attention intensity for the model's KV
 dtype and narrower ones (bf16/int8/int4). Turning points P1 (link meets host compute)
-and P2 (link meets device compute) are marked (DESIGN.md §4).
+and P2 (link meets device compute) are marked (docs/design.md §4).
 """
 
 from __future__ import annotations

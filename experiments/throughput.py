@@ -3,7 +3,7 @@ measured run of the same architecture here.
 
     python -m experiments.throughput --config mixtral_l4
 
-`target`: the preset's full model on the preset's hardware (DESIGN.md §4): the searched
+`target`: the preset's full model on the preset's hardware (docs/design.md §4): the searched
 policy, moejax's predicted end-to-end tokens/s, the MoE-Lens hardware limit and
 MoE-Lightning's reproduced figure. `local`: what runs on this machine — the preset's
 architecture scaled down when the full model cannot fit (said plainly in the output),

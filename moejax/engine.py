@@ -1,6 +1,6 @@
 """Greedy batched generation: a Policy → a CGOPipe timeline → the executor.
 
-`generate` is MoE-Lightning's loop as data (DESIGN.md §3): the policy fixes micro-batch
+`generate` is MoE-Lightning's loop as data (docs/design.md §3): the policy fixes micro-batch
 size and count, resident expert fraction, page size, where attention and the KV cache
 live and whether resources overlap; `build_timeline` turns it into entries for the
 prefill and every decode step; `execute` runs them — overlapped (one thread per

@@ -1,4 +1,4 @@
-"""Host offload (DESIGN.md §2): experts in host memory streamed to the device in pages,
+"""Host offload (docs/design.md §2): experts in host memory streamed to the device in pages,
 and the KV cache of every layer on the host with grouped-query attention on the CPU."""
 
 from moejax.host_offload.cpu_attention import CPUAttention, decode_rows, prefill_row

@@ -1,6 +1,6 @@
 """Decoder layer and the whole MoE transformer.
 
-A decoder layer is split where the offloaded schedule splits it (DESIGN.md §2):
+A decoder layer is split where the offloaded schedule splits it (docs/design.md §2):
   pre_attention   norm → q, k, v (+ rotary)                       device
   attention       gqa_attention over the KV cache                  host or device
   post_attention  o_proj + residual → ffn norm → router            device

@@ -2,7 +2,7 @@
 
 Units are in the field names: `_bytes` (bytes), `_bytes_per_s` (bytes/s), `_flops_per_s`
 (FLOP/s), `_s` (seconds). Every constant below carries its source. The `*_moe_lightning`
-presets are MoE-Lightning's own constants (DESIGN.md §4) and exist to reproduce its model;
+presets are MoE-Lightning's own constants (docs/design.md §4) and exist to reproduce its model;
 `l4`, `t4`, `a40`, `h100` use vendor datasheets and typical measured link/host figures;
 `local` is measured on this machine by `moejax.schedule.calibrate()` and cached as JSON
 (default `~/.cache/moejax/local_hw.json`, override with `$MOEJAX_CALIBRATION`).
@@ -40,7 +40,7 @@ class HardwareSpec:
     """One accelerator ("GPU"), its host, and the link between them.
 
     The optional `gemm_*` and `cpu_attention_bytes_per_s` fields hold calibrated kernel
-    rates (DESIGN.md §4, MoE-Lens calibration); where set, `moejax.schedule.costs` prices
+    rates (docs/design.md §4, MoE-Lens calibration); where set, `moejax.schedule.costs` prices
     device GEMMs as `gemm_intercept_s + flops / gemm_flops_per_s` and CPU attention at the
     measured KV-read rate instead of the roofline peaks.
     """
@@ -145,38 +145,38 @@ def _pos(v) -> bool:
 
 
 # --------------------------------------------------------------------- presets
-# MoE-Lightning's L4 constants, DESIGN.md §4 (its policy-search preset), reproduced exactly.
+# MoE-Lightning's L4 constants, docs/design.md §4 (its policy-search preset), reproduced exactly.
 L4_MOE_LIGHTNING = HardwareSpec(
     name="l4_moe_lightning",
-    gpu_fp16_flops_per_s=104 * TFLOP,  # DESIGN §4: "GPU 104 TFLOP/s"
+    gpu_fp16_flops_per_s=104 * TFLOP,  # docs/design.md §4: "GPU 104 TFLOP/s"
     gpu_fp32_flops_per_s=30.3 * TFLOP,  # NVIDIA L4 datasheet (not used by MoE-Lightning)
-    gpu_memory_bytes=24 * GiB,  # DESIGN §4: "gmem 24 GiB"
-    gpu_memory_bytes_per_s=285 * GiB,  # DESIGN §4: "GPU memory 285 GiB/s"
-    cpu_flops_per_s=1.6 * TFLOP,  # DESIGN §4: "CPU 1.6 TFLOP/s"
-    host_memory_bytes=184.29 * GiB,  # DESIGN §4: "cmem 184.29 GiB"
-    host_memory_bytes_per_s=76 * GiB,  # DESIGN §4: "CPU memory 76 GiB/s"
-    h2d_bytes_per_s=16 * GiB,  # DESIGN §4: "PCIe 16 GiB/s"
-    d2h_bytes_per_s=16 * GiB,  # DESIGN §4: same link, each way
+    gpu_memory_bytes=24 * GiB,  # docs/design.md §4: "gmem 24 GiB"
+    gpu_memory_bytes_per_s=285 * GiB,  # docs/design.md §4: "GPU memory 285 GiB/s"
+    cpu_flops_per_s=1.6 * TFLOP,  # docs/design.md §4: "CPU 1.6 TFLOP/s"
+    host_memory_bytes=184.29 * GiB,  # docs/design.md §4: "cmem 184.29 GiB"
+    host_memory_bytes_per_s=76 * GiB,  # docs/design.md §4: "CPU memory 76 GiB/s"
+    h2d_bytes_per_s=16 * GiB,  # docs/design.md §4: "PCIe 16 GiB/s"
+    d2h_bytes_per_s=16 * GiB,  # docs/design.md §4: same link, each way
     cpu_cores=24,  # assumed (not part of MoE-Lightning's formulas)
-    source="MoE-Lightning L4 preset (DESIGN.md §4)",
+    source="MoE-Lightning L4 preset (docs/design.md §4)",
 )
 
-# MoE-Lightning's T4 constants, DESIGN.md §4; fields it does not restate are the L4 ones.
+# MoE-Lightning's T4 constants, docs/design.md §4; fields it does not restate are the L4 ones.
 T4_MOE_LIGHTNING = L4_MOE_LIGHTNING.replace(
     name="t4_moe_lightning",
-    gpu_fp16_flops_per_s=65 * TFLOP,  # DESIGN §4: "65 TFLOP/s"
+    gpu_fp16_flops_per_s=65 * TFLOP,  # docs/design.md §4: "65 TFLOP/s"
     gpu_fp32_flops_per_s=8.1 * TFLOP,  # NVIDIA T4 datasheet (not used by MoE-Lightning)
-    gpu_memory_bytes=15 * GiB,  # DESIGN §4: "gmem 15 GiB"
-    gpu_memory_bytes_per_s=300 * GiB,  # DESIGN §4: "GPU 300 GiB/s"
-    cpu_flops_per_s=0.8 * TFLOP,  # DESIGN §4: "CPU 0.8 TFLOP/s"
-    source="MoE-Lightning T4 preset (DESIGN.md §4); host as its L4 preset",
+    gpu_memory_bytes=15 * GiB,  # docs/design.md §4: "gmem 15 GiB"
+    gpu_memory_bytes_per_s=300 * GiB,  # docs/design.md §4: "GPU 300 GiB/s"
+    cpu_flops_per_s=0.8 * TFLOP,  # docs/design.md §4: "CPU 0.8 TFLOP/s"
+    source="MoE-Lightning T4 preset (docs/design.md §4); host as its L4 preset",
 )
 
-# Host of the L4/T4 presets: the MoE-Lightning VM as DESIGN.md §1/§4 describe it.
+# Host of the L4/T4 presets: the MoE-Lightning VM as docs/design.md §1/§4 describe it.
 _GCP_HOST = dict(
-    cpu_flops_per_s=1.6 * TFLOP,  # MoE-Lightning's measured host figure (DESIGN §4)
-    host_memory_bytes=192 * GB,  # DESIGN §1: "192 GB of host RAM"
-    host_memory_bytes_per_s=76 * GiB,  # MoE-Lightning's measured host figure (DESIGN §4)
+    cpu_flops_per_s=1.6 * TFLOP,  # MoE-Lightning's measured host figure (docs/design.md §4)
+    host_memory_bytes=192 * GB,  # docs/design.md §1: "192 GB of host RAM"
+    host_memory_bytes_per_s=76 * GiB,  # MoE-Lightning's measured host figure (docs/design.md §4)
     cpu_cores=24,  # assumed
     link_latency_s=10e-6,  # typical cudaMemcpyAsync launch + DMA setup, ~5-10 us
 )
@@ -205,7 +205,7 @@ T4 = HardwareSpec(
     **_GCP_HOST,
 )
 
-# MoE-Lens testbed (seeds/moe-lens-abstract.txt): A40 + one socket of a dual Xeon 8380.
+# MoE-Lens testbed (MoE-Lens, docs/design.md §6): A40 + one socket of a dual Xeon 8380.
 A40 = HardwareSpec(
     name="a40",
     gpu_fp16_flops_per_s=149.7 * TFLOP,  # NVIDIA A40 datasheet (299.4 w/ sparsity)

@@ -142,7 +142,7 @@ class ModelConfig:
         return self.expert_params() * self.bytes_per_param
 
     def expert_bytes_per_layer(self) -> int:
-        """W_E of DESIGN.md §4: all experts of one MoE layer, 2·3·h·f·E in bf16."""
+        """W_E of docs/design.md §4: all experts of one MoE layer, 2·3·h·f·E in bf16."""
         return self.num_experts * self.expert_bytes()
 
     def expert_bytes_total(self) -> int:
@@ -211,17 +211,17 @@ def read_hf_config(path: str | os.PathLike) -> tuple[Any, str]:
 
 # ------------------------------------------------------------------ presets
 _PRESETS: dict[str, ModelConfig] = {
-    # DESIGN.md §1; HF mistralai/Mixtral-8x7B-v0.1 config.json.
+    # docs/design.md §1; HF mistralai/Mixtral-8x7B-v0.1 config.json.
     "mixtral_8x7b": ModelConfig(
         name="mixtral_8x7b", family="mixtral", vocab_size=32000, hidden_size=4096,
         expert_ffn_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
         num_experts=8, top_k=2, rope_theta=1e6, norm_eps=1e-5, max_positions=32768),
-    # DESIGN.md §1; HF mistralai/Mixtral-8x22B-v0.1 config.json.
+    # docs/design.md §1; HF mistralai/Mixtral-8x22B-v0.1 config.json.
     "mixtral_8x22b": ModelConfig(
         name="mixtral_8x22b", family="mixtral", vocab_size=32768, hidden_size=6144,
         expert_ffn_size=16384, num_layers=56, num_heads=48, num_kv_heads=8, head_dim=128,
         num_experts=8, top_k=2, rope_theta=1e6, norm_eps=1e-5, max_positions=65536),
-    # DESIGN.md §1; HF databricks/dbrx-base config.json (attn_config / ffn_config).
+    # docs/design.md §1; HF databricks/dbrx-base config.json (attn_config / ffn_config).
     "dbrx": ModelConfig(
         name="dbrx", family="dbrx", vocab_size=100352, hidden_size=6144,
         expert_ffn_size=10752, num_layers=40, num_heads=48, num_kv_heads=8, head_dim=128,

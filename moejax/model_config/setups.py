@@ -57,7 +57,7 @@ def scale_gpus(hw: HardwareSpec, k: int) -> HardwareSpec:
 
 
 _SETUPS = {s.name: s for s in (
-    # MoE-Lightning's own constants (DESIGN.md §4), so its figure is reproduced as is.
+    # MoE-Lightning's own constants (docs/design.md §4), so its figure is reproduced as is.
     Setup("mixtral_l4", "mixtral_8x7b", "l4_moe_lightning", "mtbench_g32"),
     Setup("mixtral_t4", "mixtral_8x7b", "t4_moe_lightning", "mtbench_g32"),
     # Mixtral 8x22B's 282 GB and DBRX's 264 GB of bf16 weights do not fit the 184 GiB

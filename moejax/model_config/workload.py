@@ -63,7 +63,7 @@ class Workload:
 
 
 _PRESETS: dict[str, Workload] = {
-    # MoE-Lightning's MTBench setting (DESIGN.md §4): mean prompt 77 tokens,
+    # MoE-Lightning's MTBench setting (docs/design.md §4): mean prompt 77 tokens,
     # generation 32 / 64 / 128 / 256.
     **{f"mtbench_g{n}": Workload(77, n, name=f"mtbench_g{n}") for n in (32, 64, 128, 256)},
     # Small shapes for the CPU testbed and tests.

@@ -1,4 +1,4 @@
-"""Performance model and policy search (DESIGN.md §3-§4): op prices, MoE-Lightning's
+"""Performance model and policy search (docs/design.md §3-§4): op prices, MoE-Lightning's
 HRM reproduction, moejax's own prediction, the policy search and calibration."""
 
 from moejax.schedule.calibrate import calibrate

@@ -1,4 +1,4 @@
-"""Calibration of the `local` HardwareSpec by microbenchmarks (DESIGN.md §4-§5, MoE-Lens).
+"""Calibration of the `local` HardwareSpec by microbenchmarks (docs/design.md §4-§5, MoE-Lens).
 
 The "GPU" is JAX's default device (the CPU on the testbed), the link is `jax.device_put`
 host → device and device → pinned host, host memory is NumPy. Measured:

@@ -1,4 +1,4 @@
-"""Op prices: the one place that says how long an op takes (DESIGN.md §3-§4).
+"""Op prices: the one place that says how long an op takes (docs/design.md §3-§4).
 
 Every function prices one op of one layer for one micro-batch (or one transfer) from
 (model, hardware, sizes) with the hierarchical roofline: time = max(compute, memory),
@@ -74,7 +74,7 @@ def d2h_s(hw: HardwareSpec, nbytes, transfers=1):
 
 
 def num_pages(nbytes, page_bytes):
-    """Pages needed to stream `nbytes` (DESIGN.md §2)."""
+    """Pages needed to stream `nbytes` (docs/design.md §2)."""
     return np.ceil(np.asarray(nbytes, dtype=float) / page_bytes)
 
 
@@ -177,7 +177,7 @@ def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
 def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
                     kv_bytes_per_elem=None, concurrent_host_bytes=0.0):
     """CPU decode attention of `tokens` queries, each appending its new k, v and reading
-    `context_len` + 1 keys' k, v (DESIGN.md §2 step 3). The timeline's context already
+    `context_len` + 1 keys' k, v (docs/design.md §2 step 3). The timeline's context already
     counts the new token, so this prices one key more than runs — a ~1/context
     overestimate that the calibration, fitted with this same formula, absorbs.
 

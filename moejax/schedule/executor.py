@@ -1,4 +1,4 @@
-"""Run a timeline for real (DESIGN.md §3): one thread per resource, waits only on edges.
+"""Run a timeline for real (docs/design.md §3): one thread per resource, waits only on edges.
 
 `execute(entries, handlers, overlap)` calls `handlers[entry.op](entry)` for every entry
 and records its start and end. With `overlap`, each resource (gpu, cpu, h2d, d2h) has
@@ -148,7 +148,7 @@ class DeviceWeights:
 
 
 class BatchRun:
-    """One padded batch through a timeline: the handler of every op (DESIGN.md §2).
+    """One padded batch through a timeline: the handler of every op (docs/design.md §2).
 
     weights   HostWeightStore or DeviceWeights (device_params, wait, prefetch_page, …)
     kv        HostKVCache (attention on the host) or None (device KV cache)

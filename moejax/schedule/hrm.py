@@ -1,7 +1,7 @@
-"""MoE-Lightning's hierarchical-roofline policy model, reproduced exactly (DESIGN.md §4).
+"""MoE-Lightning's hierarchical-roofline policy model, reproduced exactly (docs/design.md §4).
 
 This module is the *reference* reproduction, not moejax's own model (`predict.py`): it
-uses MoE-Lightning's own approximations exactly as written in DESIGN.md §4 — fp16 = 2
+uses MoE-Lightning's own approximations exactly as written in docs/design.md §4 — fp16 = 2
 bytes whatever the config's dtype, `W_E = 2·3·h·f·E`, `w_other = L·(4h² + 4h²/g)`,
 `h_kv = h/g`, memory caps `0.86·gmem` and `0.8·cmem` — so that with `mixtral_8x7b` on
 `l4_moe_lightning`, prompt 77, generation 32 it returns micro-batch 324 × 14,
@@ -190,7 +190,7 @@ def ubs_candidates():
 
 def moe_lightning_search(model: ModelConfig, hw: HardwareSpec, prompt_len: int,
                          gen_len: int) -> MoELightningResult:
-    """Exhaustive search of DESIGN.md §4: every ubs of the grid and every feasible n_ub
+    """Exhaustive search of docs/design.md §4: every ubs of the grid and every feasible n_ub
     (memory grows with both, so each loop stops at the first infeasible value); keep the
     best decode throughput (first found on ties)."""
     _check(model, hw, prompt_len, gen_len)

@@ -8,12 +8,12 @@ import numpy as np
 from dataclasses import dataclass
 
 DEVICES = ("cpu", "gpu")
-DEFAULT_PAGE_BYTES = 16 * 2**20  # 16 MiB weight pages (DESIGN.md §2)
+DEFAULT_PAGE_BYTES = 16 * 2**20  # 16 MiB weight pages (docs/design.md §2)
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How a batch is run (DESIGN.md §2-§4).
+    """How a batch is run (docs/design.md §2-§4).
 
     batch_size          N = micro_batch_size · num_micro_batches sequences in flight.
     micro_batch_size    ubs: sequences per device kernel call (and per CPU attention call).

@@ -1,4 +1,4 @@
-"""moejax's performance model (DESIGN.md §4): prefill + decode, end to end.
+"""moejax's performance model (docs/design.md §4): prefill + decode, end to end.
 
 Composes the op prices of `costs.py` into layer, step and job times:
 
@@ -40,7 +40,7 @@ CAPACITY_SLACK = 1.25  # expert capacity buckets round token counts up (layers/e
 # ----------------------------------------------------------------- MoE-Lens bound
 @dataclass(frozen=True)
 class MoELensBound:
-    """MoE-Lens hardware limit (DESIGN.md §4): T_max = min(PME·M/δ, T_gpu).
+    """MoE-Lens hardware limit (docs/design.md §4): T_max = min(PME·M/δ, T_gpu).
 
     PME = 2(p+g)/((2p+g)·g); M = KV tokens that fit in host memory next to the weights
     the device cannot hold; δ = bytes one pass over the weights must move / B_h2d; T_gpu = device
@@ -48,10 +48,10 @@ class MoELensBound:
     p+g numerator); `generated_tokens_per_s` = T_max·g/(p+g) is the figure comparable
     with `Prediction.tokens_per_s`.
 
-    DESIGN.md writes δ = model bytes / B_pcie. Weights resident on the device cross no
+    docs/design.md writes δ = model bytes / B_pcie. Weights resident on the device cross no
     link, so a policy keeping some there could beat that "limit"; moejax moves only
     the bytes that cannot fit on the device, max(model bytes − usable device memory, 0),
-    which keeps T_max an upper bound for every policy (it equals DESIGN's δ minus at most
+    which keeps T_max an upper bound for every policy (it equals docs/design.md's δ minus at most
     the device memory, ~25 % for Mixtral 8x7B on an L4). For the same reason M counts
     the host memory left next to those bytes, not next to every expert: a policy that
     keeps some experts on the device has that much more host memory for KV (DBRX on a

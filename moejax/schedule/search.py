@@ -1,5 +1,5 @@
 """Policy search: the policy that maximises predicted end-to-end tokens/s under both
-memory budgets (DESIGN.md §4).
+memory budgets (docs/design.md §4).
 
 Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, gpu)} — attention on the
 device over a host KV cache (streamed in each step) is priced by `predict` but not

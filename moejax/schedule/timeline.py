@@ -1,4 +1,4 @@
-"""The schedule is data: CGOPipe's static timeline (DESIGN.md §3; MoE-Lightning §4).
+"""The schedule is data: CGOPipe's static timeline (docs/design.md §3; MoE-Lightning §4).
 
 `build_timeline` turns a Policy into a list of `Entry`s — (resource, op, layer,
 micro-batch, page, depends-on) plus the sizes that price it. Per resource, list order is
