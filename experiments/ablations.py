@@ -128,7 +128,7 @@ class Reprobe:
     demand from 1.0 to 2.3 between runs minutes apart."""
 
     def __init__(self, cfg, latency_s: float):
-        from moejax.schedule.calibrate import probe_model
+        from moejax.calibration.in_situ import probe_model
 
         self.cfg, self.latency_s = cfg, latency_s
         self.model = probe_model(cfg)
@@ -136,7 +136,7 @@ class Reprobe:
         self.runs: list = []
 
     def __call__(self, policies):
-        from moejax.schedule.calibrate import overlapped_runs, page_rates
+        from moejax.calibration.in_situ import overlapped_runs, page_rates
 
         for size in sorted({p.page_bytes for p in policies if p.gpu_weight_fraction < 1}):
             self.rates.setdefault(size, []).extend(
@@ -147,7 +147,7 @@ class Reprobe:
         import numpy as np
 
         from moejax.schedule import costs
-        from moejax.schedule.calibrate import fit_copy_core_demand
+        from moejax.calibration.in_situ import fit_copy_core_demand
         from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
         curve = dict(hw.h2d_curve or ())

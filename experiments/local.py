@@ -74,7 +74,7 @@ def local_hardware(cfg, fresh: bool = False):
     """`local` calibrated with this model's expert shape (cached per model; with
     `fresh`, measured again now and the cache rewritten); the file
     `$MOEJAX_CALIBRATION` names instead, when set."""
-    from moejax.model_config.hardware import load_local, local_calibration_path
+    from moejax.calibration import load_local, local_calibration_path
 
     path = local_calibration_path(cfg)
     if fresh or not os.path.exists(path):

@@ -1,5 +1,6 @@
 """moejax: high-throughput batched MoE inference with host offload, in JAX."""
 
+from moejax import calibration  # noqa: F401 (registers the `local` hardware)
 from moejax.checkpoints import load_pretrained
 from moejax.engine import Engine
 from moejax.model import MoEModel

@@ -34,7 +34,8 @@ from moejax.host_offload.kv_cache import KV_DTYPES, HostKVCache
 from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model import MoEModel
 from moejax.model_config.hardware import fmt_bytes
-from moejax.schedule.executor import BatchRun, DeviceWeights, Trace, execute
+from moejax.runtime import BatchRun, DeviceWeights
+from moejax.schedule.executor import Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
 from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
 
@@ -265,11 +266,11 @@ class Engine:
         if self.micro_batch_size is not None:
             ubs = min(self.micro_batch_size, batch)
             return self._base_policy(ubs, math.ceil(batch / ubs))
-        from moejax.model_config.hardware import load_local
+        from moejax.model_config.hardware import local_hardware
         from moejax.schedule.predict import predict
 
         # calibrated with this model's expert shape: the GEMM line and page curve are
-        hw, wl = load_local(model=self.cfg), self._workload(prompt_len, gen_len)
+        hw, wl = local_hardware(model=self.cfg), self._workload(prompt_len, gen_len)
         best = None
         for n in MICRO_BATCH_CHOICES:
             ubs = math.ceil(batch / n)

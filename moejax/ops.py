@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.attention import cache_mask, gqa_attention
-from moejax.layers.capacity import capacity_bucket, uses_capacity  # noqa: F401 (re-export)
+from moejax.model_config.dispatch import capacity_bucket, uses_capacity  # noqa: F401 (re-export)
 from moejax.layers.decoder import DecoderLayer, MoETransformer
 from moejax.layers.experts import expert_counts
 from moejax.model_config.model import ModelConfig
@@ -56,7 +56,7 @@ def post_attention(cfg, moe, lp, x, o):
 def needs_capacity(cfg: ModelConfig, moe: bool, num_tokens: int) -> bool:
     """Whether `ffn` over `num_tokens` tokens uses a capacity (and so needs the router's
     counts on the host first): False for dense layers and for the sorted path
-    (`layers/capacity.uses_capacity`; measured on the 2-core CPU at h = 1024, f = 3584,
+    (`model_config.dispatch.uses_capacity`; measured on the 2-core CPU at h = 1024, f = 3584,
     E = 8: both paths take the same time at 128-256 rows per expert, the sorted one is
     15-25 % faster at ~1024 (a 64 × 64 prefill), the capacity one 2x faster at 16 (a
     batch-64 decode step))."""

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def local_calibration(tmp_path_factory):
-    from moejax.schedule.calibrate import calibrate
+    from moejax.calibration import calibrate
 
     path = str(tmp_path_factory.mktemp("calibration") / "local_hw.json")
     old = os.environ.get("MOEJAX_CALIBRATION")

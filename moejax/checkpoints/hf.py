@@ -11,7 +11,7 @@ import numpy as np
 
 from moejax.checkpoints.safetensors_io import CheckpointFiles
 from moejax.checkpoints.weight_maps import IGNORED_SUFFIXES, WEIGHT_MAPS, Path, Rule
-from moejax.model_config.hf_config import config_from_hf, named_dtype
+from moejax.model_config.hf_config import named_dtype
 from moejax.model_config.model import ModelConfig, read_hf_config
 
 # place(path, host array) -> the leaf to keep (device array, host-store handle, ...)
@@ -109,7 +109,7 @@ def hf_checkpoint_config(directory: str) -> ModelConfig:
     """config.json's ModelConfig. A config naming no dtype (`dtype` / `torch_dtype`)
     gets the dtype its tensors are stored in, as HF's `dtype="auto"` loads them."""
     d, name = read_hf_config(directory)
-    cfg = config_from_hf(d, name)
+    cfg = ModelConfig.from_hf(d, name=name)
     if named_dtype(d):
         return cfg
     files = CheckpointFiles(directory)

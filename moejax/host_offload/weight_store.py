@@ -192,7 +192,7 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
 
 # ---------------------------------------------------------------- device copies
 @partial(jax.jit, donate_argnums=0)
-def _write(buf: jax.Array, data: jax.Array, offset) -> jax.Array:
+def write_into(buf: jax.Array, data: jax.Array, offset) -> jax.Array:
     """buf.flat[offset : offset + data.size] = data, in place (buf is donated)."""
     flat = jax.lax.dynamic_update_slice(buf.reshape(-1), data.reshape(-1).astype(buf.dtype),
                                         (offset,))
@@ -449,7 +449,7 @@ class HostWeightStore:
         for t, name in enumerate(EXPERTS):
             res = self._resident.get(layer, {}).get(name)
             if res is not None:
-                s.bufs[t] = _write(s.bufs[t], res, np.int32(0))
+                s.bufs[t] = write_into(s.bufs[t], res, np.int32(0))
         s.key, s.issued = key, set()
         return s
 
@@ -468,7 +468,7 @@ class HostWeightStore:
                 return None
             p = self.plan.streamed_pages[page]
             t = EXPERTS.index(p.tensor)
-            s.bufs[t] = _write(s.bufs[t], jax.device_put(host, self._dev), np.int32(p.start))
+            s.bufs[t] = write_into(s.bufs[t], jax.device_put(host, self._dev), np.int32(p.start))
             s.issued.add(page)
             return s.bufs[t]
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.capacity import sorted_blocks  # noqa: F401 (re-export)
+from moejax.model_config.dispatch import sorted_blocks
 
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:

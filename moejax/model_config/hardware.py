@@ -4,19 +4,14 @@ Units are in the field names: `_bytes` (bytes), `_bytes_per_s` (bytes/s), `_flop
 (FLOP/s), `_s` (seconds). Every constant below carries its source. The `*_moe_lightning`
 presets are MoE-Lightning's own constants (docs/design.md §4) and exist to reproduce its model;
 `l4`, `t4`, `a40`, `h100` use vendor datasheets and typical measured link/host figures;
-`local` is measured on this machine by `moejax.schedule.calibrate()` and cached as JSON
-(default `~/.cache/moejax/local_hw.json`, override with `$MOEJAX_CALIBRATION`).
+`local` is measured on this machine by `moejax.calibration` (registered here through
+`set_local_loader`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import logging
 import math
-import os
-import re
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -29,10 +24,6 @@ def fmt_bytes(nbytes: float) -> str:
     """A size for a message: GiB from 1 GiB up, else MiB (so small models' sizes do not
     all read 0.00 GiB)."""
     return f"{nbytes / GiB:.2f} GiB" if abs(nbytes) >= GiB else f"{nbytes / MiB:.1f} MiB"
-
-
-CALIBRATION_ENV = "MOEJAX_CALIBRATION"
-DEFAULT_CALIBRATION_PATH = os.path.join("~", ".cache", "moejax", "local_hw.json")
 
 
 @dataclass(frozen=True)
@@ -248,105 +239,29 @@ def hardware_names() -> list[str]:
     return sorted([*_PRESETS, "local"])
 
 
-def calibration_path() -> str:
-    """Where `local` is cached: `$MOEJAX_CALIBRATION` or ~/.cache/moejax/local_hw.json."""
-    return os.path.expanduser(os.environ.get(CALIBRATION_ENV) or DEFAULT_CALIBRATION_PATH)
+_LOCAL_LOADER = None  # set by moejax.calibration: measures or reads the `local` spec
 
 
-CACHE_VERSION = 2  # bump when the calibrated fields or their meaning change
-_WARNED: set = set()  # (cache, model shape) pairs already warned about
+def set_local_loader(loader) -> None:
+    """Register the function behind `local_hardware` (moejax.calibration does, on import):
+    presets stay data, and measuring the machine is a tool above the engine."""
+    global _LOCAL_LOADER
+    _LOCAL_LOADER = loader
 
 
-def cache_stamp(model) -> dict:
-    """What a calibration cache must match to be reused: its format, this machine's
-    core count, and the shape of the model it was fitted on (the GEMM line and the
-    page curve are that model's)."""
-    return {"cache_version": CACHE_VERSION, "cpu_count": os.cpu_count() or 1,
-            "model_shape": [model.hidden_size, model.expert_ffn_size, model.dtype]}
-
-
-def local_calibration_path(model=None) -> str:
-    """`$MOEJAX_CALIBRATION` when set; else ~/.cache/moejax/local_hw.json, or with a
-    model, local_hw_<name>_<hidden>x<ffn>.json beside it (one fit per expert shape)."""
-    path = calibration_path()
-    if model is None or os.environ.get(CALIBRATION_ENV):
-        return path
-    name = re.sub(r"[^\w.-]", "_", model.name)
-    return f"{os.path.splitext(path)[0]}_{name}_{model.hidden_size}x" \
-           f"{model.expert_ffn_size}.json"
-
-
-def _read_cache(path: str, model) -> HardwareSpec:
-    """The cached spec; ValueError saying why it cannot be reused."""
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"unreadable: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("meta"), dict):
-        raise ValueError("not a calibration cache")
-    meta, want = d["meta"], cache_stamp(model) if model is not None else None
-    if meta.get("cache_version") != CACHE_VERSION:
-        raise ValueError(f"cache version {meta.get('cache_version')!r}, "
-                         f"this moejax writes {CACHE_VERSION}")
-    if meta.get("cpu_count") != (os.cpu_count() or 1):
-        raise ValueError(f"measured on {meta.get('cpu_count')} cores, this machine has "
-                         f"{os.cpu_count()}")
-    if want is not None and meta.get("model_shape") != want["model_shape"] \
-            and (path, str(want["model_shape"])) not in _WARNED:
-        _WARNED.add((path, str(want["model_shape"])))
-        logging.warning("calibration %s was fitted on a model of shape %s, not %s",
-                        path, meta.get("model_shape"), want["model_shape"])
-    return HardwareSpec.from_json(d.get("spec"))
-
-
-@contextlib.contextmanager
-def _lock(path: str):
-    """An exclusive lock on `path`.lock for the block; none where it cannot be made (a
-    read-only directory: the calibration then runs, uncached)."""
-    import fcntl
-
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        f = open(path + ".lock", "a")
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
-def load_local(path: str | None = None, recalibrate: bool = False,
-               model=None) -> HardwareSpec:
-    """The calibrated `local` spec: read the JSON cache, calibrating (and caching) if it
-    is absent, unusable (another format or machine) or `recalibrate` is set. With
-    `model` (a ModelConfig), the cache is that model's expert shape's
-    (`local_calibration_path`) and a calibration measures with it. One process
-    calibrates at a time (a lock beside the cache): a second waits, then reuses it."""
-    path = os.path.expanduser(path) if path else local_calibration_path(model)
-    if not recalibrate:
-        with contextlib.suppress(ValueError):
-            return _read_cache(path, model)
-    with _lock(path):
-        if not recalibrate:
-            try:  # calibrated by another process while this one waited
-                return _read_cache(path, model)
-            except ValueError as e:
-                if os.path.exists(path):
-                    logging.warning("calibration cache %s unusable (%s); recalibrating",
-                                    path, e)
-        from moejax.schedule.calibrate import calibrate  # lazy: pulls in JAX
-
-        logging.warning("calibrating this machine (1-3 minutes; cached in %s)", path)
-        return calibrate(model if model is not None else "mixtral_4l_1024", path=path)
+def local_hardware(model=None) -> HardwareSpec:
+    """The calibrated `local` spec (for `model`'s expert shape when given)."""
+    if _LOCAL_LOADER is None:
+        raise ValueError("the local hardware is measured by moejax.calibration; "
+                         "import moejax first")
+    return _LOCAL_LOADER(model=model)
 
 
 def get_hardware(name: str) -> HardwareSpec:
     """Preset by name; `local` loads (or runs) the calibration. Unknown names raise
     ValueError listing the valid ones."""
     if name == "local":
-        return load_local()
+        return local_hardware()
     if name not in _PRESETS:
         raise ValueError(f"unknown hardware {name!r}; valid: {', '.join(hardware_names())}")
     return _PRESETS[name]

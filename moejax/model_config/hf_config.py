@@ -1,11 +1,12 @@
-"""Hugging Face `config.json` → ModelConfig, one small parser per `model_type`."""
+"""Hugging Face `config.json` → ModelConfig fields, one small parser per `model_type`.
+
+Parsers return the fields as a dict (`ModelConfig.from_hf` builds the config), so this
+module needs nothing from `model.py`."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any, Callable
-
-from moejax.model_config.model import ModelConfig
 
 _HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
               "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -61,13 +62,13 @@ def _silu_only(d: dict, key: str = "hidden_act") -> None:
                          "supported (silu only)")
 
 
-def _mixtral(d: dict, name: str) -> ModelConfig:
+def _mixtral(d: dict, name: str) -> dict:
     _check_window(d)
     _silu_only(d)
     vocab, h, f, L, heads = _need(d, "vocab_size", "hidden_size", "intermediate_size",
                                   "num_hidden_layers", "num_attention_heads")
     kv = d.get("num_key_value_heads") or heads
-    return ModelConfig(
+    return dict(
         name=name, family="mixtral", vocab_size=vocab, hidden_size=h, expert_ffn_size=f,
         num_layers=L, num_heads=heads, num_kv_heads=kv,
         head_dim=d.get("head_dim") or h // heads,
@@ -77,7 +78,7 @@ def _mixtral(d: dict, name: str) -> ModelConfig:
         topk_norm_p=1.0, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
 
 
-def _dbrx(d: dict, name: str) -> ModelConfig:
+def _dbrx(d: dict, name: str) -> dict:
     """DBRX: sizes at the top level (`d_model`, `n_layers`, ...) plus nested `attn_config`
     and `ffn_config`; LayerNorm without bias (torch default eps 1e-5), fused Wqkv clamped to
     ±`clip_qkv`, top-k probabilities divided by their `moe_normalize_expert_weights`-norm.
@@ -112,7 +113,7 @@ def _dbrx(d: dict, name: str) -> ModelConfig:
                           "rope_parameters or its default) disagree; using attn_config's")
         theta = float(attn["rope_theta"])
     p = ffn.get("moe_normalize_expert_weights", 1.0)
-    return ModelConfig(
+    return dict(
         name=name, family="dbrx", vocab_size=vocab, hidden_size=h, expert_ffn_size=f,
         num_layers=L, num_heads=heads,
         num_kv_heads=attn.get("kv_n_heads") or d.get("num_key_value_heads") or 1,
@@ -132,7 +133,7 @@ def qwen3_moe_dense_layers(num_layers: int, mlp_only_layers, decoder_sparse_step
                  if i in only or (i + 1) % decoder_sparse_step != 0)
 
 
-def _qwen3_moe(d: dict, name: str) -> ModelConfig:
+def _qwen3_moe(d: dict, name: str) -> dict:
     """Qwen3-MoE: per-head q/k RMSNorm, `head_dim` independent of hidden size, optional
     top-k renormalisation (`norm_topk_prob`), no shared experts; dense layers by
     `mlp_only_layers` / `decoder_sparse_step` with `intermediate_size`."""
@@ -157,7 +158,7 @@ def _qwen3_moe(d: dict, name: str) -> ModelConfig:
                          f"(mlp_only_layers={d.get('mlp_only_layers')}, "
                          f"decoder_sparse_step={step})")
     dense_f = _need(d, "intermediate_size")[0] if dense else 0
-    return ModelConfig(
+    return dict(
         name=name, family="qwen3_moe", vocab_size=vocab, hidden_size=h, expert_ffn_size=f,
         num_layers=L, num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=d.get("head_dim") or h // heads, num_experts=E,
@@ -169,8 +170,8 @@ def _qwen3_moe(d: dict, name: str) -> ModelConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
 
 
-# model_type → parser(config dict, name) -> ModelConfig
-PARSERS: dict[str, Callable[[dict, str], ModelConfig]] = {
+# model_type → parser(config dict, name) -> ModelConfig fields
+PARSERS: dict[str, Callable[[dict, str], dict]] = {
     "mixtral": _mixtral, "dbrx": _dbrx, "qwen3_moe": _qwen3_moe}
 
 
@@ -207,7 +208,8 @@ def _check_types(d: Any, where: str = "config.json") -> None:
                              "indices")
 
 
-def config_from_hf(d: dict, name: str) -> ModelConfig:
+def hf_fields(d: dict, name: str) -> dict:
+    """The ModelConfig fields a parsed `config.json` describes (ValueError if unsupported)."""
     _check_types(d)
     mt = d.get("model_type")
     if mt not in PARSERS:

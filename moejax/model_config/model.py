@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from moejax.model_config.hf_config import hf_fields
+
 # Bytes per element of the dtypes moejax stores weights and KV caches in.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -185,12 +187,10 @@ class ModelConfig:
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any],
                 name: str | None = None) -> "ModelConfig":
         """Build from a Hugging Face `config.json` (a directory, a file or a dict)."""
-        from moejax.model_config.hf_config import config_from_hf
-
         if isinstance(path_or_dict, Mapping):
-            return config_from_hf(dict(path_or_dict), name=name or "<dict>")
+            return cls(**hf_fields(dict(path_or_dict), name or "<dict>"))
         d, folder = read_hf_config(path_or_dict)
-        return config_from_hf(d, name=name or folder)
+        return cls(**hf_fields(d, name or folder))
 
 
 def read_hf_config(path: str | os.PathLike) -> tuple[Any, str]:

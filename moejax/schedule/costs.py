@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.layers.capacity import expected_work
+from moejax.schedule.routing import expected_work
 from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 
@@ -128,7 +128,7 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
     """The layer's FFN for `tokens` tokens. MoE layer: the rows and weight passes the
-    dispatch really runs (`layers/capacity.expected_work`: E·C rows in E passes on the
+    dispatch really runs (`routing.expected_work`: E·C rows in E passes on the
     capacity path; ≈ N·k rows plus block padding, a pass per row block plus 2·E for
     the loop body's weight copy, on the sorted path; `imbalance` as
     `Workload.expert_imbalance`) through SwiGLU, each pass paying the GEMM line's

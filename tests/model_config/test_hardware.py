@@ -1,6 +1,4 @@
-import importlib
 import json
-import os
 
 import pytest
 
@@ -49,66 +47,6 @@ def test_json_round_trip_and_unknown_field():
     assert HardwareSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     with pytest.raises(ValueError, match="unknown fields"):
         HardwareSpec.from_json({**spec.to_json(), "warp_drive": 1})
-
-
-STAMP = {"cache_version": hardware.CACHE_VERSION, "cpu_count": os.cpu_count()}
-
-
-def test_local_loads_cache_without_calibrating(tmp_path, monkeypatch):
-    path = tmp_path / "hw.json"
-    spec = get_hardware("t4").replace(name="local", device_is_host=True)
-    path.write_text(json.dumps({"spec": spec.to_json(), "meta": STAMP}))
-    monkeypatch.setenv("MOEJAX_CALIBRATION", str(path))
-    cal = importlib.import_module("moejax.schedule.calibrate")
-
-    monkeypatch.setattr(cal, "calibrate", lambda **kw: pytest.fail("recalibrated"))
-    assert hardware.calibration_path() == str(path)
-    assert get_hardware("local") == spec
-
-
-def test_local_recalibrates_a_broken_cache(tmp_path, monkeypatch):
-    path = tmp_path / "hw.json"
-    path.write_text("{not json")
-    monkeypatch.setenv("MOEJAX_CALIBRATION", str(path))
-    cal = importlib.import_module("moejax.schedule.calibrate")
-
-    sentinel = get_hardware("l4").replace(name="local")
-    monkeypatch.setattr(cal, "calibrate", lambda *a, **kw: sentinel)
-    assert get_hardware("local") is sentinel
-
-
-@pytest.mark.parametrize("content", [
-    {"meta": {}},  # a cache from before cache versions
-    {"meta": {**STAMP, "cpu_count": 64}},  # another machine's
-    {"meta": STAMP, "spec": []},
-    "[" * 100_000,
-], ids=["old-format", "other-machine", "spec-list", "deep-nesting"])
-def test_local_recalibrates_a_cache_it_cannot_trust(tmp_path, monkeypatch, content):
-    path = tmp_path / "hw.json"
-    path.write_text(content if isinstance(content, str) else json.dumps(
-        {"spec": get_hardware("t4").to_json(), **content}))
-    monkeypatch.setenv("MOEJAX_CALIBRATION", str(path))
-    cal = importlib.import_module("moejax.schedule.calibrate")
-    sentinel = get_hardware("l4").replace(name="local")
-    monkeypatch.setattr(cal, "calibrate", lambda *a, **kw: sentinel)
-    assert get_hardware("local") is sentinel
-
-
-def test_local_for_a_model_is_cached_per_expert_shape(tmp_path, monkeypatch):
-    from moejax.model_config.model import get_model
-
-    monkeypatch.delenv("MOEJAX_CALIBRATION", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = get_model("tiny_mixtral")
-    path = hardware.local_calibration_path(cfg)
-    assert path.endswith(f"local_hw_tiny_mixtral_{cfg.hidden_size}x"
-                         f"{cfg.expert_ffn_size}.json")
-    cal = importlib.import_module("moejax.schedule.calibrate")
-    seen = []
-    monkeypatch.setattr(cal, "calibrate", lambda model, path: seen.append(
-        (model, path)) or get_hardware("l4"))
-    hardware.load_local(model=cfg)
-    assert seen == [(cfg, path)]
 
 
 @pytest.mark.parametrize("change,needle", [

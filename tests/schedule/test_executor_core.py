@@ -103,8 +103,8 @@ def test_expert_imbalance_is_fitted_per_stage():
 
     import numpy as np
 
-    from moejax.layers.capacity import fit_imbalance
-    from moejax.schedule.executor import BatchRun
+    from moejax.schedule.routing import fit_imbalance
+    from moejax.runtime import BatchRun
 
     hot, even = np.array([40, 8, 8, 8]), np.array([16, 16, 16, 16])
     run = SimpleNamespace(cfg=SimpleNamespace(top_k=2),

@@ -6,7 +6,8 @@ import pytest
 from moejax.model_config.hardware import get_hardware
 from moejax.model_config.model import get_model
 from moejax.model_config.workload import Workload
-from moejax.schedule import calibrate, search_policy
+from moejax.calibration import calibrate
+from moejax.schedule import search_policy
 
 TINY = dict(token_counts=(4, 8, 16), copy_bytes=1 << 20, read_bytes=1 << 20,
             attention_batch=2, attention_context=16, repeats=1)
@@ -61,7 +62,7 @@ def test_bad_arguments(kw, bad):
 def test_page_rates_one_per_timed_run_of_the_probe():
     import importlib
 
-    mod = importlib.import_module("moejax.schedule.calibrate")
+    mod = importlib.import_module("moejax.calibration.in_situ")
     model = mod.probe_model(get_model("tiny_mixtral"))
     assert model.config.num_layers == 2
     records = []

@@ -22,23 +22,30 @@ host → device and device → pinned host, host memory is NumPy. Measured:
   `cpu_attention_bytes_per_s`; host matmul FLOP/s (NumPy, or the device GEMM rate when
   the device is the host's own CPU) → `cpu_flops_per_s`.
 
-The result is cached as JSON (`hardware.load_local` picks the file, stamped with
-`hardware.cache_stamp`); the defaults take 1-3 minutes on 2 cores (the cache's
+The result is cached as JSON (`calibration.load_local` picks the file, stamped with
+`cache.cache_stamp`); the defaults take 1-3 minutes on 2 cores (the cache's
 meta["seconds"]: 75-160 s). Tests pass tiny sizes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
-from moejax.model_config.hardware import HardwareSpec, cache_stamp, calibration_path
+from moejax.calibration import cache
+from moejax.calibration.in_situ import executor_probe, fit_copy_core_demand, overlapped_runs
+from moejax.host_offload.kv_cache import HostKVCache
+from moejax.host_offload.memory import has_pinned_host, pinned_sharding, steady_malloc
+from moejax.host_offload.weight_store import write_into
+from moejax.layers.experts import moe_ffn
+from moejax.model_config.dispatch import SORTED_MIN_ROWS_PER_EXPERT
+from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig, get_model
 from moejax.schedule import costs
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES
@@ -58,9 +65,6 @@ def _median_s(fn, repeats: int) -> float:
 def _random_experts(m: ModelConfig, seed: int):
     """(w1, w3, w2, key): one layer's E random experts on the default device, and a key
     for the inputs."""
-    import jax
-    import jax.numpy as jnp
-
     h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     w1 = (jax.random.normal(keys[0], (e, h, f)) * h**-0.5).astype(dt)
@@ -69,27 +73,12 @@ def _random_experts(m: ModelConfig, seed: int):
     return w1, w3, w2, keys[3]
 
 
-def _pinned_sharding(dev):
-    """The device's pinned_host sharding, or None where the backend has no such kind."""
-    from jax.sharding import SingleDeviceSharding
-
-    try:
-        return SingleDeviceSharding(dev, memory_kind="pinned_host")
-    except Exception:
-        return None
-
-
 def _gemm_line(m: ModelConfig, token_counts, repeats):
     """Expert FFN time vs rows on the default device, measured with the dispatch that
     runs (`layers.experts.moe_ffn`, all E experts of one layer): each count t is spread
     as t rows per expert (the capacity path below `SORTED_MIN_ROWS_PER_EXPERT`, the
     sorted path above). Fits time = E·intercept + rows·6hf / rate and returns
     (intercept per expert, slope per row of one expert, best rate, points)."""
-    import jax
-    import jax.numpy as jnp
-
-    from moejax.layers.capacity import SORTED_MIN_ROWS_PER_EXPERT
-    from moejax.layers.experts import moe_ffn
 
     h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
     w1, w3, w2, key = _random_experts(m, 0)
@@ -119,20 +108,18 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
     it (`HostKVCache.decode_host`: write the new k, v, attend over the cache), fitted
     through a tiny call (4 rows over 16 keys) and a big one (`batch` rows over
     `context`), with bytes counted as `costs.cpu_attention_s` counts them."""
-    from moejax.host_offload.kv_cache import HostKVCache
-
     points = []
     for b, c in ((4, 16), (batch, context)):
-        cache = HostKVCache(m, b, c + 1)
+        kvc = HostKVCache(m, b, c + 1)
         rng = np.random.default_rng(0)
         q = rng.standard_normal((b, 1, m.num_heads, m.head_dim)).astype(np.float32)
         kv = rng.standard_normal((b, 1, m.num_kv_heads, m.head_dim)).astype(np.float32)
         pos = np.full(b, c)
-        sec = _median_s(lambda: cache.decode_host(0, slice(0, b), q, kv, kv, pos), repeats)
+        sec = _median_s(lambda: kvc.decode_host(0, slice(0, b), q, kv, kv, pos), repeats)
         nbytes = costs.kv_bytes(m, b * (c + 1)) + costs.qkv_bytes(m, b) \
             + costs.attn_out_bytes(m, b)
         points.append((nbytes, sec))
-        del cache
+        del kvc
     (b0, t0), (b1, t1) = sorted(points)
     if not (b1 > b0 and t1 > t0):  # tiny sizes, noise: no line, the best plain rate
         return 0.0, float(b1 / t1)
@@ -140,7 +127,6 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
     return max(t0 - b0 / rate, 0.0), float(rate)
 
 
-PAGE_RATE_RUNS_PER_REPEAT = 2  # probe runs per calibration repeat, for each page size
 H2D_SIZES = (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES)
 
 
@@ -149,14 +135,10 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
     streams them (a `device_put` from pinned host memory written into a preallocated
     device slot), `copy_bytes` in all per size, measured alone (`predict` and `simulate`
     model the sharing of cores with compute themselves)."""
-    import jax
-    from jax.sharding import SingleDeviceSharding
-
-    from moejax.host_offload.weight_store import _write
 
     dev = jax.devices()[0]
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
-    pinned = _pinned_sharding(dev)  # None: stream from NumPy
+    pinned = (pinned_sharding(dev) if has_pinned_host(dev) else None)  # None: NumPy
     host = np.ones(max(copy_bytes, max(sizes)) // 4, np.float32)
     curve = []
     for size in sorted({min(int(s), host.nbytes) // 4 * 4 for s in sizes}):
@@ -169,7 +151,7 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
         def stream():
             nonlocal slot
             for k, p in enumerate(pages):
-                slot = _write(slot, jax.device_put(p, on_dev), np.int32(k * page))
+                slot = write_into(slot, jax.device_put(p, on_dev), np.int32(k * page))
             slot.block_until_ready()
         curve.append((float(size), page * len(pages) * 4 / _median_s(stream, repeats)))
         del pages, slot
@@ -179,10 +161,6 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
 def _d2d_rate(nbytes: int, repeats: int) -> float:
     """Bytes/s of a device → device copy into a slot (the store's `_write`, as it
     copies a resident prefix into a stream slot)."""
-    import jax
-    import jax.numpy as jnp
-
-    from moejax.host_offload.weight_store import _write
 
     dev = jax.devices()[0]
     src = jnp.ones(nbytes // 4, np.float32, device=dev)
@@ -190,15 +168,13 @@ def _d2d_rate(nbytes: int, repeats: int) -> float:
 
     def copy():
         nonlocal slot
-        slot = _write(slot, src, np.int32(0))
+        slot = write_into(slot, src, np.int32(0))
         slot.block_until_ready()
     return src.nbytes / _median_s(copy, repeats)
 
 
 def _latency(repeats: int) -> float:
     """Seconds of a tiny (4 KiB) `jax.device_put` to the default device."""
-    import jax
-
     tiny = np.ones(1024, np.float32)
     dev = jax.devices()[0]
     return _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
@@ -206,9 +182,6 @@ def _latency(repeats: int) -> float:
 
 def _link(copy_bytes: int, repeats: int):
     """(h2d curve, d2h bytes/s) of jax.device_put to/from the default device, alone."""
-    import jax
-    from jax.sharding import SingleDeviceSharding
-
     dev = jax.devices()[0]
     curve = _h2d_curve(copy_bytes, repeats)
     x = jax.device_put(np.ones(copy_bytes // 4, np.float32), dev)
@@ -221,144 +194,8 @@ def _link(copy_bytes: int, repeats: int):
     return curve, copy_bytes / _median_s(d2h_fn, repeats)
 
 
-def _probe_config(m: ModelConfig) -> ModelConfig:
-    """A 2-layer copy of `m` for the in-situ runs of the real engine."""
-    dense = tuple(i for i in m.dense_layers if i < 2)
-    return m.replace(name=f"{m.name}_probe", num_layers=2,  # ≥ 1 MoE layer to stream
-                     dense_layers=dense if len(dense) < 2 else ())
-
-
-def overlapped_runs(model, repeats: int):
-    """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on `model`,
-    the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES`
-    pages, 32 sequences of 32 tokens in one micro-batch, 16 new tokens, attention on
-    the CPU."""
-    import moejax
-    from moejax.schedule.policy import Policy
-
-    pol = Policy.from_micro_batches(32, 1, gpu_weight_fraction=0.0, attention_device="cpu",
-                                    kv_cache_device="cpu",
-                                    page_bytes=costs.COPY_DEMAND_PAGE_BYTES, overlap=True)
-    engine = moejax.Engine(model, policy=pol)
-    prompts = np.random.default_rng(0).integers(1, model.config.vocab_size,
-                                                (32, 32)).tolist()
-    runs = []
-    for i in range(repeats + 1):  # the first run compiles
-        engine.generate(prompts, 16)
-        runs += [engine.last_run] if i else []
-    return runs
-
-
-def fit_copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
-    """`copy_core_demand` where the device is the host's CPU: the host cores one page
-    copy takes from compute beside it (`costs.core_demand`). A memcpy runs on one core
-    but contends for memory bandwidth and cache, so it can cost compute more than a
-    core. For each of the `overlapped_runs`, the demand with which `simulate` of that
-    run's timeline takes as long as its decode did (bisection: the simulated time grows
-    with the demand), clipped to [0.1, 2·cores]; the median over the runs. On the
-    2-core testbed: 1.5-2.4 — and ~4 when the runs come after the calibration's 1 GB
-    buffers, so they run first. Prefill is not fitted: a 2-layer run's prefill is
-    mostly pipeline fill, and its fits ranged from 0.1 to 6."""
-    from moejax.schedule.simulate import simulate
-
-    cfg = _probe_config(m)
-
-    def fit(run):
-        lo, hi = 0.1, 2.0 * spec.cpu_cores
-        for _ in range(20):
-            d = (lo + hi) / 2
-            sim = simulate(run.entries, cfg, spec.replace(copy_core_demand=d), run.policy,
-                           imbalance=run.imbalance)
-            lo, hi = (d, hi) if sim.stage_s(run.entries, "decode") < run.decode_s \
-                else (lo, d)
-        return (lo + hi) / 2
-    d = float(np.median([fit(r) for r in runs]))
-    if not 0.1 * 1.01 < d < 2.0 * spec.cpu_cores * 0.99:
-        logging.warning("copy_core_demand fit %.3g sits at its bound [0.1, %g]: the "
-                        "overlapped runs did not bracket it", d, 2.0 * spec.cpu_cores)
-    return d
-
-
-def _probe_engine(model, page_bytes: int):
-    """The serial probe: 8 sequences in 2 micro-batches, every expert streamed in pages
-    of `page_bytes`, attention on the CPU."""
-    import moejax
-    from moejax.schedule.policy import Policy
-
-    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0, attention_device="cpu",
-                                    kv_cache_device="cpu", page_bytes=int(page_bytes),
-                                    overlap=False)
-    return moejax.Engine(model, policy=pol)
-
-
-def _page_rate(run, page_bytes: int, latency_s: float) -> float:
-    """Bytes/s one run's weight store got from the link: bytes / (time − pages·latency)
-    over its full pages (all its pages where a tensor is smaller than a page)."""
-    dur = run.trace.end_s - run.trace.start_s
-    pages = [(e.nbytes, dur[e.id]) for e in run.entries if e.op == "page"]
-    full = [p for p in pages if p[0] == page_bytes] or pages
-    nbytes, sec = (float(sum(x)) for x in zip(*full))
-    return nbytes / max(sec - len(full) * latency_s, 0.5 * sec)
-
-
-def page_rates(model, page_bytes: int, runs: int, latency_s: float = 0.0,
-               records: list | None = None) -> list[float]:
-    """Bytes/s of the link as the weight store sees it, one figure per serial run of the
-    probe (`_probe_engine`) on `model` (a 2-layer random copy: `probe_model`), after one
-    run that compiles. One 0.7 s run of the 2-core testbed reads 4.1-6.1 GB/s at 4 MiB
-    pages: take a median of several, near the runs it is to price
-    (`experiments.ablations` re-measures it in every round of its rows). `records`, if
-    given, receives each timed run's `RunRecord`."""
-    engine = _probe_engine(model, page_bytes)
-    prompts = np.random.default_rng(0).integers(1, model.config.vocab_size,
-                                                (8, 16)).tolist()
-    rates = []
-    for i in range(runs + 1):  # the first run compiles
-        engine.generate(prompts, 4)
-        if i:
-            rates.append(_page_rate(engine.last_run, int(page_bytes), latency_s))
-            if records is not None:
-                records.append(engine.last_run)
-    return rates
-
-
-def probe_model(m: ModelConfig):
-    """The random-weight 2-layer copy of `m` the in-situ probes run."""
-    from moejax.model import MoEModel
-
-    return MoEModel.random(_probe_config(m), seed=0)
-
-
-def _executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
-    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve, the probe model —
-    for `overlapped_runs`) from short serial runs of the real engine on a 2-layer,
-    random-weight copy of `m` streaming every expert in pages of each of `sizes`
-    bytes. The pre-attentions (first size's runs) give the fixed cost of one device op
-    beyond its roofline price (Python dispatch, parameter plumbing, the block the
-    executor waits on); the curve is the rate the weight store really gets per page
-    size: the median of `PAGE_RATE_RUNS_PER_REPEAT`·repeats runs' `_page_rate`s (one
-    run's swings ±15 %). Standalone copies of 64 MiB read 1.6× faster than the store's,
-    or 3.5× slower when measured after them (fresh big buffers fault their pages in),
-    so this runs before any big buffer."""
-    model = probe_model(m)
-    pre, curve = [], []
-    for size in sizes:
-        runs = []
-        rates = page_rates(model, size, PAGE_RATE_RUNS_PER_REPEAT * repeats, latency_s,
-                           runs)
-        for run in runs if not curve else ():
-            dur = run.trace.end_s - run.trace.start_s
-            pre += [(e.tokens, dur[e.id]) for e in run.entries
-                    if e.op == "pre_attn" and e.stage == "decode"]
-        curve.append((float(size), float(np.median(rates))))
-    return pre, tuple(curve), model
-
-
 def _read_rates(read_bytes: int, repeats: int):
     """(device read bytes/s, host read bytes/s): jitted sum on the device, NumPy sum."""
-    import jax
-    import jax.numpy as jnp
-
     host = np.ones(read_bytes // 4, np.float32)
     host_rate = read_bytes / _median_s(lambda: host.sum(), repeats)
     x = jax.device_put(host)
@@ -373,8 +210,6 @@ def _host_flops(repeats: int, n: int = 1024) -> float:
 
 
 def _memory_sizes():
-    import jax
-
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         stats = jax.devices()[0].memory_stats() or {}
@@ -389,7 +224,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
               attention_context: int = 512, repeats: int = 3, path: str | None = None,
               save: bool = True) -> HardwareSpec:
     """Measure this machine and return its `local` HardwareSpec; with `save`, write it to
-    `path` (default `hardware.calibration_path()`) as {"spec": …, "meta": …}."""
+    `path` (default `cache.calibration_path()`) as {"spec": …, "meta": …}."""
     m = get_model(model) if isinstance(model, str) else model
     if not isinstance(m, ModelConfig):
         raise ValueError(f"model={model!r} is not a ModelConfig or preset name")
@@ -401,9 +236,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
                      attention_context=attention_context).items():
         if not isinstance(v, int) or v < (4 if k.endswith("bytes") else 1):
             raise ValueError(f"{k}={v!r} must be a positive integer")
-    import jax
 
-    from moejax.host_offload.memory import steady_malloc
 
     steady_malloc()  # the allocator the engine's weight store runs with
     start = time.perf_counter()
@@ -414,7 +247,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     latency = _latency(repeats)
     # the engine's runs first: after the big buffers below, big copies run 3.5× faster
     # and copies contend with compute twice as much (process state, not the machine)
-    pre_attn, curve, probe = _executor_probe(m, sorted(set(sizes)), latency, repeats)
+    pre_attn, curve, probe = executor_probe(m, sorted(set(sizes)), latency, repeats)
     runs = overlapped_runs(probe, 2 * repeats - 1) if on_host else []  # ±10 % each
     del probe
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
@@ -447,19 +280,10 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     if on_host:
         spec = spec.replace(copy_core_demand=fit_copy_core_demand(m, spec, runs))
     if save:
-        path = os.path.expanduser(path) if path else calibration_path()
+        path = os.path.expanduser(path) if path else cache.calibration_path()
         meta = dict(model=m.name, dtype=m.dtype, gemm_points=points, copy_bytes=copy_bytes,
                     read_bytes=read_bytes, jax=jax.__version__, h2d_curve_alone=alone,
                     seconds=time.perf_counter() - start,
-                    **cache_stamp(m))
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump({"spec": spec.to_json(), "meta": meta}, f, indent=1)
-            os.replace(tmp, path)
-        except OSError as e:  # the measurement stands; only the cache is lost
-            logging.warning("calibration not cached (%s): %s", path, e)
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+                    **cache.cache_stamp(m))
+        cache.write_cache(path, spec, meta)
     return spec

@@ -1,0 +1,13 @@
+"""Measuring this machine: the calibrated `local` HardwareSpec (docs/design.md §4-§5).
+
+A tool above the engine: its in-situ probes run the real `Engine`; presets stay data
+(`model_config.hardware`), which reaches `load_local` through `set_local_loader`."""
+
+from moejax.calibration.cache import calibration_path, local_calibration_path
+from moejax.calibration.local import load_local
+from moejax.calibration.microbench import calibrate
+from moejax.model_config.hardware import set_local_loader
+
+set_local_loader(load_local)
+
+__all__ = ["calibrate", "calibration_path", "load_local", "local_calibration_path"]

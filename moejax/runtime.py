@@ -1,0 +1,211 @@
+"""The model runtime: the handler of every timeline op (docs/design.md §2-§3).
+
+`BatchRun(...).handlers()` maps each op of `schedule.timeline` to the code that runs it
+through the data plane — jitted device pieces (`ops`), the weight store's pages, the host
+KV cache and CPU attention — for one padded batch; `schedule.executor.execute` calls them.
+`DeviceWeights` is the weight interface with everything resident (the reference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import ops
+from moejax.layers.attention import causal_mask
+from moejax.schedule.executor import StopTimeline
+from moejax.schedule.routing import fit_imbalance
+
+
+class DeviceWeights:
+    """All parameters already on the device (the all-on-device reference): the weight
+    interface of `HostWeightStore` with nothing to stream."""
+
+    def __init__(self, cfg, params: dict):
+        self.cfg, self.params = cfg, params
+
+    def device_params(self, layer: int) -> dict:
+        return self.params[f"layers_{layer}"]
+
+    def global_params(self) -> dict:
+        return {k: self.params[k] for k in ("embed", "final_norm", "lm_head")
+                if k in self.params}
+
+    def num_pages(self, layer: int) -> int:
+        return 0
+
+    def wait(self, layer: int, step: int = 0) -> dict:
+        return self.params[f"layers_{layer}"]["experts"]
+
+    def release(self, layer: int, step: int = 0) -> None:
+        pass
+
+    def release_all(self) -> None:
+        pass
+
+
+class BatchRun:
+    """One padded batch through a timeline: the handler of every op (docs/design.md §2).
+
+    weights   HostWeightStore or DeviceWeights (device_params, wait, prefetch_page, …)
+    kv        HostKVCache (attention on the host) or None (device KV cache)
+    rows      micro-batch k owns rows [k·ubs, (k+1)·ubs) of the batch
+    Values flow between entries through dicts keyed by (step, layer, micro-batch); a
+    consumer pops what no later entry reads, so at most a pass or two stays alive.
+    """
+
+    def __init__(self, cfg, weights, kv, policy, tokens: np.ndarray, lengths: np.ndarray,
+                 cache_len: int, steps: int, eos_token_id=None, on_step=None,
+                 full_logits: bool = False):
+        self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
+        ubs, n = policy.micro_batch_size, policy.num_micro_batches
+        self.rows = [slice(k * ubs, (k + 1) * ubs) for k in range(n)]
+        self.lengths = lengths
+        self.tokens = [jnp.asarray(tokens[r]) for r in self.rows]
+        t = tokens.shape[1]
+        am = np.arange(t)[None, :] < lengths[:, None]
+        self.masks = [causal_mask(jnp.asarray(am[r], jnp.int32)) for r in self.rows]
+        self.positions = jnp.broadcast_to(jnp.arange(t), (ubs, t))
+        self.last = [jnp.asarray(lengths[r] - 1) for r in self.rows]
+        g = weights.global_params()
+        self.embed_params = {"embed": g["embed"]}
+        self.head_params = g
+        self.eos = None if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+        self.on_step, self.full_logits = on_step, full_logits
+        self.out = np.zeros((steps + 1, len(lengths)), np.int64)
+        self.logits: list = [None] * n
+        self.done = np.zeros(len(lengths), bool)
+        self.steps_run = 0
+        self.x, self.qkv, self.host, self.o, self.nxt = {}, {}, {}, {}, {}
+        self.new_kv = {}  # prefill k, v awaiting their copy to the host cache
+        self.router_counts: dict[str, list] = {}  # stage -> [E] counts per MoE call
+        self.dev_cache = None
+        if kv is None:
+            shape = (ubs, cache_len, cfg.num_kv_heads, cfg.head_dim)
+            z = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
+            self.dev_cache = {(i, k): [z(), z()] for i in range(cfg.num_layers)
+                              for k in range(n)}
+
+    def handlers(self) -> dict:
+        return {op: getattr(self, f"_{op}") for op in
+                ("page", "embed", "pre_attn", "attn", "d2h_qkv", "cpu_attn", "h2d_attn",
+                 "d2h_kv", "post_attn", "head")}
+
+    def _pos(self, e):
+        """Decode: slot of the new token = prompt length + step − 1."""
+        return jnp.asarray(self.lengths[self.rows[e.micro_batch]] + e.step - 1)
+
+    # --------------------------------------------------------------- transfers
+    def _page(self, e):
+        buf = self.w.prefetch_page(e.layer, e.page, e.step)
+        if buf is not None:
+            buf.block_until_ready()
+
+    def _d2h_kv(self, e):
+        kh, vh = self.kv.to_host(*self.new_kv.pop((e.step, e.layer, e.micro_batch)))
+        r = self.rows[e.micro_batch]
+        self.kv.write_prefill(e.layer, r, kh, vh, self.lengths[r])
+
+    def _d2h_qkv(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        self.host[key] = self.kv.to_host(*self.qkv.pop(key))
+
+    def _h2d_attn(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        self.o[key] = self.kv.to_device(self.host.pop(key)).block_until_ready()
+
+    # ------------------------------------------------------------------ compute
+    def _embed(self, e):
+        k = e.micro_batch
+        tok = self.tokens[k] if e.stage == "prefill" else self.nxt[k][:, None]
+        self.x[k] = ops.embed(self.cfg, self.embed_params, tok).block_until_ready()
+
+    def _pre_attn(self, e):
+        pos = self.positions if e.stage == "prefill" else self._pos(e)[:, None]
+        moe = self.cfg.is_moe_layer(e.layer)
+        qkv = ops.pre_attention(self.cfg, moe, self.w.device_params(e.layer),
+                                self.x[e.micro_batch], pos)
+        key = (e.step, e.layer, e.micro_batch)
+        self.qkv[key] = jax.block_until_ready(qkv)
+        if e.stage == "prefill" and self.kv is not None:
+            self.new_kv[key] = qkv[1:]
+
+    def _attn(self, e):
+        key, k = (e.step, e.layer, e.micro_batch), e.micro_batch
+        q, kk, v = self.qkv.pop(key)
+        cache = self.dev_cache[(e.layer, k)] if self.dev_cache is not None else None
+        if e.stage == "prefill":
+            if cache is not None:
+                cache[0], cache[1] = ops.write_prefill(cache[0], cache[1], kk, v)
+            o = ops.attend(q, kk, v, self.masks[k])
+        else:
+            o, cache[0], cache[1] = ops.decode_attention(cache[0], cache[1], q, kk, v,
+                                                         self._pos(e))
+        self.o[key] = o.block_until_ready()
+
+    def _cpu_attn(self, e):
+        key = (e.step, e.layer, e.micro_batch)
+        q, k, v = self.host.pop(key)
+        r = self.rows[e.micro_batch]
+        self.host[key] = self.kv.decode_host(e.layer, r, q, k, v,
+                                             self.lengths[r] + e.step - 1)
+
+    def _post_attn(self, e):
+        cfg, i, k = self.cfg, e.layer, e.micro_batch
+        moe = cfg.is_moe_layer(i)
+        lp = self.w.device_params(i)
+        if moe:
+            lp = {**lp, "experts": self.w.wait(i, e.step)}
+        o = self.o.pop((e.step, i, k))
+        h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
+        if moe:  # read after the run: no sync here
+            self.router_counts.setdefault(e.stage, []).append(counts)
+        cap = None  # the sorted path needs no capacity, so no host sync either
+        if ops.needs_capacity(cfg, moe, normed.shape[0]):
+            cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
+        self.x[k] = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap).block_until_ready()
+        if moe and k == self.policy.num_micro_batches - 1:
+            self.w.release(i, e.step)
+
+    def _head(self, e):
+        k, r = e.micro_batch, self.rows[e.micro_batch]
+        x = self.x.pop(k)
+        if e.stage == "prefill":
+            if self.full_logits:
+                self.logits[k] = np.asarray(ops.head(self.cfg, self.head_params, x))
+            x = x[jnp.arange(x.shape[0]), self.last[k]][:, None]
+        self.nxt[k] = nxt = ops.next_tokens(self.cfg, self.head_params, x)
+        self.out[e.step, r] = np.asarray(nxt)
+        if k == self.policy.num_micro_batches - 1:
+            self._step_done(e.step)
+
+    def _step_done(self, step: int):
+        self.steps_run = step + 1
+        if self.eos is not None:
+            self.done |= np.isin(self.out[step], self.eos)
+        if self.on_step is not None:
+            self.on_step(step)
+        if self.eos is not None and self.done.all():
+            raise StopTimeline()
+
+    def expert_imbalance(self, stage: str | None = None) -> float:
+        """The `Workload.expert_imbalance` this run's routing shows in `stage` (None:
+        both): `schedule.routing.fit_imbalance` of its router calls, the figure under
+        which their expected max counts add up to theirs; 1 where there were none."""
+        calls = [np.asarray(c) for st, cs in self.router_counts.items()
+                 if stage in (None, st) for c in cs]
+        return fit_imbalance(calls, self.cfg.top_k)
+
+    def tokens_out(self, n_rows: int) -> list[list[int]]:
+        """New tokens of the first n_rows rows, cut after their first EOS."""
+        out = []
+        for r in range(n_rows):
+            row = [int(t) for t in self.out[:self.steps_run, r]]
+            ends = [j for j, t in enumerate(row) if t in (self.eos or ())]
+            if ends:
+                row = row[:ends[0] + 1]
+            out.append(row)
+        return out
+
+
