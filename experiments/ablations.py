@@ -148,7 +148,7 @@ class Reprobe:
 
         from moejax.schedule import costs
         from moejax.calibration.in_situ import fit_copy_core_demand
-        from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+        from moejax.schedule.policy import DEFAULT_PAGE_BYTES, padded_len
 
         curve = dict(hw.h2d_curve or ())
         curve.update({float(s): float(np.median(r)) for s, r in self.rates.items()})
@@ -202,7 +202,7 @@ def main(argv):
     from moejax.model_config.workload import Workload
     from moejax.schedule import costs, predict, search_policy
     from moejax.schedule.search import fitting_weight_fraction
-    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES, padded_len
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
     from moejax.schedule.simulate import simulate
 
@@ -215,7 +215,7 @@ def main(argv):
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
-    t = -(-FLAGS.prompt_len // 16) * 16
+    t = padded_len(FLAGS.prompt_len)
     wl = Workload(t, FLAGS.gen_len, num_sequences=32)
     try:
         base, _ = search_policy(cfg, hw, wl, device_memory_bytes=budget)

@@ -98,7 +98,7 @@ def main(argv):
     import numpy as np
 
     from moejax import ops
-    from moejax.engine import bucket
+    from moejax.schedule.policy import padded_len as bucket
     from moejax.layers.attention import causal_mask
     from moejax.layers.experts import swiglu
     from moejax.model import MoEModel

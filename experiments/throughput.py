@@ -153,7 +153,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     import moejax
     from moejax.model_config.workload import Workload
     from moejax.model_config.hardware import fmt_bytes
-    from moejax.schedule.policy import DEFAULT_PAGE_BYTES
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES, padded_len
     from moejax.schedule.predict import DEVICE_MEMORY_USABLE
 
     cfg, note = local_config(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
@@ -165,7 +165,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
-    t = -(-workload.prompt_len // 16) * 16  # the engine pads prompts to a multiple of 16
+    t = padded_len(workload.prompt_len)  # the prompt length the engine runs
     wl = Workload(t, workload.gen_len, num_sequences=FLAGS.batch_size or
                   FLAGS.max_local_batch)
     policy = local_policy(cfg, hw, wl, budget)

@@ -24,97 +24,24 @@ Placements:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from moejax.host_offload.kv_cache import KV_DTYPES, HostKVCache
+from moejax.host_offload.kv_cache import HostKVCache
 from moejax.host_offload.weight_store import HostWeightStore
-from moejax.model import MoEModel
-from moejax.model_config.hardware import fmt_bytes
+from moejax.model_config.hardware import fmt_bytes, local_hardware
+from moejax.model_config.workload import Workload, stage_imbalance
+from moejax.placement import resolve_placement, validate_request
 from moejax.runtime import BatchRun, DeviceWeights
 from moejax.schedule.executor import Trace, execute
-from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, padded_len
+from moejax.schedule.predict import memory_bytes
+from moejax.schedule.search import search_micro_batches
 from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
-
-ATTENTION_DEVICES = ("cpu", "gpu")
-MICRO_BATCH_CHOICES = (1, 2, 4, 8)  # micro-batch counts the local search considers
-# Of a device budget given alone (no wg, no policy), the share the store leaves to
-# activations when it picks how many experts stay resident (the batch is not known yet).
-ACTIVATION_SHARE = 0.1
-
-
-def _budget_wg(cfg, page_bytes, budget) -> float | None:
-    """The resident fraction a device budget alone buys: the most resident pages that
-    leave ACTIVATION_SHARE of it free; None (the store then fills the whole budget, or
-    names the shortfall) when even streaming everything does not leave that much."""
-    from moejax.host_offload.weight_store import make_plan
-    try:
-        return make_plan(cfg, page_bytes, None, budget,
-                         reserved_bytes=int(ACTIVATION_SHARE * budget)).gpu_weight_fraction
-    except (ValueError, TypeError):
-        return None
-
-
-def _check_policy_matches(store: HostWeightStore, policy: Policy) -> None:
-    """A policy run on a ready-made store must place the experts as the store does."""
-    from moejax.host_offload.weight_store import make_plan
-
-    plan = make_plan(store.cfg, policy.page_bytes, policy.gpu_weight_fraction)
-    all_resident = not plan.streaming and not store.plan.streaming  # page size moot
-    if not all_resident and (plan.page_bytes, plan.num_resident) != (
-            store.plan.page_bytes, store.plan.num_resident):
-        raise ValueError(
-            f"policy (gpu_weight_fraction={policy.gpu_weight_fraction:.6g}, page_bytes="
-            f"{policy.page_bytes}) does not place experts as the HostWeightStore does "
-            f"(gpu_weight_fraction={store.gpu_weight_fraction:.6g}, page_bytes="
-            f"{store.plan.page_bytes})")
-
-
-def bucket(n: int, multiple: int = 16) -> int:
-    """Round a length up to a multiple of 16, so shapes (and compilations) repeat across
-    calls while padding stays below 16 positions."""
-    return -(-n // multiple) * multiple
-
-
-def validate_request(cfg, prompts, max_new_tokens, eos_token_id,
-                     logits_only: bool = False) -> None:
-    """ValueError naming the first problem with a generate() call (`logits_only`: a
-    prompt_logits() call, whose prompts may fill every position)."""
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    eos_ids = (np.atleast_1d(eos_token_id).tolist() if isinstance(eos_token_id, np.ndarray)
-               else list(eos_token_id) if isinstance(eos_token_id, (list, tuple))
-               else [eos_token_id])
-    for e in eos_ids if eos_token_id is not None else ():
-        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) \
-                or not 0 <= e < cfg.vocab_size:
-            raise ValueError(f"eos_token_id {eos_token_id!r}: {e!r} is not a token id in "
-                             f"[0, {cfg.vocab_size})")
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, np.ndarray)):
-            raise ValueError(f"prompt {i} must be a list of token ids, got "
-                             f"{type(p).__name__} {p!r}")
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-               or not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]!r} outside the vocabulary "
-                             f"[0, {cfg.vocab_size})")
-        if logits_only and len(p) > cfg.max_positions:
-            raise ValueError(f"prompt {i}: {len(p)} tokens exceed max_positions "
-                             f"{cfg.max_positions}")
-        if not logits_only and len(p) + max_new_tokens > cfg.max_positions:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
-                             f"{max_new_tokens} exceeds max_positions {cfg.max_positions}")
-
-
 
 @dataclass
 class RunRecord:
@@ -132,9 +59,7 @@ class RunRecord:
     @property
     def imbalance(self) -> dict:
         """{stage: expert imbalance} the run saw, as `simulate` takes it."""
-        dec = self.decode_expert_imbalance
-        return {"prefill": self.expert_imbalance,
-                "decode": self.expert_imbalance if dec is None else dec}
+        return stage_imbalance(self.expert_imbalance, self.decode_expert_imbalance)
 
     def with_routing(self, wl):
         """`wl` (a Workload) with the expert imbalance this run saw in each stage."""
@@ -174,72 +99,22 @@ class Engine:
                  policy: Policy | None = None, micro_batch_size: int | None = None,
                  kv_dtype: str | None = None, host_memory: str = "auto",
                  offload: bool | None = None):
-        if policy is not None:
-            if not isinstance(policy, Policy):
-                raise ValueError(f"policy must be a moejax.schedule.Policy, got "
-                                 f"{type(policy).__name__}")
-            if gpu_weight_fraction is not None or page_bytes is not None or (
-                    micro_batch_size is not None) or (
-                    attention_device is not None
-                    and attention_device != policy.attention_device):
-                raise ValueError("policy given: gpu_weight_fraction, page_bytes, "
-                                 "micro_batch_size and attention_device come from it")
-            if policy.attention_device == "gpu" and policy.kv_cache_device == "cpu":
-                raise ValueError("policy kv_cache_device='cpu' with attention_device='gpu' "
-                                 "is priced by the model but not run by the engine: its "
-                                 "device attention keeps the KV cache on the device "
-                                 "(kv_cache_device='gpu')")
-            gpu_weight_fraction, page_bytes = policy.gpu_weight_fraction, policy.page_bytes
-            attention_device = policy.attention_device
-        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not
-                                             isinstance(micro_batch_size, (int, np.integer))
-                                             or micro_batch_size < 1):
-            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive "
-                             "integer")
-        store_knobs = dict(device_memory_bytes=device_memory_bytes,
-                           gpu_weight_fraction=gpu_weight_fraction, page_bytes=page_bytes)
-        given = any(v is not None for v in (*store_knobs.values(), attention_device,
-                                             kv_dtype, policy)) or host_memory != "auto"
+        p = resolve_placement(model, device_memory_bytes, gpu_weight_fraction,
+                              attention_device, page_bytes, policy=policy,
+                              micro_batch_size=micro_batch_size, kv_dtype=kv_dtype,
+                              host_memory=host_memory, offload=offload)
+        self.offload, self.attention_device, self.kv_dtype = (p.offload, p.attention_device,
+                                                              p.kv_dtype)
+        self.policy, self.micro_batch_size = p.policy, p.micro_batch_size
         is_store = isinstance(model, HostWeightStore)
-        if not is_store and not isinstance(model, MoEModel):
-            raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
-                             f"{type(model).__name__}")
-        if not is_store:
-            model.check_params()
-        if offload not in (None, True, False):
-            raise ValueError(f"offload={offload!r} must be None, True or False")
-        self.offload = (given or is_store) if offload is None else offload
-        if not self.offload and (given or is_store):
-            raise ValueError("offload=False takes no offload knobs and no HostWeightStore")
-        if attention_device is not None and attention_device not in ATTENTION_DEVICES:
-            raise ValueError(f"attention_device={attention_device!r} not in "
-                             f"{ATTENTION_DEVICES}")
-        self.attention_device = attention_device or ("cpu" if self.offload else "gpu")
-        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype={kv_dtype!r} not in {KV_DTYPES}")
-        if kv_dtype is not None and self.attention_device != "cpu":
-            raise ValueError(f"kv_dtype={kv_dtype!r} needs attention_device='cpu' (the "
-                             "device KV cache keeps the model dtype)")
-        self.kv_dtype, self.policy, self.micro_batch_size = kv_dtype, policy, micro_batch_size
         self.cfg = model.cfg if is_store else model.config
         # offloaded, the store holds every weight: no reference to `model` is kept, so
         # dropping the caller's frees the tree the store was made from (a copy when
         # `host_memory` asks for another memory kind than its leaves')
-        self.model = model if not (is_store or self.offload) else None
-        self.store: HostWeightStore | None = None
-        if is_store:
-            if device_memory_bytes is not None or host_memory != "auto" or (
-                    policy is None and (gpu_weight_fraction, page_bytes) != (None, None)):
-                raise ValueError("a HostWeightStore was given: its knobs are already set")
-            if policy is not None:
-                _check_policy_matches(model, policy)
-            self.store = model
-        elif self.offload:
-            if device_memory_bytes is not None and gpu_weight_fraction is None:
-                store_knobs["gpu_weight_fraction"] = _budget_wg(self.cfg, page_bytes,
-                                                                device_memory_bytes)
-            self.store = HostWeightStore.from_params(self.cfg, model.params,
-                                                     host_memory=host_memory, **store_knobs)
+        self.model = None if self.offload else model
+        self.store: HostWeightStore | None = model if is_store else (
+            HostWeightStore.from_params(self.cfg, model.params, **p.store_knobs)
+            if self.offload else None)
         self.weights = self.store if self.store is not None else DeviceWeights(
             self.cfg, model.params)
         self.last_run: RunRecord | None = None
@@ -250,13 +125,14 @@ class Engine:
         kv = "cpu" if self.attention_device == "cpu" else "gpu"
         return Policy.from_micro_batches(
             ubs, n_ub, gpu_weight_fraction=float(wg), attention_device=self.attention_device,
-            kv_cache_device=kv, page_bytes=self.store.plan.page_bytes if self.store else
+            kv_cache_device=kv, page_bytes=self.store.page_bytes_setting if self.store else
             DEFAULT_PAGE_BYTES, overlap=True)
 
     def policy_for(self, batch: int, prompt_len: int, gen_len: int) -> Policy:
         """The policy one batch of `batch` rows runs with: the given one (micro-batch size
         capped at the batch), or the placement's knobs with the micro-batching that the
-        performance model predicts fastest on the calibrated local hardware."""
+        performance model predicts fastest on the calibrated local hardware
+        (`schedule.search.search_micro_batches`)."""
         if self.policy is not None:
             ubs = min(self.policy.micro_batch_size, batch)
             return self.policy.replace(micro_batch_size=ubs, num_micro_batches=math.ceil(
@@ -266,33 +142,15 @@ class Engine:
         if self.micro_batch_size is not None:
             ubs = min(self.micro_batch_size, batch)
             return self._base_policy(ubs, math.ceil(batch / ubs))
-        from moejax.model_config.hardware import local_hardware
-        from moejax.schedule.predict import predict
-
         # calibrated with this model's expert shape: the GEMM line and page curve are
-        hw, wl = local_hardware(model=self.cfg), self._workload(prompt_len, gen_len)
-        best = None
-        for n in MICRO_BATCH_CHOICES:
-            ubs = math.ceil(batch / n)
-            if n > 1 and ubs * (n - 1) >= batch:
-                continue
-            pol = self._base_policy(ubs, n)
-            need = self._device_need(pol, prompt_len, gen_len)
-            fits = need is None or need[0] <= need[1]
-            # the fastest that fits; if none does, the one that comes closest (whose
-            # shortfall `_check_fits` then names)
-            key = (fits, predict(self.cfg, hw, wl, pol).tokens_per_s if fits
-                   else -need[0])
-            if best is None or key > best[0]:
-                best = (key, pol)
-        return best[1]
+        return search_micro_batches(self.cfg, local_hardware(model=self.cfg),
+                                    self._workload(prompt_len, gen_len), batch,
+                                    self._base_policy(batch, 1), self.store.budget)
 
     # ------------------------------------------------------------------ running
     def _workload(self, prompt_len: int, gen_len: int):
         """The `Workload` a batch is priced with: its lengths, and the host KV cache's
         element size (1 byte with kv_dtype="int8")."""
-        from moejax.model_config.workload import Workload
-
         return Workload(int(prompt_len), int(gen_len),
                         kv_bytes_per_elem=1 if self.kv_dtype == "int8" else None)
 
@@ -305,8 +163,6 @@ class Engine:
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
-        from moejax.schedule.predict import memory_bytes
-
         dev, _ = memory_bytes(self.cfg, self._workload(prompt_len, gen_len),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,
@@ -322,7 +178,7 @@ class Engine:
 
     def _batch_policy(self, rows: int, prompt_len: int, gen_len: int) -> tuple[int, Policy]:
         """(padded prompt length, policy) of one batch, checked to fit its budget."""
-        t = bucket(int(prompt_len))
+        t = padded_len(prompt_len)
         policy = self.policy_for(rows, t, gen_len)
         self._check_fits(policy, t, gen_len)
         return t, policy
@@ -335,8 +191,7 @@ class Engine:
             return
         dev, budget = need
         if dev > budget:
-            plan = self.store.plan
-            lower_wg = plan.streaming and plan.num_moe_layers > 1  # frees (L−1)·Δwg·W_E
+            lower_wg = self.store.can_lower_weight_fraction
             raise ValueError(
                 f"a batch of {policy.batch_size} ({policy.micro_batch_size}×"
                 f"{policy.num_micro_batches}), prompt {prompt_len}, {gen_len} new tokens, "
@@ -368,27 +223,24 @@ class Engine:
         steps = max_new_tokens - 1
         entries = build_timeline(cfg, policy, t, steps, self._stream_plan())
         cache_len = int(lens.max()) + max_new_tokens
-        kv, reserved = None, False
+        kv, reservation = None, contextlib.nullcontext()
         if policy.attention_device == "cpu":
             kv = HostKVCache(cfg, rows, cache_len, self.kv_dtype)
         else:
             # a multiple of 16 where that is no longer than what the budget check
             # priced (padded prompt + new tokens), so shapes repeat across calls
-            cache_len = min(bucket(cache_len), t + max_new_tokens)
+            cache_len = min(padded_len(cache_len), t + max_new_tokens)
             if self.store is not None:
-                nbytes = 2 * cfg.num_layers * rows * cache_len * cfg.num_kv_heads \
-                    * cfg.head_dim * cfg.bytes_per_param
-                self.store.reserve("kv_cache", nbytes)
-                reserved = True
+                reservation = self.store.kv_reservation(
+                    cfg.kv_bytes_per_token() * rows * cache_len)
         on_step = None if progress is None else (lambda s: progress(s + 1))
-        run = BatchRun(cfg, self.weights, kv, policy, tokens, lens, cache_len, steps,
-                       eos_token_id, on_step, full_logits)
-        try:
-            trace = execute(entries, run.handlers(), overlap=policy.overlap)
-        finally:  # an early stop (EOS) or an error leaves passes holding slots
-            self.weights.release_all()
-            if reserved:
-                self.store.unreserve("kv_cache")
+        with reservation:
+            run = BatchRun(cfg, self.weights, kv, policy, tokens, lens, cache_len, steps,
+                           eos_token_id, on_step, full_logits)
+            try:
+                trace = execute(entries, run.handlers(), overlap=policy.overlap)
+            finally:  # an early stop (EOS) or an error leaves passes holding slots
+                self.weights.release_all()
         decoded = "decode" in run.router_counts
         self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run,
                                   run.expert_imbalance("prefill"),

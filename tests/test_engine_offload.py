@@ -80,7 +80,7 @@ def test_budget_alone_leaves_room_for_activations(model):
     budget = int(1.2 * make_plan(model.config, 4 * 1000, 0.0).device_bytes())
     e = moejax.Engine(model, device_memory_bytes=budget, page_bytes=4 * 1000)
     assert 0 < e.store.gpu_weight_fraction < 1
-    assert e.store.device_bytes <= (1 - moejax.engine.ACTIVATION_SHARE) * budget
+    assert e.store.device_bytes <= (1 - moejax.placement.ACTIVATION_SHARE) * budget
 
 
 def test_batch_whose_activations_do_not_fit_is_refused_before_running(model, prompts):
@@ -131,7 +131,7 @@ def test_int8_kv_cache_is_priced_at_one_byte(model, monkeypatch):
     """The micro-batching search prices the host KV cache the engine will keep."""
     import importlib
 
-    mod = importlib.import_module("moejax.schedule.predict")
+    mod = importlib.import_module("moejax.schedule.search")
     seen, real = [], mod.predict
     monkeypatch.setattr(mod, "predict", lambda m, hw, wl, pol: (
         seen.append(wl.kv_bytes_per_elem), real(m, hw, wl, pol))[1])

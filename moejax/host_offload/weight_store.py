@@ -29,6 +29,7 @@ keeping everything resident (NE + L·W_E) only when L_moe > 3.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +42,7 @@ from moejax.host_offload.memory import (DEFAULT_PAGE_BYTES, check_host_memory,
                                         default_device, device_sharding, has_pinned_host,
                                         pinned_sharding, steady_malloc)
 from moejax.model_config.model import ModelConfig
+from moejax.schedule.costs import stream_buffer_bytes
 
 EXPERTS = ("w1", "w3", "w2")
 Path = tuple[str, ...]
@@ -101,11 +103,11 @@ class StorePlan:
         return sum(p.size for p in self.resident_pages if p.tensor == tensor)
 
     def device_bytes_by_kind(self) -> dict[str, int]:
-        w, s = self.layer_bytes, self.streaming
+        w, streamed = self.layer_bytes, self.streamed_bytes if self.streaming else 0
+        stream = stream_buffer_bytes(w, streamed)
         return {"non_expert": self.non_expert_bytes,
                 "resident_experts": self.num_moe_layers * (w - self.streamed_bytes),
-                "stream_slots": 2 * w if s and self.num_moe_layers else 0,
-                "page_staging": self.streamed_bytes if s else 0}
+                **{k: int(v) for k, v in stream.items()}}
 
     def device_bytes(self) -> int:
         return sum(self.device_bytes_by_kind().values())
@@ -276,6 +278,40 @@ class HostWeightStore:
     @property
     def gpu_weight_fraction(self) -> float:
         return self.plan.gpu_weight_fraction
+
+    @property
+    def page_bytes_setting(self) -> int:
+        """The page size this store streams in (the policy knob)."""
+        return self.plan.page_bytes
+
+    @property
+    def can_lower_weight_fraction(self) -> bool:
+        """Whether a lower wg frees device memory: (L−1)·Δwg·W_E where more than one MoE
+        layer streams (one streamed layer's slot costs what its resident part saves)."""
+        return self.plan.streaming and self.plan.num_moe_layers > 1
+
+    def check_policy(self, policy) -> None:
+        """ValueError unless `policy` places the experts as this store does (its wg
+        rounded to this store's pages, and its page size, unless nothing streams)."""
+        plan = make_plan(self.cfg, policy.page_bytes, policy.gpu_weight_fraction)
+        if plan.streaming or self.plan.streaming:  # all resident: the page size is moot
+            if (plan.page_bytes, plan.num_resident) != (self.plan.page_bytes,
+                                                         self.plan.num_resident):
+                raise ValueError(
+                    f"policy (gpu_weight_fraction={policy.gpu_weight_fraction:.6g}, "
+                    f"page_bytes={policy.page_bytes}) does not place experts as the "
+                    f"HostWeightStore does (gpu_weight_fraction="
+                    f"{self.gpu_weight_fraction:.6g}, page_bytes={self.plan.page_bytes})")
+
+    @contextlib.contextmanager
+    def kv_reservation(self, nbytes: int):
+        """Account a device KV cache of `nbytes` for the block (ValueError past the
+        budget), and release it after, however the block ends."""
+        self.reserve("kv_cache", nbytes)
+        try:
+            yield
+        finally:
+            self.unreserve("kv_cache")
 
     def _account(self, kind: str, nbytes: int, what: str) -> None:
         with self._lock:

@@ -6,6 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 
 
+def stage_imbalance(prefill: float, decode: float | None = None) -> dict:
+    """{stage: expert imbalance} as `simulate` and `predict` price each stage: decode
+    takes the prefill's figure unless it has its own."""
+    return {"prefill": prefill, "decode": prefill if decode is None else decode}
+
+
 @dataclass(frozen=True)
 class Workload:
     """An offline generation job: every sequence has a `prompt_len`-token prompt and
@@ -49,9 +55,7 @@ class Workload:
     @property
     def imbalance(self) -> dict:
         """{stage: expert imbalance}, as `simulate` and `predict` price each stage."""
-        dec = self.decode_expert_imbalance
-        return {"prefill": self.expert_imbalance,
-                "decode": self.expert_imbalance if dec is None else dec}
+        return stage_imbalance(self.expert_imbalance, self.decode_expert_imbalance)
 
     @property
     def context_len(self) -> int:

@@ -99,6 +99,16 @@ def streamed_expert_bytes(m: ModelConfig, gpu_weight_fraction):
     return (1 - gpu_weight_fraction) * m.expert_bytes_per_layer()
 
 
+def stream_buffer_bytes(layer_bytes, streamed_bytes) -> dict:
+    """Device bytes streaming takes, by kind (host_offload/weight_store.py's layout):
+    `stream_slots` 2·W_E — two full-layer slots where a streamed layer is assembled
+    beside its resident prefix — and `page_staging` (1 − wg)·W_E of pages in flight;
+    both 0 where nothing streams. The store accounts, and `predict` prices, these."""
+    streams = np.asarray(streamed_bytes) > 0
+    return {"stream_slots": np.where(streams, 2 * layer_bytes, 0),
+            "page_staging": np.where(streams, streamed_bytes, 0)}
+
+
 def expected_active_experts(m: ModelConfig, tokens):
     """Experts hit by `tokens` tokens under uniform top-k routing: E·(1 − (1 − k/E)^t)."""
     e = m.num_experts

@@ -7,8 +7,15 @@ import dataclasses
 import numpy as np
 from dataclasses import dataclass
 
-DEVICES = ("cpu", "gpu")
+DEVICES = ("cpu", "gpu")  # where attention runs and the KV cache lives
 DEFAULT_PAGE_BYTES = 16 * 2**20  # 16 MiB weight pages (docs/design.md §2)
+PAD_MULTIPLE = 16  # prompts are padded to a multiple of this many positions
+
+
+def padded_len(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    """A prompt length rounded up to `multiple`: shapes (and compilations) repeat across
+    batches while padding stays below `multiple` positions."""
+    return -(-int(n) // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -71,14 +78,20 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
 
-def affine_interval(a: float, b: float, cap: float) -> tuple[float, float]:
-    """The set {x ∈ [0, 1] : a + b·x ≤ cap} as (lo, hi); empty when lo > hi.
+def affine_interval(a, b, cap):
+    """The set {x ∈ [0, 1] : a + b·x ≤ cap} as (lo, hi), empty when lo > hi; floats, or
+    arrays for array inputs (NumPy-broadcast, so the search solves every candidate at
+    once).
 
     Memory use is affine in `gpu_weight_fraction` (resident bytes grow, streamed and
     host bytes shrink), so every memory budget bounds it to such an interval and the
     inner problem over wg is solved exactly by intersecting them."""
-    if b > 0:
-        return 0.0, min(1.0, (cap - a) / b)
-    if b < 0:
-        return max(0.0, (cap - a) / b), 1.0
-    return (0.0, 1.0) if a <= cap else (1.0, 0.0)
+    a, b, cap = (np.asarray(v, dtype=float) for v in (a, b, cap))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = (cap - a) / b
+    ok = a <= cap
+    lo = np.where(b > 0, 0.0, np.where(b < 0, np.maximum(x, 0.0), np.where(ok, 0.0, 1.0)))
+    hi = np.where(b > 0, np.minimum(x, 1.0), np.where((b < 0) | ok, 1.0, 0.0))
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi

@@ -30,10 +30,10 @@ from moejax.model_config.model import ModelConfig
 from moejax.model_config.workload import Workload
 from moejax.schedule import costs
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
+from moejax.schedule.timeline import RESOURCES
 
 DEVICE_MEMORY_USABLE = 0.9  # of gpu_memory_bytes: runtime context, allocator slack
 HOST_MEMORY_USABLE = 0.9  # of host_memory_bytes: OS, page cache, the Python process
-RESOURCES = ("gpu", "cpu", "h2d", "d2h")
 CAPACITY_SLACK = 1.25  # expert capacity buckets round token counts up (layers/experts.py)
 
 
@@ -120,8 +120,9 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
             decode = decode + 2 * costs.kv_bytes(m, ubs * (s + n), workload.kv_bytes_per_elem)
     # prefill: every prompt's hidden states, one micro-batch at a time, fp32 scores
     prefill = big_n * s * h * b + working_set(ubs * s) + ubs * m.num_heads * s * s * 4 + logits
-    stream = np.where(np.asarray(wg) < 1, 2 * m.expert_bytes_per_layer()
-                      + costs.streamed_expert_bytes(m, wg), 0.0) if m.num_moe_layers else 0.0
+    stream = sum(costs.stream_buffer_bytes(m.expert_bytes_per_layer(), np.where(
+        np.asarray(wg) < 1, costs.streamed_expert_bytes(m, wg), 0.0)).values()) \
+        if m.num_moe_layers else 0.0
     device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
               + np.maximum(prefill, decode) + (kv_total if kv_cache_device == "gpu" else 0))
     host = ((1 - wg) * m.expert_bytes_total() + (kv_total if kv_cache_device == "cpu" else 0)
@@ -161,6 +162,19 @@ def _combine(hw, overlap, h2d, d2h, gpu, cpu):
     return np.maximum(link, np.maximum(gpu, cpu))
 
 
+@dataclass(frozen=True)
+class Knobs:
+    """The knobs `evaluate` prices, for one candidate or as [C, 1] arrays of them."""
+
+    ubs: object
+    n_ub: object
+    wg: object
+    attention_device: str = "cpu"
+    kv_cache_device: str = "cpu"
+    page_bytes: int = DEFAULT_PAGE_BYTES
+    overlap: bool = True
+
+
 def _stream(m, hw, layer, wg, page_bytes):
     """h2d time and bytes of one layer's streamed expert pages; the time includes the
     device copy of the resident prefix into the stream slot."""
@@ -172,16 +186,16 @@ def _stream(m, hw, layer, wg, page_bytes):
     return costs.h2d_s(hw, nbytes, pages) + copy, nbytes
 
 
-def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cache_device,
-                 page_bytes, overlap):
-    """Busy time per resource, layer time and pipeline fill of one decode layer."""
-    kvb = wl.kv_bytes_per_elem
+def decode_layer(m, hw, wl, layer, k: Knobs, ctx):
+    """Busy time per resource, layer time and pipeline fill of one decode layer at
+    context `ctx`."""
+    ubs, n_ub, wg, overlap, kvb = k.ubs, k.n_ub, k.wg, k.overlap, wl.kv_bytes_per_elem
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
               + costs.gpu_post_attention_s(m, hw, ubs, layer)
               + costs.gpu_ffn_s(m, hw, ubs, layer, wl.imbalance["decode"]))
-    h2d, io = _stream(m, hw, layer, wg, page_bytes)
+    h2d, io = _stream(m, hw, layer, wg, k.page_bytes)
     h2d_mb = d2h_mb = cpu_mb = 0.0
-    if attention_device == "cpu":
+    if k.attention_device == "cpu":
         h2d_mb = costs.h2d_s(hw, costs.attn_out_bytes(m, ubs))
         d2h_mb = costs.d2h_s(hw, costs.qkv_bytes(m, ubs))
         io = io + n_ub * (costs.attn_out_bytes(m, ubs) + costs.qkv_bytes(m, ubs))
@@ -189,7 +203,7 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
                                        io / n_ub if overlap else 0.0)
     else:
         gpu_mb = gpu_mb + costs.gpu_decode_attention_s(m, hw, ubs, ctx, kvb)
-        if kv_cache_device == "cpu":  # stream the host cache in, new k/v out
+        if k.kv_cache_device == "cpu":  # stream the host cache in, new k/v out
             h2d_mb = costs.h2d_s(hw, costs.kv_bytes(m, ubs * ctx, kvb))
             d2h_mb = costs.d2h_s(hw, costs.kv_bytes(m, ubs, kvb))
     busy = dict(gpu=n_ub * gpu_mb, cpu=n_ub * cpu_mb, h2d=h2d + n_ub * h2d_mb,
@@ -197,12 +211,11 @@ def decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device, kv_cach
     fill = (gpu_mb + cpu_mb + h2d_mb + d2h_mb) if overlap else 0.0
     t = _combine(hw, overlap, **busy)
     if overlap and not hw.device_is_host:
-        t = np.maximum(t, _layer_stalls(m, hw, layer, wg, page_bytes, n_ub, gpu_mb, cpu_mb,
-                                        h2d_mb, d2h_mb))
+        t = np.maximum(t, _layer_stalls(m, hw, layer, k, gpu_mb, cpu_mb, h2d_mb, d2h_mb))
     return busy, t, fill
 
 
-def _layer_stalls(m, hw, layer, wg, page_bytes, n, gpu_mb, cpu_mb, h2d_mb, d2h_mb):
+def _layer_stalls(m, hw, layer, k: Knobs, gpu_mb, cpu_mb, h2d_mb, d2h_mb):
     """Where the timeline's edges (timeline.py) keep a lane from running flat out:
     - a layer's first post-attention needs micro-batch 0's trip through every other
       resource, so the device lane takes n·gpu + (cpu + h2d + d2h) of one micro-batch,
@@ -216,30 +229,32 @@ def _layer_stalls(m, hw, layer, wg, page_bytes, n, gpu_mb, cpu_mb, h2d_mb, d2h_m
     Not applied where the device is the host: there the cores' shared sum
     (`_combine`) already charges the chain and the copy, and the local calibration
     was validated against measurements that way."""
+    n, wg = k.n_ub, k.wg
     chain = gpu_mb + cpu_mb + h2d_mb + d2h_mb
     t = np.maximum(n * gpu_mb + chain - gpu_mb, n * cpu_mb + chain - cpu_mb)
     if m.is_moe_layer(layer):
         nbytes = costs.streamed_expert_bytes(m, wg)
         copy = np.where(nbytes > 0, costs.d2d_s(hw, m.expert_bytes_per_layer() - nbytes),
                         0.0)
-        chunk = costs.h2d_s(hw, nbytes, costs.num_pages(nbytes, page_bytes)) / n
+        chunk = costs.h2d_s(hw, nbytes, costs.num_pages(nbytes, k.page_bytes)) / n
         t = np.where(n > 1, np.maximum(t, n * gpu_mb + copy + chunk + h2d_mb), t)
     return t
 
 
-def prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device, page_bytes, overlap):
+def prefill_layer(m, hw, wl, layer, k: Knobs):
     """Busy time per resource, layer time and fill of one prefill layer. The fill is a
     two-stage pipeline's (stream → compute over the layers: L·max(a, b) + min(a, b)):
     min(h2d, n_ub·gpu) — the first layer's stream, or the last layer's compute, that
     nothing overlaps — plus the last micro-batch's k/v copy."""
+    ubs, n_ub, overlap = k.ubs, k.n_ub, k.overlap
     s, tok = wl.prompt_len, ubs * wl.prompt_len
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
               + costs.gpu_prefill_attention_s(m, hw, ubs, s)
               + costs.gpu_post_attention_s(m, hw, tok, layer)
               + costs.gpu_ffn_s(m, hw, tok, layer, wl.imbalance["prefill"]))
-    h2d, _ = _stream(m, hw, layer, wg, page_bytes)
+    h2d, _ = _stream(m, hw, layer, k.wg, k.page_bytes)
     d2h_mb = (costs.d2h_s(hw, costs.kv_bytes(m, tok, wl.kv_bytes_per_elem))
-              if kv_cache_device == "cpu" else 0.0)
+              if k.kv_cache_device == "cpu" else 0.0)
     busy = dict(gpu=n_ub * gpu_mb, cpu=0.0 * gpu_mb, h2d=h2d, d2h=n_ub * d2h_mb)
     fill = (np.minimum(h2d, n_ub * gpu_mb) + d2h_mb) if overlap else 0.0
     return busy, _combine(hw, overlap, **busy), fill
@@ -267,14 +282,13 @@ def evaluate(model: ModelConfig, hw: HardwareSpec, workload: Workload, ubs, n_ub
     busy = {r: np.zeros((c, 1)) for r in RESOURCES}
     prefill, step, fill_p, fill_d, first_layer = (np.zeros((c, 1)), np.zeros(steps),
                                                   np.zeros((c, 1)), np.zeros(steps), None)
+    knobs = Knobs(ubs, n_ub, wg, attention_device, kv_cache_device, page_bytes, overlap)
     for layer, count in _layer_kinds(m):
-        b, t, f = prefill_layer(m, hw, wl, layer, ubs, n_ub, wg, kv_cache_device,
-                                page_bytes, overlap)
+        b, t, f = prefill_layer(m, hw, wl, layer, knobs)
         prefill, fill_p = prefill + count * t, np.maximum(fill_p, f)
         for r in RESOURCES:
             busy[r] = busy[r] + count * _rows(b[r], (c, 1))
-        b, t, f = decode_layer(m, hw, wl, layer, ubs, n_ub, wg, ctx, attention_device,
-                               kv_cache_device, page_bytes, overlap)
+        b, t, f = decode_layer(m, hw, wl, layer, knobs, ctx)
         step, fill_d = step + count * _rows(t, steps), np.maximum(fill_d, f)
         first_layer = _rows(t, steps)[:, :1] if first_layer is None else first_layer
         for r in RESOURCES:
@@ -329,7 +343,8 @@ class Prediction:
         return max(RESOURCES, key=lambda r: self.busy_s[r])
 
 
-def _check_inputs(model, hw, workload):
+def check_inputs(model, hw, workload):
+    """ValueError unless model, hw and workload are a ModelConfig, HardwareSpec, Workload."""
     for name, v, t in (("model", model, ModelConfig), ("hw", hw, HardwareSpec),
                        ("workload", workload, Workload)):
         if not isinstance(v, t):
@@ -340,7 +355,7 @@ def predict(model: ModelConfig, hw: HardwareSpec, workload: Workload,
             policy: Policy) -> Prediction:
     """Predict prefill, decode and end-to-end throughput of `policy` (module docstring).
     Budgets are not enforced here: compare the peaks with `memory_budgets(hw)`."""
-    _check_inputs(model, hw, workload)
+    check_inputs(model, hw, workload)
     if not isinstance(policy, Policy):
         raise ValueError(f"policy={policy!r} is not a Policy")
     p = policy

@@ -25,23 +25,14 @@ from moejax.model_config.hardware import HardwareSpec, fmt_bytes
 from moejax.model_config.model import ModelConfig
 from moejax.model_config.workload import Workload
 from moejax.schedule.hrm import ubs_candidates
-from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy
-from moejax.schedule.predict import (Prediction, _check_inputs, evaluate, memory_budgets,
+from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, affine_interval
+from moejax.schedule.predict import (Prediction, check_inputs, evaluate, memory_budgets,
                                      memory_bytes, predict)
 
 PLACEMENTS = (("cpu", "cpu"), ("gpu", "gpu"))
 MAX_BATCH_SIZE = 1 << 14  # sequences in flight when the workload does not cap them
 WG_STEP = 1e-6  # resolution of gpu_weight_fraction
 _CHUNK_ELEMS = 1 << 21  # candidates × decode steps priced per NumPy call
-
-
-def _interval(a, b, cap):
-    """Vectorised {wg ∈ [0, 1] : a + b·wg ≤ cap} as (lo, hi); empty when lo > hi."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = (cap - a) / b
-    lo = np.where(b < 0, np.maximum(x, 0.0), np.where(a <= cap, 0.0, 2.0))
-    hi = np.where(b > 0, np.minimum(x, 1.0), np.where((b < 0) | (a <= cap), 1.0, -1.0))
-    return lo, hi
 
 
 def _streaming_line(model, wl, ubs, n_ub, placement=()):
@@ -57,12 +48,12 @@ def _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets):
     budgets form the interval [lo, hi] (empty when lo > hi)."""
     dev_cap, host_cap = budgets
     d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement)
-    lo, hi = _interval(d0, d1 - d0, dev_cap)
+    lo, hi = affine_interval(d0, d1 - d0, dev_cap)
     host_terms = [(h0, h1 - h0)]
     if hw.device_is_host:  # device and host share the same RAM
         host_terms.append((d0 + h0, d1 + h1 - d0 - h0))
     for a, b in host_terms:
-        lo2, hi2 = _interval(a, b, host_cap)
+        lo2, hi2 = affine_interval(a, b, host_cap)
         lo, hi = np.maximum(lo, lo2), np.minimum(hi, hi2)
     hi = np.floor(np.minimum(hi, 1 - WG_STEP) / WG_STEP) / (1 / WG_STEP)
     return np.ceil(lo / WG_STEP) * WG_STEP - 1e-12, hi
@@ -179,7 +170,7 @@ def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,
     """The policy with the highest predicted end-to-end tokens/s that fits the device
     budget (`device_memory_bytes`, default 90 % of the device) and 90 % of host memory.
     Raises ValueError naming the short memory when nothing fits."""
-    _check_inputs(model, hw, workload)
+    check_inputs(model, hw, workload)
     if device_memory_bytes is not None and not (
             isinstance(device_memory_bytes, (int, float)) and device_memory_bytes > 0):
         raise ValueError(f"device_memory_bytes={device_memory_bytes!r} must be > 0")
@@ -198,3 +189,32 @@ def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                                        kv_cache_device=best_placement[1],
                                        page_bytes=DEFAULT_PAGE_BYTES, overlap=True)
     return policy, predict(model, hw, workload, policy)
+
+
+MICRO_BATCH_CHOICES = (1, 2, 4, 8)  # micro-batch counts an engine's batch considers
+
+
+def search_micro_batches(model: ModelConfig, hw: HardwareSpec, workload: Workload,
+                         batch: int, placement: Policy,
+                         device_memory_bytes: float | None = None,
+                         choices=MICRO_BATCH_CHOICES) -> Policy:
+    """`placement` (its wg, attention, KV cache, pages) with the micro-batching of `batch`
+    sequences — n_ub ∈ `choices`, ubs = ⌈batch/n_ub⌉ — that `predict` says is fastest
+    among those whose peak device bytes (`memory_bytes`) fit `device_memory_bytes`
+    (None: no limit); if none fits, the one that comes closest (the caller names its
+    shortfall). How an Engine picks the micro-batching of a batch it was given."""
+    check_inputs(model, hw, workload)
+    best = None
+    for n in choices:
+        ubs = -(-batch // n)
+        if n > 1 and ubs * (n - 1) >= batch:  # fewer micro-batches hold it already
+            continue
+        pol = placement.replace(batch_size=ubs * n, micro_batch_size=ubs,
+                                num_micro_batches=n)
+        dev = float(memory_bytes(model, workload, ubs, n, pol.gpu_weight_fraction,
+                                 pol.attention_device, pol.kv_cache_device)[0])
+        fits = device_memory_bytes is None or dev <= device_memory_bytes
+        key = (fits, predict(model, hw, workload, pol).tokens_per_s if fits else -dev)
+        if best is None or key > best[0]:
+            best = (key, pol)
+    return best[1]
