@@ -5,5 +5,8 @@ from moejax.checkpoints import load_pretrained
 from moejax.engine import Engine
 from moejax.model import MoEModel
 from moejax.model_config import ModelConfig, get_model
+from moejax.sampling import Sampling
+from moejax.tokenizer import load_tokenizer
 
-__all__ = ["Engine", "MoEModel", "ModelConfig", "get_model", "load_pretrained"]
+__all__ = ["Engine", "MoEModel", "ModelConfig", "Sampling", "get_model", "load_pretrained",
+           "load_tokenizer"]

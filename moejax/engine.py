@@ -35,7 +35,8 @@ from moejax.host_offload.kv_cache import HostKVCache
 from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model_config.hardware import fmt_bytes, local_hardware
 from moejax.model_config.workload import Workload, stage_imbalance
-from moejax.placement import resolve_placement, validate_request
+from moejax.placement import resolve_placement, validate_request, validate_sampling
+from moejax.sampling import Sampling
 from moejax.runtime import BatchRun, DeviceWeights
 from moejax.schedule.executor import Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, padded_len
@@ -209,8 +210,9 @@ class Engine:
                                        for i in range(n)))
 
     def _run(self, prompts, max_new_tokens: int, eos_token_id=None, progress=None,
-             full_logits: bool = False) -> BatchRun:
-        """One batch: pad it to the policy's rows, build and execute the timeline."""
+             full_logits: bool = False, sampling=None, request_index=None) -> BatchRun:
+        """One batch: pad it to the policy's rows, build and execute the timeline
+        (`request_index`: each prompt's index, which its sampling stream follows)."""
         cfg, b = self.cfg, len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
         t, policy = self._batch_policy(b, int(lens.max()), max_new_tokens)
@@ -220,6 +222,8 @@ class Engine:
             p = prompts[r] if r < b else prompts[0]
             tokens[r, :len(p)] = p
         lens = np.concatenate([lens, np.full(rows - b, lens[0])])
+        idx = np.arange(b) if request_index is None else np.asarray(request_index)
+        idx = np.concatenate([idx, np.full(rows - b, idx[0])])  # padding: any stream
         steps = max_new_tokens - 1
         entries = build_timeline(cfg, policy, t, steps, self._stream_plan())
         cache_len = int(lens.max()) + max_new_tokens
@@ -236,7 +240,7 @@ class Engine:
         on_step = None if progress is None else (lambda s: progress(s + 1))
         with reservation:
             run = BatchRun(cfg, self.weights, kv, policy, tokens, lens, cache_len, steps,
-                           eos_token_id, on_step, full_logits)
+                           eos_token_id, on_step, full_logits, sampling, idx)
             try:
                 trace = execute(entries, run.handlers(), overlap=policy.overlap)
             finally:  # an early stop (EOS) or an error leaves passes holding slots
@@ -256,15 +260,21 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  eos_token_id: int | Sequence[int] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
-        """Greedy decoding of a ragged batch; rows are `max_new_tokens` long, or end at
-        (and include) their first `eos_token_id` when given (one id, or a list of them
-        as in HF generation configs). A batch larger than a given policy's batch size runs
+                 progress: Callable[[int, int], None] | None = None,
+                 sampling: Sampling | None = None,
+                 request_indices: Sequence[int] | None = None) -> list[list[int]]:
+        """Greedy decoding (or `sampling`, a moejax.Sampling) of a ragged batch; rows
+        are `max_new_tokens` long, or end at (and include) their first `eos_token_id`
+        when given (one id, or a list of them as in HF generation configs). A batch
+        larger than a given policy's batch size runs
         as several batches, one after the other. `progress(steps_done, steps_total)` is
         called after every step: steps_total = max_new_tokens × batches, and steps_done
         counts across batches (a batch that stops early at EOS jumps to its end), so
-        the last call is always (steps_total, steps_total)."""
+        the last call is always (steps_total, steps_total). With `sampling`, prompt i
+        draws from the stream of request index `request_indices[i]` (default i): the
+        same index and seed give the same tokens, whatever else is in the batch."""
         validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
+        indices = validate_sampling(sampling, request_indices, len(prompts))
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be callable, got {type(progress).__name__}")
         size = self.policy.batch_size if self.policy is not None else len(prompts)
@@ -276,7 +286,8 @@ class Engine:
             done = k * max_new_tokens
             on_step = None if progress is None else (
                 lambda s, done=done: progress(done + s, total))
-            run = self._run(chunk, max_new_tokens, eos_token_id, on_step)
+            run = self._run(chunk, max_new_tokens, eos_token_id, on_step,
+                            sampling=sampling, request_index=indices[i:i + size])
             out += run.tokens_out(len(chunk))
             if progress is not None and self.last_run.steps < max_new_tokens:
                 progress(done + max_new_tokens, total)  # stopped early: batch done

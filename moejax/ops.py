@@ -1,9 +1,5 @@
-"""Jitted pieces of the forward pass, shared by every engine path.
-
-Each takes only the parameters it needs, already on its device; `cfg` (a frozen,
-hashable ModelConfig) and `moe` are static, so all layers of one kind share one
-compiled function.
-"""
+"""Jitted forward pieces (docs/design.md §3), each given only its parameters, placed; `cfg`
+(hashable) and `moe` are static, so all layers of one kind share one compiled function."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ from moejax.model_config.dispatch import capacity_bucket, uses_capacity  # noqa:
 from moejax.layers.decoder import DecoderLayer, MoETransformer
 from moejax.layers.experts import expert_counts
 from moejax.model_config.model import ModelConfig
+from moejax.sampling import sample
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -33,9 +30,18 @@ def head(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("cfg",))
 def next_tokens(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
-    """x [B, T, h] -> greedy next token ids [B] int32 of the last position: final norm,
-    LM head and argmax as one device op."""
+    """x [B, T, h] -> greedy next ids [B] int32 of the last position (norm, head, argmax)."""
     return jnp.argmax(head(cfg, params, x[:, -1:])[:, 0], axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def sampled_tokens(cfg: ModelConfig, params: dict, x: jax.Array, base_key, request_index,
+                   step, temperature, top_k, top_p) -> jax.Array:
+    """x [B, T, h] -> sampled next token ids [B] int32 of the last position: final norm,
+    LM head and `sampling.sample` (row b's key from request_index[b] and step) as one
+    device op."""
+    logits = head(cfg, params, x[:, -1:])[:, 0]  # [B, V] float32
+    return sample(logits, base_key, request_index, step, temperature, top_k, top_p)
 
 
 @partial(jax.jit, static_argnames=("cfg", "moe"))
@@ -47,19 +53,15 @@ def pre_attention(cfg, moe, lp, x, positions):
 
 @partial(jax.jit, static_argnames=("cfg", "moe"))
 def post_attention(cfg, moe, lp, x, o):
-    """-> h, normed, routing weights, expert ids, per-expert token counts [E]."""
+    """x, o -> h [B, T, h], normed [N, h], weights, ids [N, k], counts [E] (N = B·T)."""
     h, normed, w, ids = DecoderLayer(cfg, moe).apply({"params": lp}, x, o,
                                                      method="post_attention")
     return h, normed, w, ids, expert_counts(ids, cfg.num_experts if moe else 1)
 
 
 def needs_capacity(cfg: ModelConfig, moe: bool, num_tokens: int) -> bool:
-    """Whether `ffn` over `num_tokens` tokens uses a capacity (and so needs the router's
-    counts on the host first): False for dense layers and for the sorted path
-    (`model_config.dispatch.uses_capacity`; measured on the 2-core CPU at h = 1024, f = 3584,
-    E = 8: both paths take the same time at 128-256 rows per expert, the sorted one is
-    15-25 % faster at ~1024 (a 64 × 64 prefill), the capacity one 2x faster at 16 (a
-    batch-64 decode step))."""
+    """Whether `ffn` over `num_tokens` tokens takes the capacity path, and so needs the
+    router's counts on the host first (`model_config.dispatch.uses_capacity`)."""
     return bool(moe and uses_capacity(num_tokens, cfg.top_k, cfg.num_experts))
 
 
@@ -70,10 +72,8 @@ def _ffn(cfg, moe, lp, h, normed, w, ids, capacity=None):
 
 
 def ffn(cfg, moe, lp, h, normed, w, ids, capacity=None):
-    """h + FFN(normed) -> [B, T, h]. MoE layers: with few tokens per expert the
-    capacity path with `capacity` (≥ the max router count, else tokens drop; None: the
-    sorted path); with many (`needs_capacity` False) the sorted path, whatever
-    `capacity` is — dropless, and a single compiled shape per token count."""
+    """h + FFN(normed) -> [B, T, h]; `capacity` (≥ the max router count, else tokens drop)
+    only where `needs_capacity`, else the sorted path: one compiled shape per token count."""
     if not needs_capacity(cfg, moe, normed.shape[0]):
         capacity = None
     return _ffn(cfg, moe, lp, h, normed, w, ids, capacity)

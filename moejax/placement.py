@@ -11,6 +11,7 @@ import numpy as np
 from moejax.host_offload.kv_cache import KV_DTYPES
 from moejax.host_offload.weight_store import HostWeightStore, make_plan
 from moejax.model import MoEModel
+from moejax.sampling import Sampling
 from moejax.schedule.policy import DEVICES, Policy
 
 # Of a device budget given alone (no wg, no policy), the share the store leaves to
@@ -160,3 +161,21 @@ def validate_request(cfg, prompts, max_new_tokens, eos_token_id,
         if not logits_only and len(p) + max_new_tokens > cfg.max_positions:
             raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
                              f"{max_new_tokens} exceeds max_positions {cfg.max_positions}")
+
+
+def validate_sampling(sampling, request_indices, n: int) -> np.ndarray:
+    """int64 [n] request indices of a generate() call; ValueError for a `sampling` that
+    is not a Sampling (or None) or indices that are not n distinct integers ≥ 0."""
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a moejax.Sampling or None, got "
+                         f"{type(sampling).__name__}")
+    if request_indices is None:
+        return np.arange(n)
+    idx = list(request_indices) if isinstance(request_indices, (list, tuple, range,
+                                                               np.ndarray)) else None
+    if idx is None or len(idx) != n or any(
+            isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not
+            0 <= i < 2 ** 31 for i in idx) or len(set(map(int, idx))) != n:
+        raise ValueError(f"request_indices must be {n} distinct integers in [0, 2**31), "
+                         "one per prompt")
+    return np.asarray(idx, np.int64)

@@ -57,7 +57,7 @@ class BatchRun:
 
     def __init__(self, cfg, weights, kv, policy, tokens: np.ndarray, lengths: np.ndarray,
                  cache_len: int, steps: int, eos_token_id=None, on_step=None,
-                 full_logits: bool = False):
+                 full_logits: bool = False, sampling=None, request_index=None):
         self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
         ubs, n = policy.micro_batch_size, policy.num_micro_batches
         self.rows = [slice(k * ubs, (k + 1) * ubs) for k in range(n)]
@@ -73,6 +73,13 @@ class BatchRun:
         self.head_params = g
         self.eos = None if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
         self.on_step, self.full_logits = on_step, full_logits
+        # sampling (a moejax.Sampling, temperature > 0): row r draws with the key of
+        # request request_index[r]; None: greedy (ops.next_tokens)
+        self.sampling = None
+        if sampling is not None and not sampling.greedy:
+            idx = np.asarray(request_index, np.int32)
+            self.sampling = (jnp.asarray(sampling.base_key()), sampling.args(),
+                             [jnp.asarray(idx[r]) for r in self.rows])
         self.out = np.zeros((steps + 1, len(lengths)), np.int64)
         self.logits: list = [None] * n
         self.done = np.zeros(len(lengths), bool)
@@ -175,7 +182,13 @@ class BatchRun:
             if self.full_logits:
                 self.logits[k] = np.asarray(ops.head(self.cfg, self.head_params, x))
             x = x[jnp.arange(x.shape[0]), self.last[k]][:, None]
-        self.nxt[k] = nxt = ops.next_tokens(self.cfg, self.head_params, x)
+        if self.sampling is None:
+            nxt = ops.next_tokens(self.cfg, self.head_params, x)
+        else:
+            key, args, idx = self.sampling
+            nxt = ops.sampled_tokens(self.cfg, self.head_params, x, key, idx[k],
+                                     jnp.int32(e.step), *args)
+        self.nxt[k] = nxt
         self.out[e.step, r] = np.asarray(nxt)
         if k == self.policy.num_micro_batches - 1:
             self._step_done(e.step)

@@ -1,5 +1,4 @@
-"""Grouped-query attention: projections (a Flax module) and the attention core (a pure
-function, so it can run on the device or on the host next to the KV cache)."""
+"""GQA: Flax projections and a pure core that runs on device or host (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -13,24 +12,20 @@ from moejax.model_config.model import ModelConfig
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q·kᵀ/√d, masked)·v with kv heads shared by groups of g = Hq/Hkv q heads.
-
-    q [B, T, Hq, d], k, v [B, S, Hkv, d], mask [B, T, S] (True = may attend) -> [B, T, Hq, d].
-    Scores and softmax in float32; a query with no visible key gets the uniform average.
-    """
+    """softmax(q·kᵀ/√d, masked)·v, kv heads shared by groups of g = Hq/Hkv q heads:
+    q [B, T, Hq, d], k, v [B, S, Hkv, d], mask [B, T, S] (True: attend) -> [B, T, Hq, d].
+    Scores in float32; a query with no visible key gets the uniform average."""
     if q.shape[1] == 1:
         return _attend_one(q, k, v, mask)
     return _attend_dots(q, k, v, mask)
 
 
 def _attend_dots(q, k, v, mask):
-    """gqa_attention as two batched dots (prompts: T queries per row). The g query heads
-    of a group and the T queries are one row axis, so each (row, kv head) is one
-    [g·T, d]·[d, S] product (measured ~1.4x faster on XLA:CPU than dots batched over
-    (row, kv head) with g and T as separate axes)."""
+    """Prompts (T > 1): one [g·T, d]·[d, S] dot per (row, kv head), the largest GEMMs."""
     b, t, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
+    # [B, T, Hq, d] -> [B, Hkv, g·T, d]: a group's heads and the queries are one row axis
     qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, d]
     s = jnp.einsum("bkmd,bksd->bkms", qg, kt, preferred_element_type=jnp.float32)
@@ -44,10 +39,7 @@ def _attend_dots(q, k, v, mask):
 
 
 def _attend_one(q, k, v, mask):
-    """gqa_attention for one query per row (decode), as multiply-and-reduce instead of
-    dots: each (row, kv head) is a [g, d]·[d, S] product with g = Hq/Hkv rows, which
-    XLA:CPU runs as tiny batched GEMMs; fused loops that read each cached key and value
-    once are ~2x faster there (measured: B = 64, S = 128, 16/4 heads, d = 64)."""
+    """Decode (T = 1): multiply-and-reduce, one read per cached k, v (no tiny GEMMs)."""
     b, _, hq, d = q.shape
     hkv = k.shape[2]
     f32 = jnp.float32
@@ -79,8 +71,7 @@ def cache_mask(lengths: jax.Array, cache_len: int) -> jax.Array:
 
 
 class AttentionProjections(nn.Module):
-    """q, k, v and output projections with the family switches of `ModelConfig`:
-    optional clamp of q, k, v (`clip_qkv`), per-head q/k RMSNorm (`qk_norm`), rotary."""
+    """q, k, v, o projections; switches `clip_qkv` (clamp) and `qk_norm`; then rotary."""
 
     cfg: ModelConfig
 

@@ -1,11 +1,9 @@
-"""Decoder layer and the whole MoE transformer.
-
-A decoder layer is split where the offloaded schedule splits it (docs/design.md §2):
+"""The MoE transformer; a decoder layer is split where the offloaded schedule splits it
+(docs/design.md §2), and `DecoderLayer.__call__` chains the pieces (all-device reference):
   pre_attention   norm → q, k, v (+ rotary)                       device
   attention       gqa_attention over the KV cache                  host or device
   post_attention  o_proj + residual → ffn norm → router            device
   ffn             experts (or dense MLP) + residual                device
-`__call__` chains them for the all-on-device reference forward.
 """
 
 from __future__ import annotations

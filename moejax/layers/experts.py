@@ -1,25 +1,6 @@
-"""Stacked SwiGLU experts with two dropless dispatch paths.
-
-Weights: w1 (gate) and w3 (up) [E, h, f], w2 (down) [E, f, h]; expert e computes
-FFN_e(x) = (silu(x·w1_e) ⊙ (x·w3_e))·w2_e, and a token's output is Σ_k w_k · FFN_{e_k}(x).
-
-- capacity path (`moe_ffn(..., capacity=C)`): tokens scattered into an [E, C, h] buffer,
-  one batched GEMM over experts. Every expert computes C rows, so the work is
-  E·C ≥ E·max(count): the imbalance between experts (and the bucket rounding of C) is
-  padding. Best for few tokens per expert (decode), where the cost is dominated by
-  streaming the weights once and C is small.
-- sorted path (`moe_ffn_sorted`, and `moe_ffn` without capacity): (token, choice) rows
-  sorted by expert; each expert runs over its own rows in blocks whose count is a
-  run-time value (a while loop), so the work is Σ_e ⌈count_e / block⌉·block ≈ N·k, no
-  capacity and no host-known count needed. Best for many tokens per expert (prefill):
-  measured on a 2-core Zen 4 (XLA:CPU, f32, N = 4096, h = 1024, f = 3584, E = 8) it ran
-  at ≈ 175 GFLOP/s of useful work against ≈ 140 for the capacity path at its bucket,
-  the same rate as one unpadded GEMM over all N·k rows. Its fixed cost — a copy of each
-  expert's weights into the loop body, ~E·3·h·f·4 bytes — makes it lose below ~256 rows
-  per expert.
-Both give each row the same GEMMs over the same weights: they agree to rounding
-(bit for bit at the bench shapes above).
-"""
+"""Stacked SwiGLU experts, w1 (gate), w3 (up) [E, h, f] and w2 (down) [E, f, h]:
+FFN_e(x) = (silu(x·w1_e) ⊙ (x·w3_e))·w2_e and a token's output is Σ_k w_k · FFN_{e_k}(x),
+by two exact, dropless dispatch paths (docs/design.md §4.3 and "Choices")."""
 
 from __future__ import annotations
 
@@ -38,8 +19,8 @@ def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Arr
 
 
 def dispatch_slots(ids: jax.Array, num_experts: int, capacity: int) -> jax.Array:
-    """Slot of each (token, choice) in an [E·C] buffer: e·C + rank of the token among
-    those routed to e; E·C (a dump row) when rank ≥ C. ids [N, k] -> [N·k]."""
+    """ids [N, k] -> [N·k] slots in an [E·C] buffer: e·C + rank of the token among those
+    routed to e, or E·C (a dump row) when rank ≥ C."""
     flat = ids.reshape(-1)
     onehot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)  # [N·k, E]
     rank = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - onehot, flat[:, None], 1)[:, 0]
@@ -53,14 +34,9 @@ def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
 
 def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None = None
                    ) -> jax.Array:
-    """Dropless, exact-size MoE FFN: x [N, h], routing weights/ids [N, k] -> [N, h].
-
-    The N·k (token, choice) rows are sorted by expert (stable), each expert runs its
-    contiguous rows through its SwiGLU in row blocks (`sorted_blocks`; block counts are
-    run-time values, so no capacity is needed), and the outputs are gathered back and
-    combined with the routing weights. A block overhanging an expert's last row writes
-    rows that the next expert (or the tail padding) overwrites afterwards.
-    """
+    """Sorted path: x [N, h], routing weights/ids [N, k] -> [N, h]. The N·k rows, sorted by
+    expert (stable), run in row blocks (`sorted_blocks`) whose counts are run-time values:
+    work Σ_e ⌈count_e / block⌉·block ≈ N·k rows, no capacity and no host-known count."""
     n, h = x.shape
     e, k = w1.shape[0], ids.shape[1]
     nk = n * k
@@ -71,6 +47,8 @@ def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None =
     starts = jnp.cumsum(counts) - counts
     xs = jnp.concatenate([x[order // k], jnp.zeros((big, h), x.dtype)])  # [N·k + big, h]
 
+    # A block overhanging an expert's last row writes rows that the next expert (or the
+    # `big` rows of tail padding) overwrites afterwards: experts run in order.
     def expert(ei, ys):
         a1, a3, a2 = w1[ei], w3[ei], w2[ei]
         count, start = counts[ei], starts[ei]
@@ -96,14 +74,9 @@ def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None =
 
 
 def moe_ffn(x, weights, ids, w1, w3, w2, capacity: int | None = None) -> jax.Array:
-    """x [N, h], routing weights/ids [N, k] -> [N, h].
-
-    With `capacity` C: tokens are scattered into a [E, C, h] buffer, run through all
-    experts as one batched GEMM, and gathered back. Callers pass C ≥ max(expert_counts) —
-    rounded to a bucket — to keep the work near N·k/E per expert instead of N; with C
-    below the max count tokens would be dropped. Without: the sorted path
-    (`moe_ffn_sorted`), dropless for any routing at ≈ N·k rows of work.
-    """
+    """x [N, h], routing weights/ids [N, k] -> [N, h]. `capacity` C (decode): an [E, C, h]
+    buffer, one batched GEMM, E·C rows (C ≥ max(expert_counts), else tokens drop); None:
+    `moe_ffn_sorted` (prefill). Both agree to rounding: each row gets the same GEMMs."""
     if capacity is None:
         return moe_ffn_sorted(x, weights, ids, w1, w3, w2)
     n, h = x.shape
@@ -111,7 +84,7 @@ def moe_ffn(x, weights, ids, w1, w3, w2, capacity: int | None = None) -> jax.Arr
     c = capacity
     slots = dispatch_slots(ids, e, c)  # [N·k]
     tok = jnp.arange(slots.shape[0]) // ids.shape[1]
-    buf = jnp.zeros((e * c + 1, h), x.dtype).at[slots].set(x[tok])
+    buf = jnp.zeros((e * c + 1, h), x.dtype).at[slots].set(x[tok])  # [E·C + dump, h]
     y = swiglu(buf[:-1].reshape(e, c, h), w1, w3, w2).reshape(e * c, h)
     y = jnp.concatenate([y, jnp.zeros((1, h), y.dtype)])[slots]  # [N·k, h]
     y = y.reshape(n, ids.shape[1], h) * weights[..., None].astype(y.dtype)

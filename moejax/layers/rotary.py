@@ -8,10 +8,8 @@ import jax.numpy as jnp
 
 
 def rotary_cos_sin(positions: jax.Array, head_dim: int, theta: float):
-    """cos, sin [B, T, head_dim] for integer positions [B, T].
-
-    inv_freq_i = theta^(−2i/d), angle = pos · inv_freq, duplicated over both halves.
-    """
+    """Integer positions [B, T] -> cos, sin [B, T, head_dim]: inv_freq_i = theta^(−2i/d),
+    angle = pos · inv_freq, duplicated over both halves."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
     ang = jnp.concatenate([ang, ang], axis=-1)  # [B, T, d]

@@ -1,14 +1,7 @@
-"""Op prices: the one place that says how long an op takes (docs/design.md §3-§4).
-
-Every function prices one op of one layer for one micro-batch (or one transfer) from
-(model, hardware, sizes) with the hierarchical roofline: time = max(compute, memory),
-compute = FLOPs / peak (or the calibrated GEMM line where the spec has one), memory =
-bytes / bandwidth. `predict()` composes these; the timeline simulator prices each
-timeline entry with the same functions, so the two agree in steady state.
-
-Sizes may be Python numbers or NumPy arrays (they broadcast), so the policy search can
-price many candidates at once. Activations are in the model's dtype; the KV cache in
-`kv_bytes_per_elem` bytes per element (None: the model's dtype).
+"""Op prices [s] of one op of one layer for one micro-batch (docs/design.md §4.1, §4.3):
+roofline max(FLOPs / peak or the calibrated GEMM line, bytes / bandwidth). `predict` and
+the simulator both price with these, so they agree in steady state. Sizes broadcast
+(NumPy), so the search prices many candidates at once; KV in `kv_bytes_per_elem` bytes.
 """
 
 from __future__ import annotations
@@ -25,12 +18,9 @@ COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # pages of the runs `calibrate` fits copy_co
 
 # ------------------------------------------------------------------ generic roofs
 def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_bytes=0):
-    """Device time of `flops` of GEMM work: the calibrated line
-    `calls·gemm_intercept_s + flops / gemm_flops_per_s` where the spec has one, else
-    `flops / P_gpu(dtype)`. The intercept was fitted on one expert FFN of the
-    calibration model: reading that expert's weights. Expert FFN calls (`calls` =
-    experts or row blocks run) pay it whole; another GEMM pays it per byte of the
-    `weight_bytes` it reads (the LM head, the QKV and output projections)."""
+    """Device GEMM time [s]: calls·t₀ + weight_bytes·t₀/bytes_expert + flops / R_gemm
+    (calibrated line, §4.3), else flops / P_gpu(dtype). t₀ is one expert's weight read,
+    so expert passes pay it whole and other GEMMs per weight byte."""
     if hw.gemm_flops_per_s is not None:
         per_byte = (hw.gemm_intercept_s or 0.0) / m.expert_bytes()
         return (calls * hw.gemm_intercept_s + weight_bytes * per_byte
@@ -39,16 +29,14 @@ def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_by
 
 
 def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0, weight_bytes=0):
-    """Roofline of one device op: max(compute, bytes / B_gpu), plus the calibrated fixed
-    cost of issuing and finishing one op (`device_op_overhead_s`)."""
+    """One device op [s]: max(compute, bytes / B_gpu) + `device_op_overhead_s` (t_op)."""
     return np.maximum(device_compute_s(m, hw, flops, calls, weight_bytes),
                       nbytes / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
 
 
 def h2d_rate(hw: HardwareSpec, transfer_bytes):
-    """B_h2d for transfers of `transfer_bytes` each: the calibrated `h2d_curve`
-    interpolated in log size where the spec has one (on the CPU testbed one big copy is
-    slower than cache-sized pages), else `h2d_bytes_per_s`."""
+    """B_h2d [bytes/s] per transfer size: `h2d_curve` interpolated in log size, else
+    `h2d_bytes_per_s`; a curve because the rate depends on the transfer size."""
     if hw.h2d_curve is None:
         return hw.h2d_bytes_per_s
     size, rate = np.array(hw.h2d_curve, dtype=float).T
@@ -63,8 +51,7 @@ def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
 
 
 def d2d_s(hw: HardwareSpec, nbytes):
-    """Device → device copy of `nbytes` (a stream slot's resident prefix): the calibrated
-    copy rate, else a read and a write per byte at B_gpu."""
+    """d2d copy [s] (a slot's resident prefix): bytes / B_d2d, default B_gpu / 2."""
     return nbytes / (hw.d2d_bytes_per_s or hw.gpu_memory_bytes_per_s / 2)
 
 
@@ -100,10 +87,8 @@ def streamed_expert_bytes(m: ModelConfig, gpu_weight_fraction):
 
 
 def stream_buffer_bytes(layer_bytes, streamed_bytes) -> dict:
-    """Device bytes streaming takes, by kind (host_offload/weight_store.py's layout):
-    `stream_slots` 2·W_E — two full-layer slots where a streamed layer is assembled
-    beside its resident prefix — and `page_staging` (1 − wg)·W_E of pages in flight;
-    both 0 where nothing streams. The store accounts, and `predict` prices, these."""
+    """Device bytes of streaming, as the weight store accounts them: `stream_slots` 2·W_E
+    (two full-layer slots) and `page_staging` (1 − wg)·W_E in flight; 0 if none streams."""
     streams = np.asarray(streamed_bytes) > 0
     return {"stream_slots": np.where(streams, 2 * layer_bytes, 0),
             "page_staging": np.where(streams, streamed_bytes, 0)}
@@ -137,13 +122,9 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """The layer's FFN for `tokens` tokens. MoE layer: the rows and weight passes the
-    dispatch really runs (`routing.expected_work`: E·C rows in E passes on the
-    capacity path; ≈ N·k rows plus block padding, a pass per row block plus 2·E for
-    the loop body's weight copy, on the sorted path; `imbalance` as
-    `Workload.expert_imbalance`) through SwiGLU, each pass paying the GEMM line's
-    intercept (a read of one expert's weights); resident or streamed weights cost the
-    same here, the stream is priced on the link. Dense layer: its MLP."""
+    """FFN of `tokens` tokens [s]: MoE layers price the rows and weight passes the dispatch
+    runs (`routing.expected_work`, §4.3), each pass paying t₀; dense layers their MLP.
+    The stream is priced on the link, so resident and streamed weights cost the same."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
@@ -175,8 +156,7 @@ def gpu_decode_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len
 
 
 def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
-    """Causal prefill attention of `seqs` prompts of `prompt_len` tokens on the device:
-    query i sees i keys, so FLOPs = seqs·heads·(2·head_dim + 2)·s(s+1)/2."""
+    """Causal prefill attention [s]; FLOPs = seqs·heads·(2·head_dim + 2)·s(s+1)/2."""
     s = prompt_len
     flops = seqs * m.num_heads * (2 * m.head_dim + 2) * s * (s + 1) / 2
     nbytes = qkv_bytes(m, seqs * s) + attn_out_bytes(m, seqs * s)
@@ -186,18 +166,10 @@ def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
 # -------------------------------------------------------------------- host ops
 def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
                     kv_bytes_per_elem=None, concurrent_host_bytes=0.0):
-    """CPU decode attention of `tokens` queries, each appending its new k, v and reading
-    `context_len` + 1 keys' k, v (docs/design.md §2 step 3). The timeline's context already
-    counts the new token, so this prices one key more than runs — a ~1/context
-    overestimate that the calibration, fitted with this same formula, absorbs.
-
-    time = t_call + max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes)
-    / B_host): t_call the calibrated fixed cost of one call, B_attn the calibrated
-    kernel rate (or B_host); the last term is the MoE-Lens
-    contention B_mem ≥ B_kv + B_io, with `concurrent_host_bytes` the weight pages and
-    activations the link moves through host memory while this attention runs. Where
-    the device is the host's own CPU (`hw.device_is_host`) that contention is the
-    shared-core model's (`core_demand`), so it is not counted twice here."""
+    """CPU decode attention of `tokens` queries over `context_len` + 1 keys [s] (§2 step 3,
+    §4.3): t_call + max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes) /
+    B_host), the last term MoE-Lens's B_mem ≥ B_kv + B_io; dropped on `device_is_host`
+    hardware, where `core_demand` already charges it. The extra key is fitted away."""
     if hw.device_is_host:
         concurrent_host_bytes = 0.0
     flops = tokens * m.attention_core_flops(context_len)
@@ -211,13 +183,7 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 # ------------------------------------------------------------ shared host cores
 def core_demand(hw: HardwareSpec, resource: str) -> float:
-    """Host cores an op of `resource` keeps busy where the "GPU" is the host's own CPU
-    (`hw.device_is_host`): device ops and CPU attention use every core (XLA's and the
-    attention pool's threads); a copy contends for memory bandwidth and cache rather
-    than cores, so it takes the calibrated `hw.copy_core_demand`, whatever its size:
-    a big copy is slow for its page faults, which are CPU work too (scaling the demand
-    by the copy's bytes/s priced whole-layer transfers 10-16 % fast on the 2-core
-    testbed; unscaled, 4 %). Concurrent ops share the cores: while their demands add
-    up to D > cores each runs at cores/D of its speed alone (processor sharing;
-    `simulate` applies it op by op, `predict` in steady state)."""
+    """Host cores an op of `resource` occupies on `device_is_host` hardware (§5): device ops
+    and CPU attention all `cpu_cores`, a copy `copy_core_demand` whatever its size (it
+    contends for memory, not cores). Ops whose demands sum to D > cores run at cores/D."""
     return float(hw.copy_core_demand if resource in ("h2d", "d2h") else hw.cpu_cores)

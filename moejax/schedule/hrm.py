@@ -1,19 +1,8 @@
-"""MoE-Lightning's hierarchical-roofline policy model, reproduced exactly (docs/design.md §4).
-
-This module is the *reference* reproduction, not moejax's own model (`predict.py`): it
-uses MoE-Lightning's own approximations exactly as written in docs/design.md §4 — fp16 = 2
-bytes whatever the config's dtype, `W_E = 2·3·h·f·E`, `w_other = L·(4h² + 4h²/g)`,
-`h_kv = h/g`, memory caps `0.86·gmem` and `0.8·cmem` — so that with `mixtral_8x7b` on
-`l4_moe_lightning`, prompt 77, generation 32 it returns micro-batch 324 × 14,
-wg ≈ 0.056 and 944.66 decode tokens/s. Do not "fix" these formulas with the
-`ModelConfig` size helpers; that is what `costs.py` is for.
-
-Decode stage, attention and KV cache on the CPU, per layer:
-    T       = max(ctog, cpu_T, gpu_T)
-    ctog    = (1 − wg)·W_E / B_pcie
-    gpu_T   = n_ub · max(2·ubs·h·f·3·k / P_gpu, (2·ubs·h + 2·ubs·f + W_E) / B_gpu)
-    cpu_T   = n_ub · max(attn_flops / P_cpu, attn_bytes / B_cpu)
-    throughput = N·n / (T·L·(n − 1)),  N = ubs·n_ub.
+"""MoE-Lightning's policy model, reproduced exactly (docs/design.md §4.2): decode stage,
+attention and KV on the CPU, T = max(ctog, cpu_T, gpu_T) per layer, throughput =
+N·n / (T·L·(n − 1)) [decode tok/s]. Its own approximations (fp16 = 2 bytes, 0.86·gmem,
+0.8·cmem) are kept so its published policy (324 × 14, wg ≈ 0.056, 944.66 tok/s on
+`l4_moe_lightning`) comes out; do not "fix" them with `ModelConfig` helpers (`costs.py`).
 """
 
 from __future__ import annotations
@@ -107,8 +96,7 @@ def cpu_memory_bytes(m: ModelConfig, ubs: int, n_ub: int, s: int, n: int,
 
 
 def _wg_interval(m, hw, ubs, n_ub, s, n):
-    """Feasible [lo, hi] of wg under both memory caps (each affine in wg), and, when it is
-    empty, which memory is short and by how much at the best wg."""
+    """(lo, hi, why): feasible wg under both memory caps; `why` names the short memory."""
     lo, hi = 0.0, 1.0
     gcap = GPU_MEMORY_CAP * hw.gpu_memory_bytes
     for stage in ("prefill", "decode"):
@@ -144,8 +132,8 @@ def _check(m: ModelConfig, hw: HardwareSpec, prompt_len: int, gen_len: int,
 
 
 def _evaluate(m, hw, s, n, ubs, n_ub):
-    """Best wg for (ubs, n_ub): T is non-increasing in wg, so take the smallest wg that
-    makes ctog ≤ max(cpu_T, gpu_T), clamped into the memory-feasible interval."""
+    """(result, why) at the best wg: the smallest with ctog ≤ max(cpu_T, gpu_T), clamped
+    into the feasible interval (T is non-increasing in wg, so this is exact)."""
     lo, hi, why = _wg_interval(m, hw, ubs, n_ub, s, n)
     if lo > hi:
         return None, why
@@ -168,8 +156,7 @@ def _evaluate(m, hw, s, n, ubs, n_ub):
 def moe_lightning_evaluate(model: ModelConfig, hw: HardwareSpec, prompt_len: int,
                            gen_len: int, micro_batch_size: int,
                            num_micro_batches: int) -> MoELightningResult:
-    """MoE-Lightning's prediction for one (ubs, n_ub), with wg solved exactly.
-    Raises ValueError if no wg ∈ [0, 1] fits both memory constraints."""
+    """MoE-Lightning's prediction for one (ubs, n_ub); ValueError if no wg fits memory."""
     _check(model, hw, prompt_len, gen_len, micro_batch_size=micro_batch_size,
            num_micro_batches=num_micro_batches)
     r, why = _evaluate(model, hw, prompt_len, gen_len, micro_batch_size, num_micro_batches)
@@ -190,9 +177,8 @@ def ubs_candidates():
 
 def moe_lightning_search(model: ModelConfig, hw: HardwareSpec, prompt_len: int,
                          gen_len: int) -> MoELightningResult:
-    """Exhaustive search of docs/design.md §4: every ubs of the grid and every feasible n_ub
-    (memory grows with both, so each loop stops at the first infeasible value); keep the
-    best decode throughput (first found on ties)."""
+    """Exhaustive search of docs/design.md §4.2 over the ubs grid and feasible n_ub (each
+    loop stops at the first infeasible value); the first best decode throughput wins."""
     _check(model, hw, prompt_len, gen_len)
     best, first_why = None, ""
     for ubs in ubs_candidates():

@@ -13,26 +13,16 @@ PAD_MULTIPLE = 16  # prompts are padded to a multiple of this many positions
 
 
 def padded_len(n: int, multiple: int = PAD_MULTIPLE) -> int:
-    """A prompt length rounded up to `multiple`: shapes (and compilations) repeat across
-    batches while padding stays below `multiple` positions."""
+    """`n` rounded up to `multiple`, so shapes (and compilations) repeat across batches."""
     return -(-int(n) // multiple) * multiple
 
 
 @dataclass(frozen=True)
 class Policy:
-    """How a batch is run (docs/design.md §2-§4).
-
-    batch_size          N = micro_batch_size · num_micro_batches sequences in flight.
-    micro_batch_size    ubs: sequences per device kernel call (and per CPU attention call).
-    num_micro_batches   n_ub: micro-batches pipelined through each layer (CGOPipe).
-    gpu_weight_fraction wg ∈ [0, 1]: fraction of every MoE layer's expert bytes kept
-                        resident on the device; the rest is streamed each pass.
-    attention_device    where decode attention runs: "cpu" (next to a host KV cache) or
-                        "gpu". Prefill attention always runs on the device.
-    kv_cache_device     where the KV cache lives: "cpu" (host) or "gpu".
-    page_bytes          size of one streamed weight page.
-    overlap             True: CGOPipe (a layer costs max over resources); False: serial.
-    """
+    """How a batch is run (docs/design.md §2-§4): N = ubs·n_ub sequences, n_ub micro-batches
+    of ubs pipelined per layer (CGOPipe); wg ∈ [0, 1] of each MoE layer's expert bytes
+    resident, the rest streamed in `page_bytes` pages; decode attention and KV cache on
+    "cpu" or "gpu" (prefill attention always on the device); overlap: CGOPipe max, else serial."""
 
     batch_size: int
     micro_batch_size: int
@@ -79,13 +69,8 @@ class Policy:
 
 
 def affine_interval(a, b, cap):
-    """The set {x ∈ [0, 1] : a + b·x ≤ cap} as (lo, hi), empty when lo > hi; floats, or
-    arrays for array inputs (NumPy-broadcast, so the search solves every candidate at
-    once).
-
-    Memory use is affine in `gpu_weight_fraction` (resident bytes grow, streamed and
-    host bytes shrink), so every memory budget bounds it to such an interval and the
-    inner problem over wg is solved exactly by intersecting them."""
+    """{x ∈ [0, 1] : a + b·x ≤ cap} as (lo, hi), empty when lo > hi; broadcasts. Memory is
+    affine in wg, so intersecting these intervals solves the search's wg exactly."""
     a, b, cap = (np.asarray(v, dtype=float) for v in (a, b, cap))
     with np.errstate(divide="ignore", invalid="ignore"):
         x = (cap - a) / b

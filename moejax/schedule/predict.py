@@ -1,22 +1,7 @@
-"""moejax's performance model (docs/design.md §4): prefill + decode, end to end.
-
-Composes the op prices of `costs.py` into layer, step and job times:
-
-* A layer of a decode step (attention on the CPU) moves (1 − wg)·W_E of expert weights
-  in pages plus q/k/v out and attention outputs back, runs n_ub micro-batches of device
-  work (pre-attention, post-attention + router, expert FFN) and n_ub CPU attentions.
-  With `overlap` (CGOPipe steady state) it costs max(h2d, d2h, cpu, gpu); without, the
-  sum. CPU attention shares host bandwidth with the link (`costs.cpu_attention_s`).
-  On `device_is_host` hardware (the local testbed) all four share the host cores: the
-  layer also takes its core-seconds over the cores (`_combine`).
-* A decode step at context c sums its layers, plus the LM head and a pipeline fill (one
-  micro-batch's latency, outside the steady state); prefill's fill is the stream →
-  compute pipeline's, min(stream, compute) of one layer. Decode runs n − 1 steps at
-  c = s+1 … s+n−1; prefill (whole prompts, attention on the device, new k/v copied to
-  the host cache) produces the first token.
-* tokens_per_s = N·n / (prefill_s + decode_s), the figure users see.
-
-Every prediction carries the MoE-Lens capacity bound (`moe_lens_bound`).
+"""moejax's performance model (docs/design.md §4.3): `costs.py` op prices → layer, step,
+job times [s]; decode_s = Σ_{c=s+1}^{s+n−1} (Σ_layers t(c) + LM head + fill), prefill
+yields the first token, tokens_per_s = N·n / (prefill_s + decode_s), plus the MoE-Lens
+bound. One closed form serves `predict` and the search, so both report the same number.
 """
 
 from __future__ import annotations
@@ -40,22 +25,10 @@ CAPACITY_SLACK = 1.25  # expert capacity buckets round token counts up (layers/e
 # ----------------------------------------------------------------- MoE-Lens bound
 @dataclass(frozen=True)
 class MoELensBound:
-    """MoE-Lens hardware limit (docs/design.md §4): T_max = min(PME·M/δ, T_gpu).
-
-    PME = 2(p+g)/((2p+g)·g); M = KV tokens that fit in host memory next to the weights
-    the device cannot hold; δ = bytes one pass over the weights must move / B_h2d; T_gpu = device
-    FLOP/s / FLOPs per token. T_max counts processed tokens (prompt + generated: PME's
-    p+g numerator); `generated_tokens_per_s` = T_max·g/(p+g) is the figure comparable
-    with `Prediction.tokens_per_s`.
-
-    docs/design.md writes δ = model bytes / B_pcie. Weights resident on the device cross no
-    link, so a policy keeping some there could beat that "limit"; moejax moves only
-    the bytes that cannot fit on the device, max(model bytes − usable device memory, 0),
-    which keeps T_max an upper bound for every policy (it equals docs/design.md's δ minus at most
-    the device memory, ~25 % for Mixtral 8x7B on an L4). For the same reason M counts
-    the host memory left next to those bytes, not next to every expert: a policy that
-    keeps some experts on the device has that much more host memory for KV (DBRX on a
-    256 GiB host cannot hold all its 236 GiB of experts beside any KV, yet runs)."""
+    """MoE-Lens limit (docs/design.md §4.3): T_max = min(PME·M/δ, T_gpu) [processed tok/s],
+    PME = 2(p+g)/((2p+g)·g), δ = max(W − 0.9·gmem, 0)/B_h2d [s], M [KV tokens] beside those
+    bytes, T_gpu = FLOP/s / FLOPs per token, generated = T_max·g/(p+g). Only bytes that
+    cannot stay on the device count, so T_max bounds every policy, resident experts too."""
 
     pme: float
     kv_capacity_tokens: float  # M
@@ -90,15 +63,9 @@ def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> 
 # ---------------------------------------------------------------------- memory
 def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
                  attention_device: str = "cpu", kv_cache_device: str = "cpu"):
-    """(peak device bytes, peak host bytes); NumPy-broadcastable, affine in wg on
-    [0, 1) and lower at wg = 1, where nothing streams.
-
-    device = non-expert weights + wg·experts + stream buffers + max(prefill, decode)
-             activations [+ KV cache if on gpu]; stream buffers mirror HostWeightStore's
-             accounting (host_offload/weight_store.py): for wg < 1, two full-layer
-             slots, 2·W_E, where streamed pages are assembled next to the resident
-             prefix, plus (1−wg)·W_E of pages in flight; none at wg = 1
-    host   = (1−wg)·experts [+ KV cache] + activation staging for the whole batch."""
+    """(peak device, peak host) bytes, broadcastable, affine in wg on [0, 1) (§4.3 Memory):
+    device = NE + wg·W_E + [wg < 1]·(2·W_E + (1−wg)·W_E) + max(prefill, decode act) [+ KV],
+    host = (1−wg)·W_E [+ KV] + staging; streams mirror HostWeightStore's accounting."""
     m, s, n = model, workload.prompt_len, workload.gen_len
     b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
     kv_total = big_n * (s + n) * m.kv_bytes_per_token(workload.kv_bytes_per_elem)
@@ -131,8 +98,7 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
 
 
 def memory_budgets(hw: HardwareSpec, device_memory_bytes: float | None = None):
-    """(device, host) bytes the search may use. `device_memory_bytes` overrides the
-    device budget as is (it emulates a smaller GPU on the local testbed)."""
+    """(device, host) bytes the search may use; `device_memory_bytes` emulates a small GPU."""
     dev = (hw.gpu_memory_bytes * DEVICE_MEMORY_USABLE if device_memory_bytes is None
            else float(device_memory_bytes))
     return dev, hw.host_memory_bytes * HOST_MEMORY_USABLE
@@ -147,11 +113,9 @@ def _layer_kinds(m: ModelConfig):
 
 
 def _combine(hw, overlap, h2d, d2h, gpu, cpu):
-    """Layer time from per-resource busy times (alone): CGOPipe max, or the serial sum.
-    On `device_is_host` hardware every resource runs on the same host cores, so the
-    layer also needs its core-seconds over the cores (`costs.core_demand`):
-    max(h2d, d2h, Σ_r demand_r·busy_r / cores) = max(h2d, d2h, gpu + cpu + c·(h2d+d2h)/cores),
-    c = `hw.copy_core_demand`."""
+    """Layer time [s] from per-resource busy times (docs/design.md §4.3): serial sum, or
+    CGOPipe max(h2d, d2h, gpu, cpu); on `device_is_host` hardware, where all lanes share
+    the cores, max(h2d, d2h, Σ_r demand_r·busy_r / cores) (`costs.core_demand`)."""
     if not overlap:
         return h2d + d2h + gpu + cpu
     link = np.maximum(h2d, d2h)
@@ -176,8 +140,7 @@ class Knobs:
 
 
 def _stream(m, hw, layer, wg, page_bytes):
-    """h2d time and bytes of one layer's streamed expert pages; the time includes the
-    device copy of the resident prefix into the stream slot."""
+    """(h2d s incl. the resident prefix's d2d copy, bytes) of one layer's streamed pages."""
     if not m.is_moe_layer(layer):
         return 0.0, 0.0
     nbytes = costs.streamed_expert_bytes(m, wg)
@@ -187,8 +150,7 @@ def _stream(m, hw, layer, wg, page_bytes):
 
 
 def decode_layer(m, hw, wl, layer, k: Knobs, ctx):
-    """Busy time per resource, layer time and pipeline fill of one decode layer at
-    context `ctx`."""
+    """(busy per resource, layer time, fill) [s] of one decode layer at context `ctx`."""
     ubs, n_ub, wg, overlap, kvb = k.ubs, k.n_ub, k.wg, k.overlap, wl.kv_bytes_per_elem
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, ubs)
               + costs.gpu_post_attention_s(m, hw, ubs, layer)
@@ -216,19 +178,10 @@ def decode_layer(m, hw, wl, layer, k: Knobs, ctx):
 
 
 def _layer_stalls(m, hw, layer, k: Knobs, gpu_mb, cpu_mb, h2d_mb, d2h_mb):
-    """Where the timeline's edges (timeline.py) keep a lane from running flat out:
-    - a layer's first post-attention needs micro-batch 0's trip through every other
-      resource, so the device lane takes n·gpu + (cpu + h2d + d2h) of one micro-batch,
-      the CPU lane n·cpu + (gpu + h2d + d2h) (with n = 1 nothing overlaps at all);
-    - with n ≥ 2, micro-batch 0's attention output queues on the link behind the next
-      layer's first chunk of pages, whose first page also copies the resident prefix
-      into the slot (`copy_bytes`): n·gpu + copy + chunk + h2d of one micro-batch.
-    Priced against the simulator's list scheduling of the same timeline, these bring
-    its decode time within 9 % of this closed form over Mixtral on L4/T4 with
-    n ∈ {1..16}, wg ∈ [0, 1] (without them: up to 68 % at n = 1, 53 % at wg = 0.9).
-    Not applied where the device is the host: there the cores' shared sum
-    (`_combine`) already charges the chain and the copy, and the local calibration
-    was validated against measurements that way."""
+    """Lower bound [s] on a CGOPipe decode layer from the timeline's edges (§4.3 `stalls`):
+    max(n·gpu + chain − gpu, n·cpu + chain − cpu), and for n ≥ 2 n·gpu + copy + chunk +
+    h2d, all of one micro-batch, so the closed form tracks `simulate()`. Not used where
+    the device is the host: `_combine`'s shared-core sum already charges these."""
     n, wg = k.n_ub, k.wg
     chain = gpu_mb + cpu_mb + h2d_mb + d2h_mb
     t = np.maximum(n * gpu_mb + chain - gpu_mb, n * cpu_mb + chain - cpu_mb)
@@ -242,10 +195,9 @@ def _layer_stalls(m, hw, layer, k: Knobs, gpu_mb, cpu_mb, h2d_mb, d2h_mb):
 
 
 def prefill_layer(m, hw, wl, layer, k: Knobs):
-    """Busy time per resource, layer time and fill of one prefill layer. The fill is a
-    two-stage pipeline's (stream → compute over the layers: L·max(a, b) + min(a, b)):
-    min(h2d, n_ub·gpu) — the first layer's stream, or the last layer's compute, that
-    nothing overlaps — plus the last micro-batch's k/v copy."""
+    """(busy per resource, layer time, fill) [s] of one prefill layer; fill =
+    min(h2d, n_ub·gpu) + one micro-batch's k/v copy, the part of a two-stage stream →
+    compute pipeline (L·max(a, b) + min(a, b)) that nothing overlaps."""
     ubs, n_ub, overlap = k.ubs, k.n_ub, k.overlap
     s, tok = wl.prompt_len, ubs * wl.prompt_len
     gpu_mb = (costs.gpu_pre_attention_s(m, hw, tok)
@@ -268,12 +220,9 @@ def _rows(x, shape):
 def evaluate(model: ModelConfig, hw: HardwareSpec, workload: Workload, ubs, n_ub, wg,
              attention_device: str = "cpu", kv_cache_device: str = "cpu",
              page_bytes: int = DEFAULT_PAGE_BYTES, overlap: bool = True) -> dict:
-    """Times of one batch for candidates given as equal-length arrays ubs, n_ub, wg [C].
-
-    Returns a dict of [C] arrays: prefill_s, decode_s, tokens_per_s,
-    decode_tokens_per_s, decode_layer_s (first decode step, per layer of the first kind),
-    pipeline_fill_s (all steps) and busy_<gpu|cpu|h2d|d2h>_s. `predict` and the policy
-    search both call this, so a searched policy's prediction is this very number."""
+    """One batch's times for candidates ubs, n_ub, wg [C] → dict of [C] arrays [s, tok/s]:
+    prefill_s, decode_s, tokens_per_s, decode_tokens_per_s, decode_layer_s (first step,
+    first layer kind), pipeline_fill_s, busy_<gpu|cpu|h2d|d2h>_s."""
     m, wl = model, workload
     ubs, n_ub, wg = (np.asarray(a, dtype=float).reshape(-1, 1) for a in (ubs, n_ub, wg))
     c = ubs.shape[0]
@@ -313,12 +262,8 @@ def evaluate(model: ModelConfig, hw: HardwareSpec, workload: Workload, ubs, n_ub
 # ------------------------------------------------------------------ prediction
 @dataclass(frozen=True)
 class Prediction:
-    """moejax's prediction for one (model, hardware, workload, policy).
-
-    Times in seconds for one batch of `policy.batch_size` sequences; throughputs in
-    generated tokens/s; memory peaks in bytes; `busy_s` maps gpu/cpu/h2d/d2h to the
-    seconds each resource works (prefill + decode). `limit_tokens_per_s` is the MoE-Lens
-    bound in generated tokens/s (`bound` holds its parts)."""
+    """One batch of `policy.batch_size` sequences: times and `busy_s` [s], throughputs and
+    the MoE-Lens `limit_tokens_per_s` [generated tok/s], peaks [bytes]."""
 
     policy: Policy
     prefill_s: float
@@ -353,8 +298,7 @@ def check_inputs(model, hw, workload):
 
 def predict(model: ModelConfig, hw: HardwareSpec, workload: Workload,
             policy: Policy) -> Prediction:
-    """Predict prefill, decode and end-to-end throughput of `policy` (module docstring).
-    Budgets are not enforced here: compare the peaks with `memory_budgets(hw)`."""
+    """Predict `policy`'s times and throughput; peaks are not checked against budgets."""
     check_inputs(model, hw, workload)
     if not isinstance(policy, Policy):
         raise ValueError(f"policy={policy!r} is not a Policy")

@@ -1,6 +1,5 @@
-"""Routing statistics for pricing the expert GEMMs (docs/design.md §4): how many rows
-the dispatch computes for N tokens, in expectation, and the router imbalance a run
-showed. The dispatch rules themselves are `model_config.dispatch`."""
+"""Routing statistics that price the expert GEMMs (docs/design.md §4.3): expected rows
+and weight passes of the dispatch (`model_config.dispatch`) and a run's fitted imbalance."""
 
 from __future__ import annotations
 
@@ -13,12 +12,9 @@ from moejax.model_config.dispatch import capacity_bucket, sorted_blocks, uses_ca
 
 
 def count_quantiles(mean_count, top_k: int, num_experts: int, imbalance: float = 1.0):
-    """[..., E] typical per-expert row counts of a call with mean μ per expert: μ + σ·z_j
-    at the E normal quantiles z_j = Φ⁻¹((j − ½)/E), σ² = μ(1 − k/E) + s², the binomial
-    spread plus a skew s = (imbalance − 1)·μ/√(2 ln E). With E = 8 the hottest count
-    then lies ≈ 0.75·(imbalance − 1)·μ above the uniform one's: a Gaussian stand-in for
-    the capacity path's `max_count_pmf`, whose hottest expert has imbalance·μ. Sums to
-    E·μ."""
+    """[..., E] typical per-expert counts for mean μ: μ + σ·z_j, z_j = Φ⁻¹((j − ½)/E),
+    σ² = μ(1 − k/E) + s², s = (imbalance − 1)·μ/√(2 ln E); sums to E·μ. A Gaussian
+    stand-in for `max_count_pmf`'s skew, cheap enough for the sorted path's sizes."""
     z = np.array([NormalDist().inv_cdf((j + 0.5) / num_experts)
                   for j in range(num_experts)])
     mu = np.asarray(mean_count, dtype=float)[..., None]
@@ -28,13 +24,10 @@ def count_quantiles(mean_count, top_k: int, num_experts: int, imbalance: float =
 
 
 def sorted_work(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
-    """(rows, weight passes) of the sorted path for `tokens` tokens: each expert's count
-    c (`count_quantiles`) runs as ⌊c/big⌋ blocks of big then ⌈rest/small⌉ of small
-    (`sorted_blocks`), so rows = Σ blocks·size ≥ N·k; every block reads its expert's
-    weights again, and the loop body first copies each expert's weights (a read and a
-    write: 2·E passes), so passes = Σ blocks + 2·E. Measured on the 2-core CPU at
-    h = 768, f = 2688, E = 8, random top-2 routing: within 5 % from 1024 to 8192
-    tokens (the blocks alone priced 3-10 % low)."""
+    """(rows, weight passes) of the sorted path: count c (`count_quantiles`) runs as ⌊c/big⌋
+    blocks of big then ⌈rest/small⌉ of small (`sorted_blocks`); rows = Σ blocks·size,
+    passes = Σ blocks + 2·E, since every block rereads its expert and the loop body
+    copies each expert's weights once (a read and a write)."""
     n = np.asarray(tokens, dtype=float)
     mu = n * top_k / num_experts
     blocks = np.vectorize(sorted_blocks, otypes=[float, float])(mu)
@@ -47,8 +40,7 @@ def sorted_work(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
 
 
 # Calls with fewer (token, choice) rows per expert than this are left out of the
-# imbalance fit: their max count says little about skew, and the independent-count
-# model's 2-10 % low max there fitted uniform routing of 1 token at imbalance E/k.
+# imbalance fit: their max count says little about skew.
 MIN_FIT_ROWS_PER_EXPERT = 8
 
 
@@ -67,12 +59,9 @@ def _binomial_cdf(n: int, p: float) -> np.ndarray:
 
 def max_count_pmf(tokens: int, top_k: int, num_experts: int,
                   imbalance: float = 1.0) -> np.ndarray:
-    """[N + 1] P(max_e count_e = c) for N tokens' top-k choices among E experts: each
-    count binomial (N, k/E), the hottest expert's (N, min(1, imbalance·k/E)), taken as
-    independent: P(max ≤ c) = F_hot(c)·F(c)^(E−1), and at least ⌈N·k/E⌉ (some count
-    reaches the mean). Against uniform random routing (1000-2000 draws; top-2 of 8,
-    top-4 of 16, top-8 of 128): E[max] 2-5 % low at N = 2-32, ≤ 1.5 % from 64 on;
-    E[C] 0-3 % low."""
+    """[N + 1] P(max_e count_e = c): counts ~ Binomial(N, k/E), the hottest's Binomial(N,
+    min(1, imbalance·k/E)), taken as independent: P(max ≤ c) = F_hot(c)·F(c)^(E−1), and
+    max ≥ ⌈N·k/E⌉ since some count reaches the mean."""
     n, p = int(tokens), top_k / num_experts
     cdf = _binomial_cdf(n, min(1.0, imbalance * p)) * _binomial_cdf(n, p) ** (num_experts - 1)
     cdf[:int(np.ceil(n * p - 1e-9))] = 0.0
@@ -90,23 +79,17 @@ def expected_max_count(tokens: int, top_k: int, num_experts: int,
 @functools.lru_cache(maxsize=4096)
 def expected_capacity(tokens: int, top_k: int, num_experts: int,
                       imbalance: float = 1.0) -> float:
-    """E[C] = Σ_c P(max = c)·bucket(c) (`max_count_pmf`, `capacity_bucket`): the mean
-    capacity the dispatch pads to, not the bucket of the mean max count (that one priced
-    decode micro-batches of 32 tokens at C = 14-16 where C averaged 12.1)."""
+    """E[C] = Σ_c P(max = c)·bucket(c) [rows per expert] (§4.3): the mean capacity the
+    dispatch pads to, which the bucket of the mean max count overstates."""
     n = int(tokens)
     pmf = max_count_pmf(n, top_k, num_experts, float(imbalance))
     return float(pmf @ np.array([capacity_bucket(max(c, 1), n) for c in range(n + 1)]))
 
 
 def fit_imbalance(calls, top_k: int) -> float:
-    """The imbalance under which the expected max counts of these router calls add up
-    to their max counts: Σ E[max | N_c, imbalance] = Σ max_c (`expected_max_count`;
-    bisection on [1, E/k]). `calls`: per-expert count vectors [E], one per call, N_c =
-    Σ counts / k; calls under `MIN_FIT_ROWS_PER_EXPERT` rows per expert are left out.
-    1 where no call is left or routing is no hotter than the model's uniform one.
-    Uniform routing of 32 tokens (top-2 of 8) fits ~1.1: the model's max runs 3 % low
-    there, and the fit makes up for it, so the capacity priced at that size is the one
-    the calls padded to."""
+    """Imbalance ∈ [1, E/k] with Σ E[max | N_c, imbalance] = Σ max_c over `calls` (per-call
+    count vectors [E], N_c = Σ counts / k; bisection), so priced capacities match those
+    padded to. Calls under `MIN_FIT_ROWS_PER_EXPERT` are skipped; 1 if none is left."""
     by_shape: dict = {}
     for c in calls:
         c = np.asarray(c)
@@ -134,11 +117,8 @@ def fit_imbalance(calls, top_k: int) -> float:
 
 
 def expected_work(tokens, top_k: int, num_experts: int, imbalance: float = 1.0):
-    """(rows, weight passes) of the expert GEMMs for `tokens` tokens: a pass reads one
-    expert's weights (`costs.gpu_ffn_s` prices each at the GEMM line's intercept).
-
-    Capacity path: E·C rows in E passes, C = `expected_capacity` (the hottest expert's
-    share `imbalance`× the uniform one). Sorted path: `sorted_work`."""
+    """(rows, weight passes) of the expert GEMMs (§4.3); a pass reads one expert's weights.
+    Capacity path: E·C rows in E passes, C = `expected_capacity`; sorted: `sorted_work`."""
     n = np.asarray(tokens, dtype=float)
     cap = uses_capacity(n, top_k, num_experts)
     capacity = np.vectorize(

@@ -1,20 +1,9 @@
-"""Policy search: the policy that maximises predicted end-to-end tokens/s under both
-memory budgets (docs/design.md §4).
-
-Grid: placements (attention, KV cache) ∈ {(cpu, cpu), (gpu, gpu)} — attention on the
-device over a host KV cache (streamed in each step) is priced by `predict` but not
-scheduled by the executor, so the search does not pick it;
-micro-batch sizes of MoE-Lightning's grid (1, 2, 3, 4, 36, 68, … in steps of 32) plus
-the powers of two and the whole batch cap, so a workload of 32 sequences can run as one
-micro-batch of 32 (`ubs_grid`);
-every feasible number of micro-batches (memory grows with both, so each loop stops at
-the first infeasible value). The inner problem over wg is exact: predicted time is
-non-increasing in wg (only the streamed bytes depend on it) and both memories are affine
-in it below 1, so the best wg is the largest the device budget allows (rounded down to
-1e-6), provided the host budget still holds — or exactly 1 where everything fits
-resident, which needs no stream buffers. The grid does not depend on the hardware, so more
-host memory or a faster link can never lower the optimum. Deterministic: the first best
-candidate in grid order wins.
+"""Policy search (docs/design.md §4.3 Search): max predicted end-to-end tokens/s under both
+memory budgets over placements {(cpu, cpu), (gpu, gpu)} (the executor schedules no
+other), `ubs_grid`, and every feasible n_ub. wg is exact: time is non-increasing in wg
+and memory affine below 1, so the best is the largest that fits (WG_STEP grid), or 1
+when all fits resident. The grid is hardware-independent, so better hardware never
+lowers the optimum; the first best in grid order wins.
 """
 
 from __future__ import annotations
@@ -44,8 +33,7 @@ def _streaming_line(model, wl, ubs, n_ub, placement=()):
 
 
 def _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets):
-    """(lo, hi) per candidate: the streaming wg (< 1, on the WG_STEP grid) that fit both
-    budgets form the interval [lo, hi] (empty when lo > hi)."""
+    """(lo, hi) per candidate: streaming wg (< 1, WG_STEP grid) fitting both budgets."""
     dev_cap, host_cap = budgets
     d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement)
     lo, hi = affine_interval(d0, d1 - d0, dev_cap)
@@ -114,8 +102,7 @@ def _infeasible_error(model, hw, wl, budgets) -> ValueError:
 
 
 def ubs_grid(cap: int) -> list[int]:
-    """Micro-batch sizes the search tries, ascending, none above `cap`: MoE-Lightning's
-    grid (`hrm.ubs_candidates`), the powers of two, and `cap` itself."""
+    """Ascending ubs ≤ `cap`: `hrm.ubs_candidates` ∪ powers of two ∪ {cap}."""
     grid = {cap} | {1 << i for i in range(cap.bit_length())}
     for ubs in ubs_candidates():
         if ubs > cap:
@@ -149,11 +136,8 @@ def _search_placement(model, hw, wl, placement, budgets, cap):
 def fitting_weight_fraction(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                             policy: Policy, device_memory_bytes: float | None = None
                             ) -> float | None:
-    """The largest gpu_weight_fraction ≤ the policy's with which its batching and
-    placement fit the budgets (`memory_budgets`), or None when none does: how an
-    ablation row that changes the placement is kept runnable. The fitting wg are 1
-    (everything resident) when that fits, and an interval [lo, hi] of streaming ones,
-    lo > 0 where host memory cannot hold every streamed expert."""
+    """Largest wg ≤ the policy's that fits `memory_budgets` with its batching and
+    placement (1 if all-resident fits), or None; keeps ablation rows runnable."""
     budgets = memory_budgets(hw, device_memory_bytes)
     args = (model, hw, workload, policy.micro_batch_size,
             np.array([float(policy.num_micro_batches)]),
@@ -167,9 +151,8 @@ def fitting_weight_fraction(model: ModelConfig, hw: HardwareSpec, workload: Work
 
 def search_policy(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                   device_memory_bytes: float | None = None) -> tuple[Policy, Prediction]:
-    """The policy with the highest predicted end-to-end tokens/s that fits the device
-    budget (`device_memory_bytes`, default 90 % of the device) and 90 % of host memory.
-    Raises ValueError naming the short memory when nothing fits."""
+    """(policy, prediction) of highest predicted tokens/s within `memory_budgets`;
+    ValueError naming the short memory when nothing fits."""
     check_inputs(model, hw, workload)
     if device_memory_bytes is not None and not (
             isinstance(device_memory_bytes, (int, float)) and device_memory_bytes > 0):
@@ -198,11 +181,9 @@ def search_micro_batches(model: ModelConfig, hw: HardwareSpec, workload: Workloa
                          batch: int, placement: Policy,
                          device_memory_bytes: float | None = None,
                          choices=MICRO_BATCH_CHOICES) -> Policy:
-    """`placement` (its wg, attention, KV cache, pages) with the micro-batching of `batch`
-    sequences — n_ub ∈ `choices`, ubs = ⌈batch/n_ub⌉ — that `predict` says is fastest
-    among those whose peak device bytes (`memory_bytes`) fit `device_memory_bytes`
-    (None: no limit); if none fits, the one that comes closest (the caller names its
-    shortfall). How an Engine picks the micro-batching of a batch it was given."""
+    """`placement` with the fastest predicted n_ub ∈ `choices` (ubs = ⌈batch/n_ub⌉) whose
+    device peak fits `device_memory_bytes` (None: no limit), else the closest to fitting;
+    how an Engine micro-batches a batch it was given."""
     check_inputs(model, hw, workload)
     best = None
     for n in choices:
