@@ -206,8 +206,7 @@ class Engine:
         w, n = self.weights, self.cfg.num_layers
         pages = tuple(tuple(w.page_bytes(i, p) for p in range(w.num_pages(i)))
                       for i in range(n))
-        return StreamPlan(pages, tuple(w.resident_bytes(i) if pages[i] else 0
-                                       for i in range(n)))
+        return StreamPlan(pages)
 
     def _run(self, prompts, max_new_tokens: int, eos_token_id=None, progress=None,
              full_logits: bool = False, sampling=None, request_index=None) -> BatchRun:

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.attention import cache_mask, gqa_attention
-from moejax.model_config.dispatch import capacity_bucket, uses_capacity  # noqa: F401 (re-export)
 from moejax.layers.decoder import DecoderLayer, MoETransformer
-from moejax.layers.experts import expert_counts
+from moejax.layers.experts import expert_counts, moe_ffn_parts
+from moejax.model_config.dispatch import capacity_bucket, capacity_buckets, uses_capacity  # noqa: F401
 from moejax.model_config.model import ModelConfig
 from moejax.sampling import sample
 
@@ -30,7 +30,7 @@ def head(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("cfg",))
 def next_tokens(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
-    """x [B, T, h] -> greedy next ids [B] int32 of the last position (norm, head, argmax)."""
+    """x [B, T, h] -> greedy ids [B] int32, last position; norm, head, argmax in one op."""
     return jnp.argmax(head(cfg, params, x[:, -1:])[:, 0], axis=-1).astype(jnp.int32)
 
 
@@ -52,6 +52,15 @@ def pre_attention(cfg, moe, lp, x, positions):
 
 
 @partial(jax.jit, static_argnames=("cfg", "moe"))
+def pre_attention_packed(cfg, moe, lp, x, positions):
+    """x [B, T, h] -> q, k, v packed as one [B, T, Hq + 2·Hkv, d] array: what goes to the
+    host for CPU attention, as one transfer."""
+    q, k, v = DecoderLayer(cfg, moe).apply({"params": lp}, x, positions,
+                                           method="pre_attention")
+    return jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=2)
+
+
+@partial(jax.jit, static_argnames=("cfg", "moe"))
 def post_attention(cfg, moe, lp, x, o):
     """x, o -> h [B, T, h], normed [N, h], weights, ids [N, k], counts [E] (N = B·T)."""
     h, normed, w, ids = DecoderLayer(cfg, moe).apply({"params": lp}, x, o,
@@ -60,20 +69,37 @@ def post_attention(cfg, moe, lp, x, o):
 
 
 def needs_capacity(cfg: ModelConfig, moe: bool, num_tokens: int) -> bool:
-    """Whether `ffn` over `num_tokens` tokens takes the capacity path, and so needs the
-    router's counts on the host first (`model_config.dispatch.uses_capacity`)."""
+    """Whether `ffn` over `num_tokens` tokens takes the capacity path (dense layers: never;
+    `model_config.dispatch.uses_capacity`)."""
     return bool(moe and uses_capacity(num_tokens, cfg.top_k, cfg.num_experts))
+
+
+def _moe_ffn(cfg, parts, normed, w, ids, capacity):
+    """[N, h]: the capacity path at `capacity`, or with capacity "device" at the bucket of
+    the max router count, picked on the device (`lax.switch` over `capacity_buckets`)."""
+    if capacity != "device":
+        return moe_ffn_parts(normed, w, ids, parts, capacity)
+    caps = capacity_buckets(normed.shape[0], cfg.top_k, cfg.num_experts)
+    top = jnp.max(expert_counts(ids, cfg.num_experts))
+    pick = jnp.minimum(jnp.searchsorted(jnp.asarray(caps, jnp.int32), top), len(caps) - 1)
+    branches = [partial(moe_ffn_parts, capacity=c) for c in caps]
+    return jax.lax.switch(pick, branches, normed, w, ids, parts)
 
 
 @partial(jax.jit, static_argnames=("cfg", "moe", "capacity"))
 def _ffn(cfg, moe, lp, h, normed, w, ids, capacity=None):
-    return DecoderLayer(cfg, moe).apply({"params": lp}, h, normed, w, ids, capacity,
-                                        method="ffn")
+    if not moe:
+        return DecoderLayer(cfg, moe).apply({"params": lp}, h, normed, w, ids, None,
+                                            method="ffn")
+    y = _moe_ffn(cfg, lp["experts"], normed, w, ids, capacity)
+    return h + y.reshape(h.shape).astype(h.dtype)
 
 
-def ffn(cfg, moe, lp, h, normed, w, ids, capacity=None):
-    """h + FFN(normed) -> [B, T, h]; `capacity` (≥ the max router count, else tokens drop)
-    only where `needs_capacity`, else the sorted path: one compiled shape per token count."""
+def ffn(cfg, moe, lp, h, normed, w, ids, capacity="device"):
+    """h + FFN(normed) -> [B, T, h]. MoE layers take `lp["experts"]` as FFN-column parts
+    [(w1, w3, w2), …] (`layers.experts.moe_ffn_parts`); if `needs_capacity`, `capacity`
+    is an int (≥ the max router count, else tokens drop) or "device" (the bucket is
+    picked on the device), else the sorted path: one compiled shape per token count."""
     if not needs_capacity(cfg, moe, normed.shape[0]):
         capacity = None
     return _ffn(cfg, moe, lp, h, normed, w, ids, capacity)

@@ -35,10 +35,11 @@ class DeviceWeights:
     def num_pages(self, layer: int) -> int:
         return 0
 
-    def wait(self, layer: int, step: int = 0) -> dict:
-        return self.params[f"layers_{layer}"]["experts"]
+    def wait(self, layer: int, step: int = 0) -> list[tuple]:
+        ex = self.params[f"layers_{layer}"]["experts"]
+        return [(ex["w1"], ex["w3"], ex["w2"])]  # one FFN part: every column
 
-    def release(self, layer: int, step: int = 0) -> None:
+    def release(self, layer: int, step: int = 0, fence=None) -> None:
         pass
 
     def release_all(self) -> None:
@@ -73,6 +74,9 @@ class BatchRun:
         self.head_params = g
         self.eos = None if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
         self.on_step, self.full_logits = on_step, full_logits
+        # each op blocks on its result where ops are timed on the host's own cores (the
+        # CPU testbed: traces price the model); on an accelerator only a consumer blocks
+        self.block_ops = not getattr(weights, "accelerator_path", False)
         # sampling (a moejax.Sampling, temperature > 0): row r draws with the key of
         # request request_index[r]; None: greedy (ops.next_tokens)
         self.sampling = None
@@ -94,6 +98,9 @@ class BatchRun:
             self.dev_cache = {(i, k): [z(), z()] for i in range(cfg.num_layers)
                               for k in range(n)}
 
+    def _ready(self, x):
+        return jax.block_until_ready(x) if self.block_ops else x
+
     def handlers(self) -> dict:
         return {op: getattr(self, f"_{op}") for op in
                 ("page", "embed", "pre_attn", "attn", "d2h_qkv", "cpu_attn", "h2d_attn",
@@ -105,9 +112,9 @@ class BatchRun:
 
     # --------------------------------------------------------------- transfers
     def _page(self, e):
-        buf = self.w.prefetch_page(e.layer, e.page, e.step)
-        if buf is not None:
-            buf.block_until_ready()
+        page = self.w.prefetch_page(e.layer, e.page, e.step)
+        if page is not None:  # the link lane waits for its own copies only
+            jax.block_until_ready(page)
 
     def _d2h_kv(self, e):
         kh, vh = self.kv.to_host(*self.new_kv.pop((e.step, e.layer, e.micro_batch)))
@@ -115,26 +122,34 @@ class BatchRun:
         self.kv.write_prefill(e.layer, r, kh, vh, self.lengths[r])
 
     def _d2h_qkv(self, e):
+        """The attention hand-off: q, k, v as one packed transfer (started by pre_attn)."""
         key = (e.step, e.layer, e.micro_batch)
-        self.host[key] = self.kv.to_host(*self.qkv.pop(key))
+        packed = self.kv.to_host(self.qkv.pop(key))[0]  # [b, 1, Hq + 2·Hkv, d]
+        hq, hkv = self.cfg.num_heads, self.cfg.num_kv_heads
+        self.host[key] = (packed[:, :, :hq], packed[:, :, hq:hq + hkv],
+                          packed[:, :, hq + hkv:])
 
     def _h2d_attn(self, e):
         key = (e.step, e.layer, e.micro_batch)
-        self.o[key] = self.kv.to_device(self.host.pop(key)).block_until_ready()
+        self.o[key] = self._ready(self.kv.to_device(self.host.pop(key)))
 
     # ------------------------------------------------------------------ compute
     def _embed(self, e):
         k = e.micro_batch
         tok = self.tokens[k] if e.stage == "prefill" else self.nxt[k][:, None]
-        self.x[k] = ops.embed(self.cfg, self.embed_params, tok).block_until_ready()
+        self.x[k] = self._ready(ops.embed(self.cfg, self.embed_params, tok))
 
     def _pre_attn(self, e):
         pos = self.positions if e.stage == "prefill" else self._pos(e)[:, None]
-        moe = self.cfg.is_moe_layer(e.layer)
-        qkv = ops.pre_attention(self.cfg, moe, self.w.device_params(e.layer),
-                                self.x[e.micro_batch], pos)
-        key = (e.step, e.layer, e.micro_batch)
-        self.qkv[key] = jax.block_until_ready(qkv)
+        moe, key = self.cfg.is_moe_layer(e.layer), (e.step, e.layer, e.micro_batch)
+        args = (self.cfg, moe, self.w.device_params(e.layer), self.x[e.micro_batch], pos)
+        if e.stage == "decode" and self.kv is not None:  # to the host as one transfer
+            packed = ops.pre_attention_packed(*args)
+            packed.copy_to_host_async()
+            self.qkv[key] = self._ready(packed)
+            return
+        qkv = ops.pre_attention(*args)
+        self.qkv[key] = self._ready(qkv)
         if e.stage == "prefill" and self.kv is not None:
             self.new_kv[key] = qkv[1:]
 
@@ -149,7 +164,7 @@ class BatchRun:
         else:
             o, cache[0], cache[1] = ops.decode_attention(cache[0], cache[1], q, kk, v,
                                                          self._pos(e))
-        self.o[key] = o.block_until_ready()
+        self.o[key] = self._ready(o)
 
     def _cpu_attn(self, e):
         key = (e.step, e.layer, e.micro_batch)
@@ -168,12 +183,10 @@ class BatchRun:
         h, normed, w, ids, counts = ops.post_attention(cfg, moe, lp, self.x[k], o)
         if moe:  # read after the run: no sync here
             self.router_counts.setdefault(e.stage, []).append(counts)
-        cap = None  # the sorted path needs no capacity, so no host sync either
-        if ops.needs_capacity(cfg, moe, normed.shape[0]):
-            cap = ops.capacity_bucket(int(jnp.max(counts)), normed.shape[0])
-        self.x[k] = ops.ffn(cfg, moe, lp, h, normed, w, ids, cap).block_until_ready()
+        # the capacity bucket is picked on the device: no host read of the counts
+        self.x[k] = y = self._ready(ops.ffn(cfg, moe, lp, h, normed, w, ids))
         if moe and k == self.policy.num_micro_batches - 1:
-            self.w.release(i, e.step)
+            self.w.release(i, e.step, fence=y)  # its pages' next user waits for y
 
     def _head(self, e):
         k, r = e.micro_batch, self.rows[e.micro_batch]

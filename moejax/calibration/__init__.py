@@ -1,7 +1,5 @@
-"""Measuring this machine: the calibrated `local` HardwareSpec (docs/design.md §4-§5).
-
-A tool above the engine: its in-situ probes run the real `Engine`; presets stay data
-(`model_config.hardware`), which reaches `load_local` through `set_local_loader`."""
+"""The calibrated `local` HardwareSpec (docs/design.md §5); it sits above the engine
+(its probes run `Engine`), so hardware presets reach it only via `set_local_loader`."""
 
 from moejax.calibration.cache import calibration_path, local_calibration_path
 from moejax.calibration.local import load_local

@@ -25,16 +25,15 @@ _WARNED: set = set()  # (cache, model shape) pairs already warned about
 
 
 def cache_stamp(model) -> dict:
-    """What a calibration cache must match to be reused: its format, this machine's
-    core count, and the shape of the model it was fitted on (the GEMM line and the
-    page curve are that model's)."""
+    """Stamp a cache must match to be reused: format, core count, and the expert shape
+    the GEMM line and page curve were fitted on."""
     return {"cache_version": CACHE_VERSION, "cpu_count": os.cpu_count() or 1,
             "model_shape": [model.hidden_size, model.expert_ffn_size, model.dtype]}
 
 
 def local_calibration_path(model=None) -> str:
-    """`$MOEJAX_CALIBRATION` when set; else ~/.cache/moejax/local_hw.json, or with a
-    model, local_hw_<name>_<hidden>x<ffn>.json beside it (one fit per expert shape)."""
+    """`$MOEJAX_CALIBRATION`, else ~/.cache/moejax/local_hw[_<name>_<hidden>x<ffn>].json
+    (with `model`: one fit per expert shape)."""
     path = calibration_path()
     if model is None or os.environ.get(CALIBRATION_ENV):
         return path
@@ -69,8 +68,7 @@ def read_cache(path: str, model) -> HardwareSpec:
 
 @contextlib.contextmanager
 def lock(path: str):
-    """An exclusive lock on `path`.lock for the block; none where it cannot be made (a
-    read-only directory: the calibration then runs, uncached)."""
+    """Exclusive lock on `path`.lock for the block; none where it cannot be made."""
     import fcntl
 
     try:

@@ -1,6 +1,6 @@
-"""In-situ probes: short runs of the real Engine on a 2-layer random copy of the model,
-for the figures only the engine's own data plane shows (the link rate the weight store
-gets per page size, the fixed cost of a device op, the cores a copy takes from compute)."""
+"""In-situ probes (docs/design.md §5): short runs of the real Engine on a 2-layer random
+copy of the model, for figures only its data plane shows (store link rate per page size,
+device-op fixed cost, `copy_core_demand`)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,8 @@ def _probe_config(m: ModelConfig) -> ModelConfig:
 
 
 def overlapped_runs(model, repeats: int):
-    """`repeats` overlapped runs (`engine.RunRecord`s) of the real engine on `model`,
-    the probe's 2-layer random copy: every expert streamed in `COPY_DEMAND_PAGE_BYTES`
-    pages, 32 sequences of 32 tokens in one micro-batch, 16 new tokens, attention on
-    the CPU."""
+    """`repeats` overlapped `RunRecord`s on the probe `model`: 32 × 32-token prompts, one
+    micro-batch, 16 new tokens, CPU attention, experts in `COPY_DEMAND_PAGE_BYTES` pages."""
     pol = Policy.from_micro_batches(32, 1, gpu_weight_fraction=0.0, attention_device="cpu",
                                     kv_cache_device="cpu",
                                     page_bytes=costs.COPY_DEMAND_PAGE_BYTES, overlap=True)
@@ -43,15 +41,9 @@ def overlapped_runs(model, repeats: int):
 
 
 def fit_copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
-    """`copy_core_demand` where the device is the host's CPU: the host cores one page
-    copy takes from compute beside it (`costs.core_demand`). A memcpy runs on one core
-    but contends for memory bandwidth and cache, so it can cost compute more than a
-    core. For each of the `overlapped_runs`, the demand with which `simulate` of that
-    run's timeline takes as long as its decode did (bisection: the simulated time grows
-    with the demand), clipped to [0.1, 2·cores]; the median over the runs. On the
-    2-core testbed: 1.5-2.4 — and ~4 when the runs come after the calibration's 1 GB
-    buffers, so they run first. Prefill is not fitted: a 2-layer run's prefill is
-    mostly pipeline fill, and its fits ranged from 0.1 to 6."""
+    """`copy_core_demand` c [cores] (§5): median over `runs` of the c ∈ [0.1, 2·cores] at
+    which `simulate` matches the run's decode_s (bisection; time grows with c). Decode
+    only: a 2-layer prefill is mostly pipeline fill."""
     cfg = _probe_config(m)
 
     def fit(run):
@@ -71,8 +63,7 @@ def fit_copy_core_demand(m: ModelConfig, spec: HardwareSpec, runs) -> float:
 
 
 def _probe_engine(model, page_bytes: int):
-    """The serial probe: 8 sequences in 2 micro-batches, every expert streamed in pages
-    of `page_bytes`, attention on the CPU."""
+    """Serial probe Engine: 4 × 2 sequences, `page_bytes` expert pages, CPU attention."""
     pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.0, attention_device="cpu",
                                     kv_cache_device="cpu", page_bytes=int(page_bytes),
                                     overlap=False)
@@ -80,8 +71,8 @@ def _probe_engine(model, page_bytes: int):
 
 
 def _page_rate(run, page_bytes: int, latency_s: float) -> float:
-    """Bytes/s one run's weight store got from the link: bytes / (time − pages·latency)
-    over its full pages (all its pages where a tensor is smaller than a page)."""
+    """Link rate [bytes/s] one run's store got: bytes / (time − pages·latency) over its
+    full pages (all pages where a tensor is smaller than one)."""
     dur = run.trace.end_s - run.trace.start_s
     pages = [(e.nbytes, dur[e.id]) for e in run.entries if e.op == "page"]
     full = [p for p in pages if p[0] == page_bytes] or pages
@@ -91,12 +82,8 @@ def _page_rate(run, page_bytes: int, latency_s: float) -> float:
 
 def page_rates(model, page_bytes: int, runs: int, latency_s: float = 0.0,
                records: list | None = None) -> list[float]:
-    """Bytes/s of the link as the weight store sees it, one figure per serial run of the
-    probe (`_probe_engine`) on `model` (a 2-layer random copy: `probe_model`), after one
-    run that compiles. One 0.7 s run of the 2-core testbed reads 4.1-6.1 GB/s at 4 MiB
-    pages: take a median of several, near the runs it is to price
-    (`experiments.ablations` re-measures it in every round of its rows). `records`, if
-    given, receives each timed run's `RunRecord`."""
+    """Store link rate [bytes/s] per timed `_probe_engine` run (noisy: take a median);
+    `records`, if given, receives each timed run's `RunRecord`."""
     engine = _probe_engine(model, page_bytes)
     prompts = np.random.default_rng(0).integers(1, model.config.vocab_size,
                                                 (8, 16)).tolist()
@@ -116,16 +103,9 @@ def probe_model(m: ModelConfig):
 
 
 def executor_probe(m: ModelConfig, sizes, latency_s: float, repeats: int):
-    """In situ: (decode pre-attention (tokens, s) pairs, h2d curve, the probe model —
-    for `overlapped_runs`) from short serial runs of the real engine on a 2-layer,
-    random-weight copy of `m` streaming every expert in pages of each of `sizes`
-    bytes. The pre-attentions (first size's runs) give the fixed cost of one device op
-    beyond its roofline price (Python dispatch, parameter plumbing, the block the
-    executor waits on); the curve is the rate the weight store really gets per page
-    size: the median of `PAGE_RATE_RUNS_PER_REPEAT`·repeats runs' `_page_rate`s (one
-    run's swings ±15 %). Standalone copies of 64 MiB read 1.6× faster than the store's,
-    or 3.5× slower when measured after them (fresh big buffers fault their pages in),
-    so this runs before any big buffer."""
+    """(decode pre-attention (tokens, s) pairs for t_op, h2d curve of per-size medians of
+    `PAGE_RATE_RUNS_PER_REPEAT`·repeats `page_rates`, probe model). Run it before any big
+    buffer: fresh buffers' page faults change later copies' speed."""
     model = probe_model(m)
     pre, curve = [], []
     for size in sizes:

@@ -12,11 +12,9 @@ from moejax.model_config.hardware import HardwareSpec
 
 def load_local(path: str | None = None, recalibrate: bool = False,
                model=None) -> HardwareSpec:
-    """The calibrated `local` spec: read the JSON cache, calibrating (and caching) if it
-    is absent, unusable (another format or machine) or `recalibrate` is set. With
-    `model` (a ModelConfig), the cache is that model's expert shape's
-    (`local_calibration_path`) and a calibration measures with it. One process
-    calibrates at a time (a lock beside the cache): a second waits, then reuses it."""
+    """The cached `local` spec, calibrated (and cached) when absent, unusable or
+    `recalibrate`; with `model`, its expert shape's cache and measurements. A lock lets
+    one process calibrate while others wait and reuse its result."""
     path = os.path.expanduser(path) if path else cache.local_calibration_path(model)
     if not recalibrate:
         with contextlib.suppress(ValueError):

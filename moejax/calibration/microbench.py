@@ -1,30 +1,9 @@
-"""Calibration of the `local` HardwareSpec by microbenchmarks (docs/design.md §4-§5, MoE-Lens).
-
-The "GPU" is JAX's default device (the CPU on the testbed), the link is `jax.device_put`
-host → device and device → pinned host, host memory is NumPy. Measured:
-
-* device GEMM time of one expert's SwiGLU FFN vs tokens, fitted by a line
-  t(tokens) = intercept + slope·tokens → `gemm_intercept_s`, `gemm_flops_per_s` = 6·h·f /
-  slope (the rate `costs.device_compute_s` then uses);
-* device memory read bandwidth (a jitted reduction) and host read bandwidth (NumPy);
-* h2d bandwidth by page size (`h2d_curve`: 4, 16 and 64 MiB pages, `copy_bytes` of each,
-  ≥ 1 GB by default), d2h bandwidth, a 64 MiB device → device copy (`d2d_bytes_per_s`:
-  a stream slot's resident prefix) and the latency of a tiny transfer — each alone: on
-  the testbed the model itself shares the cores between copies and compute;
-* where the device is the host's own CPU, the cores a page copy takes from compute
-  running beside it (`copy_core_demand`: fitted so that the simulator times the decode
-  of short overlapped runs of the real engine as they ran);
-* in situ, from short serial runs of the real engine on a 2-layer copy of the model:
-  the fixed cost of one device op as the executor sees it (`device_op_overhead_s`) and
-  the rate the weight store really gets from the link at each page size (the
-  `h2d_curve`; the standalone copies' curve is kept in the cache's meta);
-* CPU decode attention through `HostKVCache.decode_host` → a fixed cost per call and
-  `cpu_attention_bytes_per_s`; host matmul FLOP/s (NumPy, or the device GEMM rate when
-  the device is the host's own CPU) → `cpu_flops_per_s`.
-
-The result is cached as JSON (`calibration.load_local` picks the file, stamped with
-`cache.cache_stamp`); the defaults take 1-3 minutes on 2 cores (the cache's
-meta["seconds"]: 75-160 s). Tests pass tiny sizes.
+"""Microbenchmarks that calibrate the `local` HardwareSpec (docs/design.md §5; list there).
+Device = JAX's default device, link = `jax.device_put`, host = NumPy. Fits: the GEMM
+line t = E·t₀ + rows·6hf / R_gemm (`gemm_intercept_s`, `gemm_flops_per_s`), read rates,
+the link alone (d2h, d2d, latency), CPU attention (t_call, B_attn), and via `in_situ` the
+store's `h2d_curve`, `device_op_overhead_s` and `copy_core_demand`. The in-situ parts run
+the real engine because only its data plane shows those rates. Cached as JSON (`cache`).
 """
 
 from __future__ import annotations
@@ -63,8 +42,7 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def _random_experts(m: ModelConfig, seed: int):
-    """(w1, w3, w2, key): one layer's E random experts on the default device, and a key
-    for the inputs."""
+    """(w1, w3, w2, key): one layer's E random experts on the device, and an input key."""
     h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     w1 = (jax.random.normal(keys[0], (e, h, f)) * h**-0.5).astype(dt)
@@ -74,11 +52,9 @@ def _random_experts(m: ModelConfig, seed: int):
 
 
 def _gemm_line(m: ModelConfig, token_counts, repeats):
-    """Expert FFN time vs rows on the default device, measured with the dispatch that
-    runs (`layers.experts.moe_ffn`, all E experts of one layer): each count t is spread
-    as t rows per expert (the capacity path below `SORTED_MIN_ROWS_PER_EXPERT`, the
-    sorted path above). Fits time = E·intercept + rows·6hf / rate and returns
-    (intercept per expert, slope per row of one expert, best rate, points)."""
+    """(t₀ [s per expert], slope [s per row], best rate [FLOP/s], points) of
+    t = E·t₀ + rows·6hf / R_gemm (§5), timing `moe_ffn` at t rows per expert for each
+    count, so each size runs the dispatch path (capacity or sorted) it runs in serving."""
 
     h, f, e, dt = m.hidden_size, m.expert_ffn_size, m.num_experts, jnp.dtype(m.dtype)
     w1, w3, w2, key = _random_experts(m, 0)
@@ -104,10 +80,8 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
 
 
 def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
-    """(fixed s per call, bytes/s) of the host's decode attention as the schedule runs
-    it (`HostKVCache.decode_host`: write the new k, v, attend over the cache), fitted
-    through a tiny call (4 rows over 16 keys) and a big one (`batch` rows over
-    `context`), with bytes counted as `costs.cpu_attention_s` counts them."""
+    """(t_call [s], B_attn [bytes/s]) of `HostKVCache.decode_host`: a line through 4 rows
+    × 16 keys and `batch` × `context`, bytes counted as `costs.cpu_attention_s` does."""
     points = []
     for b, c in ((4, 16), (batch, context)):
         kvc = HostKVCache(m, b, c + 1)
@@ -131,10 +105,8 @@ H2D_SIZES = (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES
 
 
 def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
-    """((transfer bytes, bytes/s), …): pages of each size streamed as the weight store
-    streams them (a `device_put` from pinned host memory written into a preallocated
-    device slot), `copy_bytes` in all per size, measured alone (`predict` and `simulate`
-    model the sharing of cores with compute themselves)."""
+    """((transfer bytes, bytes/s), …): `copy_bytes` per size streamed as the store does
+    (pinned `device_put` into a slot), alone, since the model prices core sharing itself."""
 
     dev = jax.devices()[0]
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
@@ -159,8 +131,7 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
 
 
 def _d2d_rate(nbytes: int, repeats: int) -> float:
-    """Bytes/s of a device → device copy into a slot (the store's `_write`, as it
-    copies a resident prefix into a stream slot)."""
+    """B_d2d [bytes/s]: the store's resident-prefix copy into a stream slot."""
 
     dev = jax.devices()[0]
     src = jnp.ones(nbytes // 4, np.float32, device=dev)
@@ -223,8 +194,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
               read_bytes: int = 1 << 30, attention_batch: int = 64,
               attention_context: int = 512, repeats: int = 3, path: str | None = None,
               save: bool = True) -> HardwareSpec:
-    """Measure this machine and return its `local` HardwareSpec; with `save`, write it to
-    `path` (default `cache.calibration_path()`) as {"spec": …, "meta": …}."""
+    """Measure this machine → its `local` HardwareSpec; with `save`, cache it at `path`."""
     m = get_model(model) if isinstance(model, str) else model
     if not isinstance(m, ModelConfig):
         raise ValueError(f"model={model!r} is not a ModelConfig or preset name")
@@ -242,13 +212,13 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     start = time.perf_counter()
     on_host = jax.default_backend() == "cpu"
     # the pages policies use: 1/4, 1 and 4 × the default page, and a whole layer's
-    # experts (whole-layer transfers: one copy of that size runs slower still)
+    # experts (whole-layer transfers run at their own rate)
     sizes = [min(s, copy_bytes) // 4 * 4 for s in (*H2D_SIZES, m.expert_bytes_per_layer())]
     latency = _latency(repeats)
-    # the engine's runs first: after the big buffers below, big copies run 3.5× faster
-    # and copies contend with compute twice as much (process state, not the machine)
+    # the engine's runs first: the big buffers below change later copies' speed and
+    # contention (process state, not the machine)
     pre_attn, curve, probe = executor_probe(m, sorted(set(sizes)), latency, repeats)
-    runs = overlapped_runs(probe, 2 * repeats - 1) if on_host else []  # ±10 % each
+    runs = overlapped_runs(probe, 2 * repeats - 1) if on_host else []
     del probe
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)

@@ -56,13 +56,10 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
                     experts: str = "device") -> MoEModel:
-    """Load a native or HF checkpoint directory as a MoEModel.
-
-    `dtype` ("float32", "bfloat16", "float16") overrides the checkpoint's dtype.
-    `experts="host"` leaves expert tensors as host NumPy arrays (everything else on the
-    device): `Engine(model, <offload knobs>)` then pages them in place, with no second
-    host copy. "device" puts every parameter on the device (the reference placement).
-    """
+    """A native or HF checkpoint directory as a MoEModel; `dtype` ("float32", "bfloat16",
+    "float16") overrides the stored one. `experts="host"` keeps expert tensors as host NumPy
+    arrays, for `Engine(model, <offload knobs>)` to page in place (no second host copy);
+    "device" puts every parameter on the device (the reference placement)."""
     if experts not in EXPERT_PLACES:
         raise ValueError(f"experts={experts!r} not in {EXPERT_PLACES}")
 
@@ -76,9 +73,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
 
 
 def load_store(path: str | os.PathLike, dtype: str | None = None, **store_knobs):
-    """Load a checkpoint straight into a HostWeightStore (knobs: gpu_weight_fraction,
-    page_bytes, device_memory_bytes, host_memory): each tensor goes to its final place
-    (device, or host pages) as it is read. Use as `Engine(load_store(dir, ...))`."""
+    """A checkpoint read into a HostWeightStore (knobs: gpu_weight_fraction, page_bytes,
+    device_memory_bytes, host_memory), each tensor straight to its device or host pages:
+    `Engine(load_store(dir, ...))`."""
     from moejax.host_offload.weight_store import HostWeightStore
 
     cfg = checkpoint_config(path)

@@ -1,19 +1,16 @@
 """moejax's native checkpoint format: orbax-checkpoint, laid out as the host store streams.
 
-    DIR/moejax_native.json   format, version, ModelConfig, page_bytes, and per leaf its
-                             stored shape, dtype and CRC-32 (written last: its presence
-                             marks a complete checkpoint)
-    DIR/params/<group>/      orbax PyTree checkpoint (OCDBT + tensorstore) of one group
-                             of leaves: `embed`, `layers_i`, `final_norm`, `lm_head`
-                             (format 1, still read: one checkpoint DIR/params/)
+    DIR/moejax_native.json   format, version, ModelConfig, page_bytes, per leaf its stored
+                             shape, dtype, CRC-32 (written last: marks a complete save)
+    DIR/params/<group>/      orbax PyTree (OCDBT + tensorstore) of one group, `embed`,
+                             `layers_i`, `final_norm` or `lm_head` (format 1: one tree)
 
-Non-expert leaves are stored as in the moejax parameter tree. Expert tensors w1, w3
-[E, h, f] and w2 [E, f, h] are stored flattened in moejax layout (already transposed from
-HF's [out, in], stacked by expert), so a store page is a contiguous element range of one
-leaf, and chunked on disk at `page_bytes` so one page is one chunk. Loading restores one
-leaf at a time and hands it to `place(path, array)` (as `load_hf_params` does), so host
-memory holds the placed weights plus one leaf in flight. Every leaf's CRC-32 is checked:
-a truncated, missing or altered leaf is a ValueError naming it, never a silent half-model.
+Non-expert leaves are stored as in the parameter tree; expert w1, w3 [E, h, f] and w2
+[E, f, h] flat in moejax layout (transposed from HF's [out, in], stacked by expert) and
+chunked at `page_bytes`, so a store page (docs/design.md §2) is one chunk of one leaf.
+Loading hands one leaf at a time to `place(path, array)`, so the host holds the placed
+weights plus one leaf; a truncated, missing or altered leaf fails its CRC-32 check: a
+ValueError naming it, never a silent half-model.
 """
 
 from __future__ import annotations
@@ -64,12 +61,10 @@ def _config_dict(cfg: ModelConfig) -> dict:
 
 
 class NativeWriter:
-    """Writes a native checkpoint leaf by leaf: `add(path, leaf)` buffers a leaf until
-    its group (the first path key: `embed`, `layers_i`, …) is complete, writes that
-    group as one orbax checkpoint `params/<group>/` and drops it; `finish()` writes the
-    metadata. So host memory holds one group (a layer) and orbax's buffers for it, not
-    the model. Written under `directory.tmp`, renamed at the end, metadata last, so an
-    interrupted save never leaves something that looks like a checkpoint."""
+    """`add(path, leaf)` buffers leaves until their group (`embed`, `layers_i`, …) is
+    complete, then writes it as `params/<group>/`: host memory holds one layer, not the
+    model. `finish()` writes the metadata; all under `directory.tmp`, renamed at the end,
+    so an interrupted save never looks like a checkpoint."""
 
     def __init__(self, directory: str, cfg: ModelConfig, page_bytes: int | None = None):
         page_bytes = DEFAULT_PAGE_BYTES if page_bytes is None else int(page_bytes)

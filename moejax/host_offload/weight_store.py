@@ -1,35 +1,26 @@
-"""Expert weights in host memory, streamed to the device in fixed-size pages.
+"""Expert weights in host memory, streamed to the device in pages (docs/design.md §2, §8).
 
-Layout (one `StorePlan`, shared by every MoE layer). The three expert tensors of a layer,
-w1, w3 [E, h, f] and w2 [E, f, h], are flattened and each cut into pages of
-`page_bytes` (a contiguous slab; the last page of a tensor is shorter when the page size
-does not divide it). The layer's page list is w1's pages, then w3's, then w2's; its
-first `num_resident` pages stay on the device for good (that is `gpu_weight_fraction`,
-rounded down to whole pages), the rest live in host memory and stream.
+Layout (one `StorePlan` for every MoE layer): the FFN axis f of a layer's experts
+w1, w3 [E, h, f] and w2 [E, f, h] is cut into column blocks of `cols` columns; a *page*
+is one block of all three tensors, (w1[:, :, a:b], w3[:, :, a:b], w2[:, a:b, :]),
+3·E·h·cols elements, at most `page_bytes`. SwiGLU is a sum over f, so a layer's FFN is
+the sum of its blocks' FFNs (`layers.experts.moe_ffn_parts`): columns [0, f_r) stay on
+the device as one resident part (wg = f_r / f, whole columns), the streamed columns
+[f_r, f) are paged, and the FFN reads each page where it landed. No page is copied into
+a bigger buffer: a transfer is a `jax.device_put` (DMA on an accelerator), and the only
+compute op that waits for a page is the FFN that reads it.
 
-Device side. A streamed layer is assembled in one of two full-layer *slots* (the double
-buffer: layer i computes in one while layer i+1 fills the other). Claiming a slot copies
-the layer's resident prefix in; `prefetch_page` issues `jax.device_put(page)` and a
-donated, in-place `dynamic_update_slice` of it into the slot, so no per-layer buffer is
-ever allocated and pages are independently issuable in any order. `wait(layer)` returns
-the slot's arrays; they stay valid until `release(layer)` hands the slot back. A slot
-belongs to one *pass*, (layer, step): a model with a single MoE layer runs that layer
-in every step, and pass step+1 fills the other slot while step computes in this one.
-
-Device bytes (every one accounted, `device_bytes_by_kind`):
-  non_expert        embedding, LM head, norms, attention, routers, dense MLPs
-  resident_experts  L_moe · (resident bytes per layer)
-  stream_slots      2 · W_E (full-layer slots; none when nothing streams)
-  page_staging      (1 − wg) · W_E: pages in flight between device_put and their copy
-                    into the slot (worst case: a whole layer issued at once)
-  + reservations    e.g. the engine's device KV cache for attention on the device.
-So a layer with wg < 1 costs NE + L·wg·W_E + (3 − wg)·W_E; streaming needs less than
-keeping everything resident (NE + L·W_E) only when L_moe > 3.
+Device bytes (every one accounted, `device_bytes_by_kind`): non_expert (embedding, LM
+head, norms, attention, routers, dense MLPs), resident_experts L_moe·wg·W_E, and
+stream_buffers 2·(1 − wg)·W_E: the pages of at most two passes (layer, step) are alive
+at once (the double buffer: layer i computes while layer i+1's pages land), plus
+reservations such as a device KV cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,63 +42,63 @@ Path = tuple[str, ...]
 # ------------------------------------------------------------------------ plan
 @dataclass(frozen=True)
 class Page:
-    """`size` elements of the flattened expert tensor `tensor`, from element `start`."""
+    """Columns [start, start + cols) of the FFN axis of every expert tensor."""
 
-    tensor: str
     start: int
-    size: int
+    cols: int
 
 
 @dataclass(frozen=True)
 class StorePlan:
     """Page layout and device-memory footprint of one model under one set of knobs."""
 
-    page_bytes: int
+    page_bytes: int  # the knob: a page holds at most this many bytes
     itemsize: int
     shapes: tuple[tuple[int, ...], ...]  # w1, w3, w2
-    pages: tuple[Page, ...]  # one MoE layer's pages: w1's, then w3's, then w2's
-    num_resident: int  # pages [0, num_resident) stay on the device
+    resident_cols: int  # columns [0, f_r) of every MoE layer stay on the device
+    pages: tuple[Page, ...]  # the streamed columns [f_r, f) in blocks, in order
     num_moe_layers: int
     non_expert_bytes: int
 
     @property
-    def layer_bytes(self) -> int:
-        """W_E: all expert bytes of one MoE layer."""
-        return sum(p.size for p in self.pages) * self.itemsize
+    def col_bytes(self) -> int:
+        """Bytes of one FFN column of a layer's three expert tensors: 3·E·h·itemsize."""
+        e, h, _ = self.shapes[0]
+        return 3 * e * h * self.itemsize
 
     @property
-    def resident_pages(self) -> tuple[Page, ...]:
-        return self.pages[:self.num_resident]
+    def layer_bytes(self) -> int:
+        """W_E: all expert bytes of one MoE layer."""
+        return self.shapes[0][2] * self.col_bytes
 
     @property
     def streamed_pages(self) -> tuple[Page, ...]:
-        return self.pages[self.num_resident:]
+        return self.pages
 
     @property
     def streaming(self) -> bool:
-        return self.num_moe_layers > 0 and self.num_resident < len(self.pages)
+        return self.num_moe_layers > 0 and bool(self.pages)
 
     @property
     def streamed_bytes(self) -> int:
         """Bytes one MoE layer streams per pass: (1 − wg) · W_E."""
-        return sum(p.size for p in self.streamed_pages) * self.itemsize
+        return sum(p.cols for p in self.streamed_pages) * self.col_bytes
+
+    def page_nbytes(self, page: Page) -> int:
+        return page.cols * self.col_bytes
 
     @property
     def gpu_weight_fraction(self) -> float:
-        """The resident fraction actually achieved (wg rounded down to whole pages)."""
+        """The resident fraction actually achieved (wg rounded down to whole columns)."""
         w = self.layer_bytes
         return 1.0 if w == 0 else 1.0 - self.streamed_bytes / w
 
-    def resident_elems(self, tensor: str) -> int:
-        """Resident pages of a tensor are a prefix of it: its length in elements."""
-        return sum(p.size for p in self.resident_pages if p.tensor == tensor)
-
     def device_bytes_by_kind(self) -> dict[str, int]:
-        w, streamed = self.layer_bytes, self.streamed_bytes if self.streaming else 0
-        stream = stream_buffer_bytes(w, streamed)
+        streamed = self.streamed_bytes if self.streaming else 0
         return {"non_expert": self.non_expert_bytes,
-                "resident_experts": self.num_moe_layers * (w - self.streamed_bytes),
-                **{k: int(v) for k, v in stream.items()}}
+                "resident_experts": self.num_moe_layers * (self.layer_bytes
+                                                           - self.streamed_bytes),
+                **{k: int(v) for k, v in stream_buffer_bytes(streamed).items()}}
 
     def device_bytes(self) -> int:
         return sum(self.device_bytes_by_kind().values())
@@ -129,18 +120,16 @@ def check_page_bytes(cfg: ModelConfig, page_bytes) -> int:
     return int(page_bytes)
 
 
-def make_pages(cfg: ModelConfig, page_bytes: int) -> tuple[Page, ...]:
-    pe = page_bytes // cfg.bytes_per_param
-    pages = []
-    for name, shape in zip(EXPERTS, expert_shapes(cfg)):
-        n = int(np.prod(shape))
-        pages += [Page(name, s, min(pe, n - s)) for s in range(0, n, pe)]
-    return tuple(pages)
+def make_pages(cfg: ModelConfig, page_bytes: int, first: int = 0) -> tuple[Page, ...]:
+    """Column blocks of `cfg.page_cols` columns over [first, f); the last one narrower."""
+    c, f = cfg.page_cols(page_bytes), cfg.expert_ffn_size
+    return tuple(Page(s, min(c, f - s)) for s in range(first, f, c))
 
 
-def _plan(cfg, page_bytes, pages, k) -> StorePlan:
-    return StorePlan(page_bytes, cfg.bytes_per_param, expert_shapes(cfg), pages, k,
-                     cfg.num_moe_layers, cfg.non_expert_bytes())
+def _plan(cfg, page_bytes, resident_cols: int) -> StorePlan:
+    return StorePlan(page_bytes, cfg.bytes_per_param, expert_shapes(cfg), resident_cols,
+                     make_pages(cfg, page_bytes, resident_cols), cfg.num_moe_layers,
+                     cfg.non_expert_bytes())
 
 
 def _describe(plan: StorePlan, reserved: int) -> str:
@@ -148,14 +137,27 @@ def _describe(plan: StorePlan, reserved: int) -> str:
     return parts + (f", reserved {reserved}" if reserved else "")
 
 
+def _fitting_cols(cfg, budget: int) -> list[int]:
+    """Candidate resident column counts for a budget, most resident first: all f, then
+    the most below f whose bytes fit — NE + L·f_r·col + 2·(f − f_r)·col is affine in
+    f_r, so that is a closed form — and 0."""
+    f, col, L = cfg.expert_ffn_size, cfg.expert_col_bytes(), cfg.num_moe_layers
+    ne, slope = cfg.non_expert_bytes(), (L - 2) * col
+    if slope > 0:
+        best = int((budget - ne - 2 * f * col) // slope)
+    else:  # streaming more costs more (or the same): stream as little as possible
+        best = f - 1
+    return [f, min(max(best, 0), f - 1), 0]
+
+
 def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
               gpu_weight_fraction: float | None = None,
               device_memory_bytes: int | None = None, reserved_bytes: int = 0) -> StorePlan:
-    """Choose the resident pages.
+    """Choose the resident columns f_r of every MoE layer.
 
-    wg given: the most pages whose bytes ≤ wg · W_E (then checked against the budget).
-    Only a budget: the most resident pages that fit (all of them when NE + L·W_E fits).
-    Neither: wg = 0, every expert streams. Budget too small: ValueError saying by how much.
+    wg given: f_r = ⌊wg·f⌋ (then checked against the budget). Only a budget: the most
+    resident columns that fit (all of them when NE + L·W_E fits). Neither: wg = 0,
+    every expert streams. Budget too small: ValueError saying by how much.
     """
     page_bytes = check_page_bytes(cfg, DEFAULT_PAGE_BYTES if page_bytes is None
                                   else page_bytes)
@@ -168,19 +170,16 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
     if budget is not None and (isinstance(budget, bool) or not isinstance(
             budget, (int, np.integer)) or budget <= 0):
         raise ValueError(f"device_memory_bytes={budget!r} must be a positive integer")
-    pages = make_pages(cfg, page_bytes)
-    prefix = np.cumsum([0] + [p.size for p in pages])  # elements of the first k pages
+    f = cfg.expert_ffn_size
     if wg is not None or budget is None:
-        target = (wg or 0.0) * prefix[-1]
-        k = int(np.searchsorted(prefix, target * (1 + 1e-12), side="right") - 1)
-        plan = _plan(cfg, page_bytes, pages, k)
+        plan = _plan(cfg, page_bytes, int(np.floor((wg or 0.0) * f * (1 + 1e-12))))
         if budget is not None and plan.device_bytes() + reserved_bytes > budget:
             need = plan.device_bytes() + reserved_bytes
             raise ValueError(f"device_memory_bytes={budget} is too small by {need - budget} "
                              f"bytes for gpu_weight_fraction={wg} (needs {need}: "
                              f"{_describe(plan, reserved_bytes)})")
         return plan
-    plans = [_plan(cfg, page_bytes, pages, k) for k in range(len(pages), -1, -1)]
+    plans = [_plan(cfg, page_bytes, c) for c in _fitting_cols(cfg, budget - reserved_bytes)]
     for plan in plans:
         if plan.device_bytes() + reserved_bytes <= budget:
             return plan
@@ -201,11 +200,25 @@ def write_into(buf: jax.Array, data: jax.Array, offset) -> jax.Array:
     return flat.reshape(buf.shape)
 
 
+ACCELERATOR_PATH_ENV = "MOEJAX_ACCELERATOR_PATH"
+
+
+def use_accelerator_path(device: jax.Device, requested: bool | None = None) -> bool:
+    """Whether the store takes the accelerator's code path: always off the CPU platform;
+    on the CPU testbed when asked (`requested`, else `$MOEJAX_ACCELERATOR_PATH=1`), so CI
+    runs it: pinned-host pages copied out of the source, never zero-copy views."""
+    if device.platform != "cpu":
+        return True
+    if requested is not None:
+        return bool(requested)
+    return os.environ.get(ACCELERATOR_PATH_ENV, "") not in ("", "0")
+
+
 @dataclass
 class _Slot:
     key: tuple[int, int] | None = None  # (layer, step) of the pass that holds it
-    bufs: list | None = None  # [w1, w3, w2] device arrays of full shape
-    issued: set = field(default_factory=set)
+    pages: dict = field(default_factory=dict)  # streamed page -> (w1, w3, w2) on device
+    fence: object = None  # the last op that read the previous user's pages
 
 
 def in_host_memory(arr) -> bool:
@@ -224,10 +237,11 @@ def _expert_path(path: Path) -> tuple[int, str] | None:
 
 # ------------------------------------------------------------------------ store
 class HostWeightStore:
-    """Every weight of one model: non-expert ones and the resident expert pages on the
-    device, the other expert pages in host memory (`host_memory`: "pinned_host",
-    "numpy", or "auto" = pinned_host where the backend offers it, except that NumPy
-    arrays the caller keeps (`place(..., adopt=True)`) are used in place, zero-copy).
+    """Every weight of one model: non-expert ones and the resident expert columns on the
+    device, the streamed pages in host memory (`host_memory`: "pinned_host", "numpy", or
+    "auto": pinned_host copies on the accelerator path, NumPy on the CPU testbed: views of
+    adopted host-memory leaves, else copies). `accelerator_path` (default: off the CPU, or
+    `$MOEJAX_ACCELERATOR_PATH=1`) makes the CPU backend take the accelerator's path.
 
     Fill it with `place(path, array)` (the `load_hf_params` callback) or `from_params`;
     then `check_complete()`. Thread-safe: prefetch/wait/release may come from any thread.
@@ -235,12 +249,14 @@ class HostWeightStore:
 
     def __init__(self, cfg: ModelConfig, *, gpu_weight_fraction: float | None = None,
                  page_bytes: int | None = None, device_memory_bytes: int | None = None,
-                 host_memory: str = "auto", device: jax.Device | None = None):
+                 host_memory: str = "auto", device: jax.Device | None = None,
+                 accelerator_path: bool | None = None):
         self.cfg = cfg
         self.budget = device_memory_bytes
         steady_malloc()  # page buffers from malloc's heaps, not freshly faulted mmaps
         self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, device_memory_bytes)
         self.device = device or default_device()
+        self.accelerator_path = use_accelerator_path(self.device, accelerator_path)
         self.host_memory = check_host_memory(host_memory)
         if host_memory == "pinned_host" and not has_pinned_host(self.device):
             raise ValueError(f"host_memory='pinned_host' but {self.device} offers no "
@@ -250,15 +266,13 @@ class HostWeightStore:
         if max((int(np.prod(s)) for s in self.plan.shapes), default=0) >= 2**31:
             raise ValueError("an expert tensor of >= 2^31 elements is not supported")
         self._dtype = jnp.dtype(cfg.dtype)
-        kinds = self.plan.device_bytes_by_kind()
         self._bytes = {"non_expert": 0, "resident_experts": 0,
-                       "stream_slots": kinds["stream_slots"],
-                       "page_staging": kinds["page_staging"]}
+                       "stream_buffers": self.plan.device_bytes_by_kind()["stream_buffers"]}
         self._lock = threading.RLock()
         self._globals: dict = {}
         self._layers: dict[int, dict] = {i: {} for i in range(cfg.num_layers)}
         self._resident: dict[int, dict[str, jax.Array]] = {}
-        self._host: dict[int, list] = {}
+        self._host: dict[int, list[dict]] = {}  # layer -> per streamed page {name: array}
         self._slots = [_Slot() for _ in range(2 if cfg.num_moe_layers else 0)]
         self._placed: set[Path] = set()
 
@@ -273,11 +287,17 @@ class HostWeightStore:
 
     @property
     def host_bytes(self) -> int:
-        return sum(p.nbytes for pages in self._host.values() for p in pages if p is not None)
+        return sum(a.nbytes for pages in self._host.values() for p in pages
+                   for a in p.values())
 
     @property
     def gpu_weight_fraction(self) -> float:
         return self.plan.gpu_weight_fraction
+
+    @property
+    def stream_buffer_bytes(self) -> int:
+        """Device bytes streaming takes: two passes' streamed pages, 2·(1 − wg)·W_E."""
+        return self._bytes["stream_buffers"]
 
     @property
     def page_bytes_setting(self) -> int:
@@ -292,11 +312,11 @@ class HostWeightStore:
 
     def check_policy(self, policy) -> None:
         """ValueError unless `policy` places the experts as this store does (its wg
-        rounded to this store's pages, and its page size, unless nothing streams)."""
+        rounded to whole columns, and its page size, unless nothing streams)."""
         plan = make_plan(self.cfg, policy.page_bytes, policy.gpu_weight_fraction)
         if plan.streaming or self.plan.streaming:  # all resident: the page size is moot
-            if (plan.page_bytes, plan.num_resident) != (self.plan.page_bytes,
-                                                         self.plan.num_resident):
+            if (plan.page_bytes, plan.resident_cols) != (self.plan.page_bytes,
+                                                          self.plan.resident_cols):
                 raise ValueError(
                     f"policy (gpu_weight_fraction={policy.gpu_weight_fraction:.6g}, "
                     f"page_bytes={policy.page_bytes}) does not place experts as the "
@@ -324,7 +344,7 @@ class HostWeightStore:
 
     def reserve(self, kind: str, nbytes: int) -> None:
         """Account `nbytes` of device memory someone else places (e.g. a KV cache)."""
-        if kind in ("non_expert", "resident_experts", "stream_slots", "page_staging"):
+        if kind in ("non_expert", "resident_experts", "stream_buffers"):
             raise ValueError(f"reserve: kind {kind!r} is the store's own")
         self._account(kind, int(nbytes), f"reservation {kind!r}")
 
@@ -336,8 +356,9 @@ class HostWeightStore:
     def place(self, path: Path, arr, adopt: bool = False):
         """Put one parameter where it lives; returns the device leaf (None for experts).
 
-        `adopt`: the caller keeps `arr` (a NumPy array), so host pages may be views of it
-        instead of copies. Loaders pass False and drop their array afterwards.
+        `adopt`: the caller keeps `arr`, so on the CPU testbed host pages may be views of
+        it (the accelerator path copies to pinned pages). Loaders pass False and drop
+        their array afterwards: the pages then own contiguous copies.
         """
         path = tuple(path)
         with self._lock:
@@ -359,60 +380,57 @@ class HostWeightStore:
             self._placed.add(path)
         return leaf
 
-    def _host_kind(self, is_numpy: bool, adopt: bool) -> str:
+    def _host_kind(self) -> str:
+        """"auto": pinned_host pages on the accelerator path (DMA reads them at link
+        speed), else NumPy (on the CPU testbed: views of the source, zero-copy)."""
         if self.host_memory == "auto":
-            if (is_numpy and adopt) or self._pin is None:
-                return "numpy"
-            return "pinned_host"
+            return "pinned_host" if self.accelerator_path and self._pin is not None \
+                else "numpy"
         return self.host_memory
 
     def _place_expert(self, layer: int, name: str, arr, adopt: bool) -> None:
-        t = EXPERTS.index(name)
-        shape = self.plan.shapes[t]
+        shape = self.plan.shapes[EXPERTS.index(name)]
         if tuple(arr.shape) != shape:
             raise ValueError(f"layers_{layer}/experts/{name}: shape {tuple(arr.shape)}, "
                              f"expected {shape}")
         is_numpy = isinstance(arr, np.ndarray)
-        on_host = is_numpy or not isinstance(arr, jax.Array) or in_host_memory(arr)
-        # An accelerator's array is cut there: only its streamed part comes to the host.
-        # An array in host memory is viewed, not copied.
-        flat = np.asarray(arr, dtype=self._dtype).reshape(-1) if on_host else \
-            jnp.ravel(jnp.asarray(arr, dtype=self._dtype))
-        r = self.plan.resident_elems(name)
-        if r:
-            self._account("resident_experts", r * self.plan.itemsize,
-                          f"layers_{layer}/experts/{name}[:{r}]")
-            if r == flat.size and not is_numpy:
-                dev = jax.device_put(arr, self._dev)  # already a device array: no copy
-            else:
-                dev = jax.device_put(flat[:r] if r < flat.size else flat.reshape(shape),
-                                     self._dev)
+        on_host = (is_numpy or not isinstance(arr, jax.Array) or in_host_memory(arr)) \
+            and not (self.accelerator_path and isinstance(arr, jax.Array))
+        axis = 1 if name == "w2" else 2  # the FFN axis f
+        cols = lambda a, lo, hi: a[:, lo:hi] if axis == 1 else a[:, :, lo:hi]
+        # an accelerator's array is cut there (only its streamed part comes to the host);
+        # an array in host memory is viewed, not copied
+        src = np.asarray(arr, dtype=self._dtype) if on_host else \
+            jnp.asarray(arr, dtype=self._dtype)
+        fr = self.plan.resident_cols
+        if fr:
+            self._account("resident_experts", fr * self.plan.col_bytes // 3,
+                          f"layers_{layer}/experts/{name}[..{fr}]")
+            dev = jax.device_put(cols(src, 0, fr) if fr < shape[axis] else src, self._dev)
             jax.block_until_ready(dev)  # the source may be a loader's buffer, freed next
             self._resident.setdefault(layer, {})[name] = dev
-        streamed = [(i, p) for i, p in enumerate(self.plan.streamed_pages) if p.tensor == name]
-        if not streamed:
-            self._host.setdefault(layer, [None] * len(self.plan.streamed_pages))
-            return
-        kind = self._host_kind(is_numpy, adopt)
-        lo, hi = streamed[0][1].start, streamed[-1][1].start + streamed[-1][1].size
-        src = flat[lo:hi] if on_host else np.asarray(flat[lo:hi])  # to the host, once
-        if kind == "numpy" and not is_numpy and on_host:
-            src = np.array(src, copy=True)  # never a view of device memory
-        pages = self._host.setdefault(layer, [None] * len(self.plan.streamed_pages))
-        for i, p in streamed:
-            view = src[p.start - lo:p.start - lo + p.size]
-            pages[i] = jax.device_put(view, self._pin) if kind == "pinned_host" else view
+        kind = self._host_kind()
+        pages = self._host.setdefault(layer, [{} for _ in self.plan.streamed_pages])
+        for i, p in enumerate(self.plan.streamed_pages):
+            block = cols(src, p.start, p.start + p.cols)  # [E, h, c] / [E, c, h]
+            if kind == "pinned_host":
+                pages[i][name] = jax.device_put(np.ascontiguousarray(block), self._pin)
+            elif on_host and adopt and not self.accelerator_path:
+                pages[i][name] = block  # a view: the one host copy stays the caller's
+            else:
+                pages[i][name] = np.array(block, copy=True)  # owns its bytes
         if kind == "pinned_host":
-            jax.block_until_ready([pages[i] for i, _ in streamed])
+            jax.block_until_ready([p[name] for p in pages])
 
     @classmethod
     def from_params(cls, cfg: ModelConfig, params: dict, **knobs) -> "HostWeightStore":
-        """A store from an in-memory parameter tree (NumPy expert leaves are adopted)."""
+        """A store from an in-memory parameter tree (its leaves are adopted: the caller
+        holds them, so host pages view them where the path allows)."""
         store = cls(cfg, **knobs)
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
         for kp, leaf in flat:
             path = tuple(k.key for k in kp)
-            store.place(path, leaf, adopt=isinstance(leaf, np.ndarray))
+            store.place(path, leaf, adopt=True)
         store.check_complete()
         return store
 
@@ -447,16 +465,15 @@ class HostWeightStore:
         return len(self.plan.streamed_pages) if self.cfg.is_moe_layer(layer) else 0
 
     def resident_bytes(self, layer: int) -> int:
-        """Bytes of the layer's expert prefix kept on the device (copied into its stream
-        slot when a pass claims one)."""
+        """Bytes of the layer's resident expert columns."""
         self._check_layer(layer)
         if not self.cfg.is_moe_layer(layer):
             return 0
-        return sum(p.size for p in self.plan.resident_pages) * self.plan.itemsize
+        return self.plan.layer_bytes - self.plan.streamed_bytes
 
     def page_bytes(self, layer: int, page: int) -> int:
         self._check_page(layer, page)
-        return self.plan.streamed_pages[page].size * self.plan.itemsize
+        return self.plan.page_nbytes(self.plan.streamed_pages[page])
 
     def _check_page(self, layer: int, page: int) -> None:
         n = self.num_pages(layer)
@@ -466,8 +483,7 @@ class HostWeightStore:
 
     # ------------------------------------------------------------------ streaming
     def _slot_of(self, layer: int, step: int) -> _Slot:
-        """The pass's slot, claimed (and the layer's resident prefix copied in) on first
-        use."""
+        """The pass's slot, claimed on first use (at most two passes hold pages)."""
         key = (layer, step)
         for s in self._slots:
             if s.key == key:
@@ -478,67 +494,70 @@ class HostWeightStore:
             raise RuntimeError(f"prefetch of layer {layer} (step {step}): both stream "
                                f"slots are busy ((layer, step) {busy}); release() one "
                                "first")
-        s = free[0]
-        if s.bufs is None:
-            s.bufs = [jnp.zeros(shape, self._dtype, device=self._dev)
-                      for shape in self.plan.shapes]
-        for t, name in enumerate(EXPERTS):
-            res = self._resident.get(layer, {}).get(name)
-            if res is not None:
-                s.bufs[t] = write_into(s.bufs[t], res, np.int32(0))
-        s.key, s.issued = key, set()
-        return s
+        free[0].key, free[0].pages, free[0].fence = key, {}, None
+        return free[0]
 
-    def prefetch_page(self, layer: int, page: int, step: int = 0) -> jax.Array | None:
-        """Start copying streamed page `page` of `layer` into the slot of pass
-        (layer, step); returns at once (an async `device_put` and an async in-place
-        copy) the slot tensor the page is written into — block on it to wait for this
-        page. Re-issuing is a no-op (None)."""
-        self._check_page(layer, page)
+    def _wait_fence(self, layer: int, step: int) -> None:
+        """Before a pass claims a slot: wait (on the calling thread, outside the lock)
+        for the op that last read the slot's previous pages, so at most two passes'
+        pages are ever alive on the device."""
         with self._lock:
-            host = self._host.get(layer, [None] * (page + 1))[page]
-            if host is None:
+            if any(s.key == (layer, step) for s in self._slots):
+                return
+            fences = [s.fence for s in self._slots if s.key is None]
+        if fences and fences[0] is not None:
+            jax.block_until_ready(fences[0])
+
+    def prefetch_page(self, layer: int, page: int, step: int = 0):
+        """Start copying streamed page `page` of `layer` for pass (layer, step); returns
+        at once its (w1, w3, w2) device arrays (async `device_put`s: block on them to
+        wait for the page). Re-issuing is a no-op (None)."""
+        self._check_page(layer, page)
+        self._wait_fence(layer, step)
+        with self._lock:
+            host = self._host.get(layer)
+            if host is None or len(host[page]) < len(EXPERTS):
                 raise ValueError(f"layer {layer} page {page} was never placed")
             s = self._slot_of(layer, step)
-            if page in s.issued:
+            if page in s.pages:
                 return None
-            p = self.plan.streamed_pages[page]
-            t = EXPERTS.index(p.tensor)
-            s.bufs[t] = write_into(s.bufs[t], jax.device_put(host, self._dev), np.int32(p.start))
-            s.issued.add(page)
-            return s.bufs[t]
+            s.pages[page] = tuple(jax.device_put(host[page][n], self._dev)
+                                  for n in EXPERTS)
+            return s.pages[page]
 
     def prefetch(self, layer: int, step: int = 0) -> None:
         """prefetch_page for every streamed page of the layer (returns at once)."""
         for page in range(self.num_pages(layer)):
             self.prefetch_page(layer, page, step)
 
-    def wait(self, layer: int, step: int = 0) -> dict[str, jax.Array]:
-        """{'w1', 'w3', 'w2'}: the layer's full experts on the device, once every page
-        of pass (layer, step) has landed (pages not yet prefetched are issued now).
-        Valid until release()."""
+    def wait(self, layer: int, step: int = 0) -> list[tuple]:
+        """The layer's experts as FFN parts [(w1, w3, w2), …]: the resident columns, then
+        each streamed page of pass (layer, step) in order (pages not yet prefetched are
+        issued now). Does not block: the FFN that reads a page waits for it. Valid until
+        release()."""
         self._check_layer(layer)
         if not self.cfg.is_moe_layer(layer):
             raise ValueError(f"layer {layer} is dense: it has no experts")
+        res = self._resident.get(layer, {})
+        parts = [tuple(res[n] for n in EXPERTS)] if res else []
         if not self.plan.streaming:
-            return dict(self._resident[layer])
+            return parts
         self.prefetch(layer, step)
         with self._lock:
-            bufs = list(self._slot_of(layer, step).bufs)
-        jax.block_until_ready(bufs)
-        return dict(zip(EXPERTS, bufs))
+            s = self._slot_of(layer, step)
+            return parts + [s.pages[j] for j in range(self.num_pages(layer))]
 
-    def release(self, layer: int, step: int = 0) -> None:
-        """Pass (layer, step) is done with its slot (its arrays from wait() become
-        invalid as soon as another pass's pages are written there)."""
+    def release(self, layer: int, step: int = 0, fence=None) -> None:
+        """Pass (layer, step) is done with its pages: `fence`, the output of the last op
+        that reads them (None: nothing in flight), gates the slot's next claim."""
         self._check_layer(layer)
         with self._lock:
             for s in self._slots:
                 if s.key == (layer, step):
-                    s.key, s.issued = None, set()
+                    s.key, s.pages, s.fence = None, {}, fence
 
     def release_all(self) -> None:
         """Every slot back (after a run that stopped early or failed)."""
         with self._lock:
             for s in self._slots:
-                s.key, s.issued = None, set()
+                s.key, s.pages = None, {}

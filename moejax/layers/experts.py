@@ -32,13 +32,28 @@ def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(ids.reshape(-1), num_experts, dtype=jnp.int32), axis=0)
 
 
+def swiglu_parts(x: jax.Array, parts) -> jax.Array:
+    """Σ_p swiglu(x, *p) over FFN-column parts [(w1 [E, h, c], w3, w2 [E, c, h]), …]: SwiGLU
+    is a sum over f, so experts split along f (resident columns, streamed pages) need
+    no assembling. One part: exactly `swiglu`. x [E, C, h] -> [E, C, h]."""
+    y = swiglu(x, *parts[0])
+    for p in parts[1:]:
+        y = y + swiglu(x, *p)
+    return y
+
+
 def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None = None
                    ) -> jax.Array:
     """Sorted path: x [N, h], routing weights/ids [N, k] -> [N, h]. The N·k rows, sorted by
     expert (stable), run in row blocks (`sorted_blocks`) whose counts are run-time values:
     work Σ_e ⌈count_e / block⌉·block ≈ N·k rows, no capacity and no host-known count."""
+    return sorted_parts(x, weights, ids, [(w1, w3, w2)], blocks)
+
+
+def sorted_parts(x, weights, ids, parts, blocks: tuple[int, int] | None = None):
+    """`moe_ffn_sorted` over FFN-column parts (`swiglu_parts`)."""
     n, h = x.shape
-    e, k = w1.shape[0], ids.shape[1]
+    e, k = parts[0][0].shape[0], ids.shape[1]
     nk = n * k
     big, small = blocks or sorted_blocks(nk / e)
     flat = ids.reshape(-1).astype(jnp.int32)
@@ -50,14 +65,16 @@ def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None =
     # A block overhanging an expert's last row writes rows that the next expert (or the
     # `big` rows of tail padding) overwrites afterwards: experts run in order.
     def expert(ei, ys):
-        a1, a3, a2 = w1[ei], w3[ei], w2[ei]
+        mine = [(w1[ei], w3[ei], w2[ei]) for w1, w3, w2 in parts]  # [h, c], [h, c], [c, h]
         count, start = counts[ei], starts[ei]
 
         def blocks_of(size, first):
             def body(j, ys):
                 r0 = first + j * size
                 xb = jax.lax.dynamic_slice_in_dim(xs, r0, size)
-                yb = jnp.dot(jax.nn.silu(xb @ a1) * (xb @ a3), a2)
+                yb = jnp.dot(jax.nn.silu(xb @ mine[0][0]) * (xb @ mine[0][1]), mine[0][2])
+                for a1, a3, a2 in mine[1:]:
+                    yb = yb + jnp.dot(jax.nn.silu(xb @ a1) * (xb @ a3), a2)
                 return jax.lax.dynamic_update_slice_in_dim(ys, yb.astype(ys.dtype), r0, 0)
             return body
 
@@ -74,18 +91,22 @@ def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None =
 
 
 def moe_ffn(x, weights, ids, w1, w3, w2, capacity: int | None = None) -> jax.Array:
-    """x [N, h], routing weights/ids [N, k] -> [N, h]. `capacity` C (decode): an [E, C, h]
-    buffer, one batched GEMM, E·C rows (C ≥ max(expert_counts), else tokens drop); None:
-    `moe_ffn_sorted` (prefill). Both agree to rounding: each row gets the same GEMMs."""
+    """x [N, h], routing weights/ids [N, k] -> [N, h]: with `capacity` C (≥ the max router
+    count, else tokens drop) the capacity path, tokens scattered into [E, C, h] and one
+    batched GEMM; without, the sorted path."""
+    return moe_ffn_parts(x, weights, ids, [(w1, w3, w2)], capacity)
+
+
+def moe_ffn_parts(x, weights, ids, parts, capacity: int | None = None) -> jax.Array:
+    """`moe_ffn` with the experts given as FFN-column parts [(w1, w3, w2), …]."""
     if capacity is None:
-        return moe_ffn_sorted(x, weights, ids, w1, w3, w2)
+        return sorted_parts(x, weights, ids, parts)
     n, h = x.shape
-    e = w1.shape[0]
-    c = capacity
+    e, c = parts[0][0].shape[0], capacity
     slots = dispatch_slots(ids, e, c)  # [N·k]
     tok = jnp.arange(slots.shape[0]) // ids.shape[1]
-    buf = jnp.zeros((e * c + 1, h), x.dtype).at[slots].set(x[tok])  # [E·C + dump, h]
-    y = swiglu(buf[:-1].reshape(e, c, h), w1, w3, w2).reshape(e * c, h)
+    buf = jnp.zeros((e * c + 1, h), x.dtype).at[slots].set(x[tok])
+    y = swiglu_parts(buf[:-1].reshape(e, c, h), parts).reshape(e * c, h)
     y = jnp.concatenate([y, jnp.zeros((1, h), y.dtype)])[slots]  # [N·k, h]
     y = y.reshape(n, ids.shape[1], h) * weights[..., None].astype(y.dtype)
     return jnp.sum(y, axis=1)

@@ -1,19 +1,12 @@
-"""The expert dispatch's shape rules (layers/experts.py): which of its two exact paths a
-token count takes, the capacity bucket, the sorted path's row blocks. Pure Python, so
-the layers, the runtime and the cost model (`schedule.routing`) share one definition.
-
-- capacity path: tokens scattered into an [E, C, h] buffer, C = the router's max count
-  rounded up to a bucket: every expert computes C rows;
-- sorted path (≥ SORTED_MIN_ROWS_PER_EXPERT rows per expert on average): each expert
-  over its own rows in row blocks, ≈ N·k rows plus each expert's last block's padding.
-"""
+"""Expert-dispatch shape rules (layers/experts.py, docs/design.md §4.3), pure Python so the
+layers, the runtime and the cost model (`schedule.routing`) share one definition."""
 
 from __future__ import annotations
 
 import numpy as np
 
-# Mean rows per expert from which the sorted path replaces the capacity path (measured
-# on the 2-core CPU at h = 1024, f = 3584, E = 8: equal at 128–256 rows per expert).
+# Mean rows per expert N·k/E from which the sorted path (≈ N·k rows) replaces the
+# capacity path (E·C rows): where their measured costs cross (experiments/results/).
 SORTED_MIN_ROWS_PER_EXPERT = 256
 
 
@@ -34,12 +27,17 @@ def uses_capacity(tokens, top_k: int, num_experts: int):
 
 
 def sorted_blocks(rows_per_expert: float) -> tuple[int, int]:
-    """(big, small) row-block sizes of the sorted path for a mean of `rows_per_expert`
-    rows per expert: an expert's rows run as ⌊count/big⌋ blocks of `big`, then the rest
-    in blocks of `small` (padding < small rows per expert). big = the largest power of
-    two ≤ the mean, in [8, 512]; 512 + 64 measured best at ~1024 rows per expert
-    (256 + 64, 256 + 128 and 1024 + 128 were 2-4 % slower)."""
+    """(big, small) row blocks for a mean of `rows_per_expert`: ⌊count/big⌋ blocks of big,
+    then blocks of small; big = 2^⌊log2 mean⌋ in [8, 512], small = big/4 in [8, 64]."""
     big = 8
     while big < 512 and 2 * big <= rows_per_expert:
         big *= 2
     return big, max(8, min(64, big // 4))
+
+
+def capacity_buckets(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
+    """Every capacity the dispatch can pick for `num_tokens` tokens, ascending: the
+    buckets of the max count's range [⌈N·k/E⌉, N]; the device picks one per call
+    (`ops.ffn`), so no host ever reads the router's counts."""
+    lo = max(1, -(-num_tokens * top_k // num_experts))
+    return tuple(sorted({capacity_bucket(c, num_tokens) for c in range(lo, num_tokens + 1)}))

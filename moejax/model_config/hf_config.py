@@ -1,7 +1,5 @@
-"""Hugging Face `config.json` → ModelConfig fields, one small parser per `model_type`.
-
-Parsers return the fields as a dict (`ModelConfig.from_hf` builds the config), so this
-module needs nothing from `model.py`."""
+"""Hugging Face `config.json` → ModelConfig fields as a dict, one parser per `model_type`
+(`ModelConfig.from_hf` builds the config, so this module needs nothing from model.py)."""
 
 from __future__ import annotations
 
@@ -26,10 +24,9 @@ def _dtype(d: dict) -> str:
 
 
 def _rope_theta(d: dict, default: float = 10000.0) -> float:
-    """transformers ≥ 5 nests it in `rope_parameters`; older configs keep `rope_theta`.
-    As in transformers (`convert_rope_params_to_dict`), a non-empty `rope_scaling` wins
-    over `rope_parameters`; θ is its `rope_theta`, else the top-level one, else the
-    family's default."""
+    """θ as transformers reads it (`convert_rope_params_to_dict`): from a non-empty
+    `rope_scaling`, else `rope_parameters` (transformers ≥ 5), else the top-level
+    `rope_theta`, else the family's default."""
     rp = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
         raise ValueError(f"HF config: rope scaling {rp!r} is not supported")
@@ -79,16 +76,11 @@ def _mixtral(d: dict, name: str) -> dict:
 
 
 def _dbrx(d: dict, name: str) -> dict:
-    """DBRX: sizes at the top level (`d_model`, `n_layers`, ...) plus nested `attn_config`
-    and `ffn_config`; LayerNorm without bias (torch default eps 1e-5), fused Wqkv clamped to
-    ±`clip_qkv`, top-k probabilities divided by their `moe_normalize_expert_weights`-norm.
-
-    rope θ: the released checkpoints keep it in `attn_config.rope_theta` (5e5). transformers
-    5.23 requires that key but ignores it: its rotary reads `rope_parameters`, which for a
-    legacy config is the generic default 1e4, and `save_pretrained` then writes both. The
-    DBRX-specific key wins here when present, with a warning when the two disagree (so
-    the released checkpoints warn: moejax then departs from the transformers oracle).
-    """
+    """DBRX: sizes at the top level (`d_model`, `n_layers`, ...) and in `attn_config` and
+    `ffn_config`; bias-free LayerNorm (eps 1e-5), Wqkv clamped to ±`clip_qkv`, top-k probs
+    over their `moe_normalize_expert_weights`-norm. θ: `attn_config.rope_theta` (5e5 in the
+    released checkpoints) wins, with a warning where transformers 5's rotary, which reads
+    `rope_parameters` (default 1e4), would use another θ: moejax then departs from it."""
     attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
     # transformers' attribute_map aliases (hidden_size → d_model, ...) may appear instead.
     alias = {"d_model": "hidden_size", "n_layers": "num_hidden_layers",

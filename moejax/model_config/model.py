@@ -147,6 +147,19 @@ class ModelConfig:
         """W_E of docs/design.md §4: all experts of one MoE layer, 2·3·h·f·E in bf16."""
         return self.num_experts * self.expert_bytes()
 
+    def expert_col_bytes(self) -> int:
+        """One FFN column of a layer's w1, w3, w2 over all experts: 3·E·h·bytes."""
+        return 3 * self.num_experts * self.hidden_size * self.bytes_per_param
+
+    def page_cols(self, page_bytes: int) -> int:
+        """FFN columns of one streamed page (host_offload/weight_store.py): the most whose
+        bytes fit `page_bytes`, at least 1, at most f."""
+        return max(1, min(self.expert_ffn_size, int(page_bytes) // self.expert_col_bytes()))
+
+    def page_nbytes(self, page_bytes: int) -> int:
+        """Bytes of one full streamed page under the `page_bytes` knob."""
+        return self.page_cols(page_bytes) * self.expert_col_bytes()
+
     def expert_bytes_total(self) -> int:
         return self.num_moe_layers * self.expert_bytes_per_layer()
 
@@ -240,7 +253,7 @@ _PRESETS: dict[str, ModelConfig] = {
         expert_ffn_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
         num_experts=4, top_k=2, rope_theta=1e4, norm_eps=1e-5, max_positions=256,
         dtype="float32"),
-    # The "tiny Mixtral" of the HF comparison benchmark (issue 5): 4 layers, hidden 1024.
+    # The "tiny Mixtral" of `experiments.bench_hf` (against HF): 4 layers, hidden 1024.
     "mixtral_4l_1024": ModelConfig(
         name="mixtral_4l_1024", family="mixtral", vocab_size=32000, hidden_size=1024,
         expert_ffn_size=3584, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=64,

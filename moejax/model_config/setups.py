@@ -1,11 +1,7 @@
-"""Experiment setups: a model on a machine running a workload (data, not code).
-
-`--config mixtral_l4` in the experiments names one of these. Multi-GPU setups follow
-MoE-Lightning's evaluation (Mixtral 8x22B on 2×T4, DBRX on 4×T4, tensor parallel); the
-performance model sees them as one device with k× the memory, compute, device bandwidth
-and link bandwidth (k PCIe x16 links) sharing one host — an ideal tensor-parallel
-approximation, said so wherever a figure comes from it.
-"""
+"""Experiment setups (`--config mixtral_l4`): a model on a machine running a workload.
+Multi-GPU setups (MoE-Lightning's Mixtral 8x22B on 2×T4, DBRX on 4×T4) are priced as one
+device with k× the memory, compute, device and link bandwidth (k PCIe x16 links) sharing
+one host: an ideal tensor-parallel approximation (docs/design.md §10), labelled as such."""
 
 from __future__ import annotations
 
@@ -89,10 +85,9 @@ def get_setup(name: str) -> Setup:
 
 def scaled_for_local(cfg: ModelConfig, hidden_size: int = 1024, num_layers: int = 4,
                      max_vocab: int = 32000) -> ModelConfig:
-    """The same architecture shrunk to run on a small CPU machine: the family switches,
-    expert count, top-k, GQA group size and ffn/hidden ratio are kept; hidden size,
-    layer count and vocabulary shrink; float32 (XLA's CPU GEMMs are fastest in fp32).
-    Returns `cfg` itself (as float32) when it is already no larger."""
+    """`cfg` shrunk for a small CPU machine: family switches, experts, top-k, GQA group and
+    ffn/hidden ratio kept; hidden size, layers and vocabulary shrink; float32 (XLA's CPU
+    GEMMs are fastest in fp32). `cfg` itself, as float32, when it is already no larger."""
     if cfg.hidden_size <= hidden_size and cfg.num_layers <= num_layers:
         return cfg.replace(dtype="float32")
     num_layers = min(num_layers, cfg.num_layers)

@@ -7,25 +7,18 @@ from dataclasses import dataclass
 
 
 def stage_imbalance(prefill: float, decode: float | None = None) -> dict:
-    """{stage: expert imbalance} as `simulate` and `predict` price each stage: decode
-    takes the prefill's figure unless it has its own."""
+    """{stage: expert imbalance} for `simulate`, `predict`; decode defaults to prefill's."""
     return {"prefill": prefill, "decode": prefill if decode is None else decode}
 
 
 @dataclass(frozen=True)
 class Workload:
-    """An offline generation job: every sequence has a `prompt_len`-token prompt and
-    generates `gen_len` tokens (the first by prefill, `gen_len - 1` by decode steps).
-
-    `num_sequences`, when given, is the size of the whole job: the search never picks a
-    batch larger than it. `kv_bytes_per_elem` overrides the KV-cache element size
-    (None: the model's dtype; 1 for an int8 cache). `expert_imbalance` is how unevenly
-    the router spreads this job's tokens: E·max_e p_e, the hottest expert's share over
-    the uniform one (1: uniform; measured by `RunRecord.expert_imbalance`), in prefill
-    and, unless `decode_expert_imbalance` says otherwise, in decode: a prompt's tokens
-    and the tokens a model generates can load the experts differently (a random-weight
-    Mixtral's prompts fit 1.13-1.30, its decode steps 1.0).
-    """
+    """An offline job: each sequence has a `prompt_len`-token prompt, `gen_len` new tokens
+    (one by prefill, `gen_len - 1` by decode). `num_sequences`: the whole job (the search's
+    batch cap). `kv_bytes_per_elem`: KV element bytes (None: the model's dtype; 1: int8).
+    `expert_imbalance` = E·max_e p_e, the hottest expert's share over uniform (1: uniform;
+    `RunRecord.expert_imbalance`, docs/design.md §4.3), in prefill and, unless
+    `decode_expert_imbalance` is set, decode: generated tokens load experts differently."""
 
     prompt_len: int
     gen_len: int
@@ -54,7 +47,7 @@ class Workload:
 
     @property
     def imbalance(self) -> dict:
-        """{stage: expert imbalance}, as `simulate` and `predict` price each stage."""
+        """`stage_imbalance` of this job's two figures."""
         return stage_imbalance(self.expert_imbalance, self.decode_expert_imbalance)
 
     @property

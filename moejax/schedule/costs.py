@@ -35,8 +35,7 @@ def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0, weight
 
 
 def h2d_rate(hw: HardwareSpec, transfer_bytes):
-    """B_h2d [bytes/s] per transfer size: `h2d_curve` interpolated in log size, else
-    `h2d_bytes_per_s`; a curve because the rate depends on the transfer size."""
+    """B_h2d [bytes/s] by transfer size: `h2d_curve` in log size, else `h2d_bytes_per_s`."""
     if hw.h2d_curve is None:
         return hw.h2d_bytes_per_s
     size, rate = np.array(hw.h2d_curve, dtype=float).T
@@ -86,12 +85,10 @@ def streamed_expert_bytes(m: ModelConfig, gpu_weight_fraction):
     return (1 - gpu_weight_fraction) * m.expert_bytes_per_layer()
 
 
-def stream_buffer_bytes(layer_bytes, streamed_bytes) -> dict:
-    """Device bytes of streaming, as the weight store accounts them: `stream_slots` 2·W_E
-    (two full-layer slots) and `page_staging` (1 − wg)·W_E in flight; 0 if none streams."""
-    streams = np.asarray(streamed_bytes) > 0
-    return {"stream_slots": np.where(streams, 2 * layer_bytes, 0),
-            "page_staging": np.where(streams, streamed_bytes, 0)}
+def stream_buffer_bytes(streamed_bytes) -> dict:
+    """Device bytes of streaming as the weight store accounts them: `stream_buffers`,
+    the pages of two passes, 2·(1 − wg)·W_E (0 where nothing streams)."""
+    return {"stream_buffers": 2 * np.asarray(streamed_bytes)}
 
 
 def expected_active_experts(m: ModelConfig, tokens):
@@ -122,9 +119,8 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """FFN of `tokens` tokens [s]: MoE layers price the rows and weight passes the dispatch
-    runs (`routing.expected_work`, §4.3), each pass paying t₀; dense layers their MLP.
-    The stream is priced on the link, so resident and streamed weights cost the same."""
+    """FFN of `tokens` tokens [s]: MoE = the dispatch's rows and passes (`expected_work`,
+    §4.3), t₀ per pass, resident or streamed alike (the link prices streams); dense: MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
@@ -183,7 +179,6 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 # ------------------------------------------------------------ shared host cores
 def core_demand(hw: HardwareSpec, resource: str) -> float:
-    """Host cores an op of `resource` occupies on `device_is_host` hardware (§5): device ops
-    and CPU attention all `cpu_cores`, a copy `copy_core_demand` whatever its size (it
-    contends for memory, not cores). Ops whose demands sum to D > cores run at cores/D."""
+    """Cores an op of `resource` occupies on `device_is_host` hardware (§5): `cpu_cores`, or
+    `copy_core_demand` for a copy (it contends for memory, not cores), any size."""
     return float(hw.copy_core_demand if resource in ("h2d", "d2h") else hw.cpu_cores)

@@ -1,12 +1,7 @@
-"""Run a timeline for real (docs/design.md §3): one thread per resource, waits only on edges.
-
-`execute(entries, handlers, overlap)` calls `handlers[entry.op](entry)` for every entry
-and records its start and end. With `overlap`, each resource (gpu, cpu, h2d, d2h) has
-one thread that walks its entries in list order and blocks only until the entries an
-entry depends on have finished — exactly the list schedule the simulator prices. Without
-it, the serial reference walks the whole list in order on the calling thread. Handlers
-must finish their work before returning (block on device results), so that an entry's
-end is the moment its outputs exist and its dependants may start.
+"""Run a timeline for real (docs/design.md §3): `handlers[entry.op](entry)` per entry, one
+thread per resource in list order waiting only on deps (the simulator's list schedule),
+or serially without `overlap`. Handlers must block until their outputs exist, so an
+entry's recorded end is when its dependants may start.
 """
 
 from __future__ import annotations
@@ -96,11 +91,8 @@ def _overlapped(entries, handlers, start, end, t0, lane):
 
 def execute(entries: list[Entry], handlers: Mapping[str, Handler], overlap: bool = True,
             lane: Callable[[str], str] = lambda r: r) -> Trace:
-    """Run every entry's handler; `lane` maps a resource to the thread that runs it.
-    Python's cyclic garbage collector is paused meanwhile: a full collection stops
-    every thread for ~0.1 s (measured at the start of a run on the CPU testbed), a
-    stall the timeline has no entry for; reference counting still frees what the run
-    drops, and cycles wait for the next collection after it."""
+    """Run every entry's handler → Trace; `lane` maps a resource to its thread. The cyclic
+    GC is paused meanwhile: a full collection stalls every thread, which no entry models."""
     missing = sorted({e.op for e in entries} - set(handlers))
     if missing:
         raise ValueError(f"no handler for ops {missing}")

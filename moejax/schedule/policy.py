@@ -22,7 +22,7 @@ class Policy:
     """How a batch is run (docs/design.md §2-§4): N = ubs·n_ub sequences, n_ub micro-batches
     of ubs pipelined per layer (CGOPipe); wg ∈ [0, 1] of each MoE layer's expert bytes
     resident, the rest streamed in `page_bytes` pages; decode attention and KV cache on
-    "cpu" or "gpu" (prefill attention always on the device); overlap: CGOPipe max, else serial."""
+    "cpu" or "gpu" (prefill attention always on the device); overlap: CGOPipe, else serial."""
 
     batch_size: int
     micro_batch_size: int

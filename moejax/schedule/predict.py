@@ -87,7 +87,7 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
             decode = decode + 2 * costs.kv_bytes(m, ubs * (s + n), workload.kv_bytes_per_elem)
     # prefill: every prompt's hidden states, one micro-batch at a time, fp32 scores
     prefill = big_n * s * h * b + working_set(ubs * s) + ubs * m.num_heads * s * s * 4 + logits
-    stream = sum(costs.stream_buffer_bytes(m.expert_bytes_per_layer(), np.where(
+    stream = sum(costs.stream_buffer_bytes(np.where(
         np.asarray(wg) < 1, costs.streamed_expert_bytes(m, wg), 0.0)).values()) \
         if m.num_moe_layers else 0.0
     device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
@@ -140,13 +140,12 @@ class Knobs:
 
 
 def _stream(m, hw, layer, wg, page_bytes):
-    """(h2d s incl. the resident prefix's d2d copy, bytes) of one layer's streamed pages."""
+    """(h2d s, bytes) of one layer's streamed pages (the FFN reads them where they land:
+    nothing is copied on the device)."""
     if not m.is_moe_layer(layer):
         return 0.0, 0.0
     nbytes = costs.streamed_expert_bytes(m, wg)
-    pages = costs.num_pages(nbytes, page_bytes)
-    copy = np.where(nbytes > 0, costs.d2d_s(hw, m.expert_bytes_per_layer() - nbytes), 0.0)
-    return costs.h2d_s(hw, nbytes, pages) + copy, nbytes
+    return costs.h2d_s(hw, nbytes, costs.num_pages(nbytes, m.page_nbytes(page_bytes))), nbytes
 
 
 def decode_layer(m, hw, wl, layer, k: Knobs, ctx):
@@ -179,18 +178,17 @@ def decode_layer(m, hw, wl, layer, k: Knobs, ctx):
 
 def _layer_stalls(m, hw, layer, k: Knobs, gpu_mb, cpu_mb, h2d_mb, d2h_mb):
     """Lower bound [s] on a CGOPipe decode layer from the timeline's edges (§4.3 `stalls`):
-    max(n·gpu + chain − gpu, n·cpu + chain − cpu), and for n ≥ 2 n·gpu + copy + chunk +
-    h2d, all of one micro-batch, so the closed form tracks `simulate()`. Not used where
+    max(n·gpu + chain − gpu, n·cpu + chain − cpu), and for n ≥ 2 n·gpu + chunk + h2d,
+    all of one micro-batch, so the closed form tracks `simulate()`. Not used where
     the device is the host: `_combine`'s shared-core sum already charges these."""
     n, wg = k.n_ub, k.wg
     chain = gpu_mb + cpu_mb + h2d_mb + d2h_mb
     t = np.maximum(n * gpu_mb + chain - gpu_mb, n * cpu_mb + chain - cpu_mb)
     if m.is_moe_layer(layer):
         nbytes = costs.streamed_expert_bytes(m, wg)
-        copy = np.where(nbytes > 0, costs.d2d_s(hw, m.expert_bytes_per_layer() - nbytes),
-                        0.0)
-        chunk = costs.h2d_s(hw, nbytes, costs.num_pages(nbytes, k.page_bytes)) / n
-        t = np.where(n > 1, np.maximum(t, n * gpu_mb + copy + chunk + h2d_mb), t)
+        pages = costs.num_pages(nbytes, m.page_nbytes(k.page_bytes))
+        chunk = costs.h2d_s(hw, nbytes, pages) / n
+        t = np.where(n > 1, np.maximum(t, n * gpu_mb + chunk + h2d_mb), t)
     return t
 
 

@@ -1,11 +1,7 @@
-"""Price a timeline with the performance model: earliest-start list scheduling.
-
-Each entry costs what `moejax.schedule.costs` says its op costs (the same functions
-`predict()` composes). With `policy.overlap`, every resource runs its entries in list
-order, an entry starting at max(resource free, deps done); without it, the whole list
-runs serially. Where the "GPU" computes on the host cores (`hw.device_is_host`, the
-local testbed) the four resources still run as the executor's four threads, but share
-the host cores (processor sharing, `costs.core_demand`), as `predict()` assumes.
+"""Price a timeline by earliest-start list scheduling (docs/design.md §3), each entry at
+its `costs` price: with `policy.overlap` an entry starts at max(resource free, deps
+done), else the list runs serially; on `device_is_host` hardware the resources share the
+host cores (processor sharing, `costs.core_demand`), as `predict` assumes.
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ from moejax.schedule.timeline import RESOURCES, Entry, stage_seconds
 
 
 def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
-    """Bytes the link moves through host memory during one micro-batch's CPU attention
-    (MoE-Lens contention, as in `predict`)."""
+    """Bytes the link moves through host memory per micro-batch's CPU attention (§4.3)."""
     if not policy.overlap:
         return 0.0
     ubs, n = policy.micro_batch_size, policy.num_micro_batches
@@ -34,18 +29,16 @@ def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
 
 
 def _stage_imbalance(imbalance, stage: str) -> float:
-    """`imbalance`: one figure for both stages, or {stage: figure} as
-    `Workload.imbalance` and `RunRecord.imbalance` give it."""
+    """`imbalance` of `stage`: one figure, or {stage: figure} as `Workload.imbalance`."""
     return float(imbalance[stage] if isinstance(imbalance, dict) else imbalance)
 
 
 def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
           kv_bytes_per_elem: int | None = None, imbalance: float | dict = 1.0) -> float:
-    """Seconds one entry takes on its resource alone (`imbalance`: the workload's
-    expert imbalance, one figure or {stage: figure})."""
+    """Seconds one entry takes on its resource alone; `imbalance` as `_stage_imbalance`."""
     t, ctx = e.tokens, e.context
     if e.op == "page":
-        return float(costs.h2d_s(hw, e.nbytes) + costs.d2d_s(hw, e.copy_bytes))
+        return float(costs.h2d_s(hw, e.nbytes))
     if e.op == "embed":
         return 0.0  # a gather of t rows: negligible, and not in predict()
     if e.op == "pre_attn":
@@ -114,10 +107,8 @@ def simulate(entries: list[Entry], m: ModelConfig, hw: HardwareSpec, policy: Pol
 
 
 def _shared_cores(entries, dur, hw: HardwareSpec, start, end):
-    """Event-driven processor sharing: each resource runs its entries in list order,
-    one at a time, an entry starting once its deps are done; the running entries (one
-    per resource) share the host cores, each at min(1, cores / Σ demand) of its speed
-    alone (`costs.core_demand`). Fills start/end in place."""
+    """Event-driven processor sharing, filling start/end in place: one running entry per
+    resource, in list order once deps are done, each at min(1, cores / Σ demand)."""
     queues = {r: deque(e for e in entries if e.resource == r) for r in RESOURCES}
     finished = np.zeros(len(entries), bool)
     running: dict[str, list] = {}  # resource -> [entry, work left (s alone)]

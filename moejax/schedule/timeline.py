@@ -1,27 +1,12 @@
-"""The schedule is data: CGOPipe's static timeline (docs/design.md §3; MoE-Lightning §4).
-
-`build_timeline` turns a Policy into a list of `Entry`s — (resource, op, layer,
-micro-batch, page, depends-on) plus the sizes that price it. Per resource, list order is
-execution order; `deps` point to earlier entries only, so the list is also a valid
-serial order. The simulator (`simulate.py`) prices this list, the executor
-(`executor.py`) runs it: one source of truth for prediction and execution.
-
-A *pass* is one layer of one forward (prefill, or one decode step); passes are numbered
-p = step·L + layer, and "the next layer" of the last layer of a step is layer 0 of the
-next step, so weight streaming runs across step boundaries as in steady state.
-
-CGOPipe order for pass p with micro-batches k = 0..n−1 (attention on the CPU):
+"""CGOPipe's static timeline (docs/design.md §3; MoE-Lightning §4): a Policy as a list of
+`Entry`s, list order = execution order per resource, deps only backwards. `simulate`
+prices it and `executor` runs it, so prediction and execution share one schedule. Pass
+p = step·L + layer; pass p's pages land in slot p mod 2 and wait for pass p−1's end.
+Order of pass p, micro-batches k = 0..n−1, attention on the CPU:
   gpu: pre(p,0), pre(p,1), post(p,0), pre(p,2), post(p,1), …, post(p,n−1)
-  d2h: qkv(p,0), …, qkv(p,n−1)          cpu: attn(p,0), …, attn(p,n−1)
-  h2d: pages(p+1, chunk 0), out(p,0), pages(p+1, chunk 1), out(p,1), …,
-       out(p,n−1), pages(p+1, chunk n−1)
-so while the CPU runs attention of micro-batch k the GPU runs post-attention of k−1 and
-pre-attention of k+1, and the link interleaves the next layer's weight pages with the
-attention outputs, which then wait behind at most one chunk of pages. The last output
-goes before its chunk: the pass's last post-attention frees the slot the loads of pass
-p+2 wait for, so it must not wait behind pages (with one micro-batch, a whole layer). Streamed pages of
-pass p land in device slot p mod 2 (the double buffer); the first page of pass p+1 waits
-until every micro-batch of pass p−1 — the slot's previous user — is done.
+  d2h: qkv(p,k)…   cpu: attn(p,k)…   h2d: pages(p+1, chunk k), out(p,k), …
+except that out(p,n−1) goes before its chunk: the last post-attention frees the slot
+pass p+2 waits for, so it must not queue behind pages.
 """
 
 from __future__ import annotations
@@ -40,10 +25,7 @@ OPS = {"page": "h2d", "embed": "gpu", "pre_attn": "gpu", "attn": "gpu", "d2h_qkv
 
 @dataclass(frozen=True)
 class Entry:
-    """One op of the timeline. `tokens` rows of activations (micro-batch size × tokens
-    per sequence), attention `context` keys per query, `nbytes` for a page;
-    `copy_bytes`: the layer's resident expert prefix, copied on the device into the
-    stream slot that a layer's first page claims."""
+    """One op: `tokens` activation rows, `context` keys per query, a page's `nbytes`."""
 
     id: int
     resource: str
@@ -57,30 +39,25 @@ class Entry:
     tokens: int = 0
     context: int = 0
     nbytes: int = 0
-    copy_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """Pages of each layer's streamed (non-resident) expert bytes: `page_nbytes[layer]`
-    lists page sizes (empty for dense or fully resident layers); `resident_nbytes[layer]`
-    the resident prefix the store copies into the layer's slot before its pages (the
-    FFN reads one buffer per tensor; empty tuple: none)."""
+    """Per layer: `page_nbytes` of its streamed expert pages (empty: none streams). The
+    FFN reads each page where it lands, so a page is one transfer and nothing more."""
 
     page_nbytes: tuple[tuple[int, ...], ...]
-    resident_nbytes: tuple[int, ...] = ()
 
     @classmethod
     def uniform(cls, cfg: ModelConfig, policy: Policy) -> "StreamPlan":
-        """Pages of `policy.page_bytes` over (1 − wg)·W_E bytes, the last one partial."""
-        layers, resident = [], []
+        """Full pages (`cfg.page_nbytes(policy.page_bytes)`) over (1 − wg)·W_E bytes, the
+        last one partial."""
+        page, layers = cfg.page_nbytes(policy.page_bytes), []
         for i in range(cfg.num_layers):
             w = cfg.expert_bytes_per_layer() if cfg.is_moe_layer(i) else 0
-            total = round((1 - policy.gpu_weight_fraction) * w)
-            full, rest = divmod(total, policy.page_bytes)
-            layers.append((policy.page_bytes,) * full + ((rest,) if rest else ()))
-            resident.append(w - total if total else 0)
-        return cls(tuple(layers), tuple(resident))
+            full, rest = divmod(round((1 - policy.gpu_weight_fraction) * w), page)
+            layers.append((page,) * full + ((rest,) if rest else ()))
+        return cls(tuple(layers))
 
 
 class _Builder:
@@ -105,15 +82,11 @@ class _Builder:
             chunks[j * n // max(len(sizes), 1)].append((j, nbytes))
         self.pages[p] = []
 
-        res = self.plan.resident_nbytes
-        copy = res[layer] if layer < len(res) else 0
-
         def emit(chunk):
             for j, nbytes in chunk:
                 dep = self.slot_free.get(p - 2) if not self.pages[p] else None
                 self.pages[p].append(self.add("page", stage, step, layer, page=j,
-                                              deps=(dep,), nbytes=nbytes,
-                                              copy_bytes=copy if j == 0 else 0))
+                                              deps=(dep,), nbytes=nbytes))
         return [lambda c=c: emit(c) for c in chunks]
 
 
@@ -198,11 +171,8 @@ def build_timeline(cfg: ModelConfig, policy: Policy, prompt_len: int, decode_ste
 
 
 def stage_seconds(entries: list[Entry], end_s, stage: str) -> float:
-    """Wall time of a stage given every entry's end time: from the end of the previous
-    stage's last non-page entry (0 for prefill) to the end of this stage's last entry.
-    Pages of a stage's first layer stream during the previous stage, as in steady state.
-    Shared by the simulator (predicted ends) and the executor's trace (measured ends).
-    0 for a stage with no entries (a 1-token generation has no decode step)."""
+    """Wall time [s] of `stage` from the previous stage's last non-page end (0 for
+    prefill) to its own last end; 0 if it has no entries. Shared by simulator and trace."""
     end_of = lambda st: max((end_s[e.id] for e in entries
                              if e.stage == st and e.op != "page"), default=0.0)
     if not any(e.stage == stage for e in entries):

@@ -20,24 +20,33 @@ def experts(model, i):
     return {k: np.asarray(v) for k, v in model.params[f"layers_{i}"]["experts"].items()}
 
 
+def joined(parts) -> dict:
+    """FFN-column parts [(w1, w3, w2), …] put back together along f."""
+    cat = lambda t, axis: np.concatenate([np.asarray(p[t]) for p in parts], axis=axis)
+    return {"w1": cat(0, 2), "w3": cat(1, 2), "w2": cat(2, 1)}
+
+
 def assert_streams_the_experts(store, model):
-    """Every layer the store assembles is exactly the model's experts."""
+    """Every layer's parts (resident columns, then streamed pages) are exactly the
+    model's experts, split along the FFN axis."""
     for i in range(CFG.num_layers):
-        got = store.wait(i)
+        got = joined(store.wait(i))
         for k, v in experts(model, i).items():
-            np.testing.assert_array_equal(np.asarray(got[k]), v)
+            np.testing.assert_array_equal(got[k], v)
         store.release(i)
 
 
-def test_pages_tile_each_tensor_once_with_a_short_last_page():
-    plan = make_plan(CFG, page_bytes=4 * 1000)  # 1000 elements; w1 has 24576
-    for name in ("w1", "w3", "w2"):
-        pages = [p for p in plan.pages if p.tensor == name]
-        assert [p.start for p in pages] == [1000 * j for j in range(len(pages))]
-        assert sum(p.size for p in pages) == 4 * 64 * 96 and pages[-1].size == 576
+def test_pages_tile_the_ffn_axis_once_with_a_narrower_last_page():
+    plan = make_plan(CFG, page_bytes=4 * 1000)  # a column of w1, w3, w2: 3·4·64 = 768
+    assert [p.cols for p in plan.pages] == [1] * 96  # elements: one column per page
+    plan = make_plan(CFG, page_bytes=4 * 768 * 10)
+    assert [p.start for p in plan.pages] == list(range(0, 96, 10))
+    assert sum(p.cols for p in plan.pages) == 96 and plan.pages[-1].cols == 6
+    assert plan.page_nbytes(plan.pages[0]) == 4 * 768 * 10 == CFG.page_nbytes(4 * 768 * 10)
 
 
-@pytest.mark.parametrize("wg,page_bytes", [(0.0, 4 * 1000), (0.37, 4 * 777), (1.0, None)])
+@pytest.mark.parametrize("wg,page_bytes", [(0.0, 4 * 768 * 5), (0.37, 4 * 777 * 7),
+                                           (1.0, None)])
 def test_wait_returns_the_exact_experts(model, wg, page_bytes):
     store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
                                         page_bytes=page_bytes)
@@ -49,20 +58,21 @@ def test_pages_issued_in_any_order_assemble_the_layer(model):
     n = store.num_pages(2)
     for p in np.random.default_rng(0).permutation(n):
         store.prefetch_page(2, int(p))
-    got = store.wait(2)
+    got = joined(store.wait(2))
     for k, v in experts(model, 2).items():
-        np.testing.assert_array_equal(np.asarray(got[k]), v)
+        np.testing.assert_array_equal(got[k], v)
 
 
-def test_resident_fraction_is_rounded_down_to_whole_pages(model):
-    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.5,
-                                        page_bytes=4 * 5000)
+def test_resident_fraction_is_rounded_down_to_whole_columns(model):
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.37,
+                                        page_bytes=4 * 768 * 7)
     plan, w = store.plan, CFG.expert_bytes_per_layer()
-    resident = 4 * sum(p.size for p in plan.resident_pages)
-    assert resident <= 0.5 * w < resident + 4 * plan.streamed_pages[0].size
+    resident = plan.resident_cols * plan.col_bytes
+    assert plan.resident_cols == 35  # ⌊0.37 · 96⌋
+    assert [p.start for p in plan.pages] == list(range(35, 96, 7))
+    assert resident <= 0.37 * w < resident + plan.col_bytes
     assert plan.streamed_bytes == w - resident
-    assert store.num_pages(0) == len(store.plan.pages) - store.plan.num_resident
-    # what a pass copies into its slot before the pages: the rest of the layer
+    assert store.num_pages(0) == len(store.plan.pages)
     assert store.resident_bytes(0) == resident == w - sum(
         store.page_bytes(0, p) for p in range(store.num_pages(0)))
 
@@ -73,18 +83,29 @@ def test_accounting_matches_placed_arrays(model):
     kinds = store.device_bytes_by_kind
     assert kinds == store.plan.device_bytes_by_kind()
     assert kinds["non_expert"] == CFG.non_expert_bytes()
-    w = CFG.expert_bytes_per_layer()
-    assert kinds["stream_slots"] == 2 * w
+    assert kinds["stream_buffers"] == store.stream_buffer_bytes == 2 * store.plan.streamed_bytes
     assert store.host_bytes == CFG.num_layers * store.plan.streamed_bytes
+
+
+@pytest.mark.parametrize("wg", [0.0, 0.5])
+def test_stream_buffers_hold_at_most_two_passes_of_streamed_bytes(model, wg):
+    store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
+                                        page_bytes=4 * 768 * 10)
+    page = store.plan.page_nbytes(store.plan.pages[0])
+    assert store.stream_buffer_bytes <= 2 * store.plan.streamed_bytes + page
+    store.prefetch(0)
+    store.prefetch(1)
+    live = sum(a.nbytes for s in store._slots for p in s.pages.values() for a in p)
+    assert live == 2 * store.plan.streamed_bytes <= store.stream_buffer_bytes
 
 
 def test_budget_picks_the_largest_fraction_that_fits():
     w, ne = CFG.expert_bytes_per_layer(), CFG.non_expert_bytes()
     stream_all = make_plan(CFG, 4 * 1000, 0.0).device_bytes()
-    assert stream_all == ne + 3 * w
-    assert make_plan(CFG, 4 * 1000, device_memory_bytes=stream_all).num_resident == 0
+    assert stream_all == ne + 2 * w  # two passes' pages
+    assert make_plan(CFG, 4 * 1000, device_memory_bytes=stream_all).resident_cols == 0
     assert make_plan(CFG, 4 * 1000, device_memory_bytes=ne + 5 * w).gpu_weight_fraction == 1
-    mid = make_plan(CFG, 4 * 1000, device_memory_bytes=ne + 4 * w)
+    mid = make_plan(CFG, 4 * 1000, device_memory_bytes=ne + 3 * w)
     assert 0 < mid.gpu_weight_fraction < 1 and mid.device_bytes() <= ne + 4 * w
 
 
@@ -137,31 +158,46 @@ def test_one_layer_in_two_steps_takes_both_slots():
     cfg = CFG.replace(num_layers=1)  # a single MoE layer: every pass is layer 0
     store = HostWeightStore.from_params(cfg, MoEModel.random(cfg, seed=4).params,
                                         page_bytes=4 * 4000)
-    held = store.wait(0, step=1)
-    before = {k: np.asarray(v).copy() for k, v in held.items()}
+    held = joined(store.wait(0, step=1))
+    before = {k: v.copy() for k, v in held.items()}
     store.prefetch(0, step=2)  # the next step's pass fills the other slot …
     with pytest.raises(RuntimeError, match="both stream slots are busy"):
         store.prefetch(0, step=3)
-    for k, v in held.items():  # … and leaves this one's arrays alone
-        np.testing.assert_array_equal(np.asarray(v), before[k])
+    for k, v in joined(store.wait(0, step=1)).items():  # … and leaves this one alone
+        np.testing.assert_array_equal(v, before[k])
     store.release_all()
     store.prefetch(0, step=3)
 
 
-def test_host_pages_are_pinned_where_offered(model):
-    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 4000)
-    page = store._host[0][0]
+def test_accelerator_path_pages_are_pinned_copies(model):
+    store = HostWeightStore.from_params(CFG, model.params, page_bytes=4 * 4000,
+                                        accelerator_path=True)
+    page = store._host[0][0]["w1"]
     if has_pinned_host(jax.devices()[0]):
         assert page.sharding.memory_kind == "pinned_host"
     else:
         assert isinstance(page, np.ndarray)
+    assert not np.shares_memory(np.asarray(page),
+                                np.asarray(model.params["layers_0"]["experts"]["w1"]))
+    assert_streams_the_experts(store, model)
+
+
+def test_accelerator_path_follows_the_environment(monkeypatch):
+    from moejax.host_offload.weight_store import use_accelerator_path
+
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setenv("MOEJAX_ACCELERATOR_PATH", "1")
+    assert use_accelerator_path(cpu) and not use_accelerator_path(cpu, False)
+    monkeypatch.setenv("MOEJAX_ACCELERATOR_PATH", "0")
+    assert not use_accelerator_path(cpu) and use_accelerator_path(cpu, True)
 
 
 def test_numpy_leaves_are_adopted_without_a_copy(model):
     params = jax.tree.map(np.asarray, model.params)
     params = jax.tree.map(np.array, params)  # host-owned NumPy leaves
-    store = HostWeightStore.from_params(CFG, params, page_bytes=4 * 4000)
-    assert np.shares_memory(store._host[1][0], params["layers_1"]["experts"]["w1"])
+    store = HostWeightStore.from_params(CFG, params, page_bytes=4 * 4000,
+                                        accelerator_path=False)
+    assert np.shares_memory(store._host[1][0]["w1"], params["layers_1"]["experts"]["w1"])
 
 
 def test_dense_layers_have_no_pages():
@@ -206,7 +242,7 @@ def test_accelerator_leaves_bring_only_their_streamed_bytes_to_the_host(model, w
     monkeypatch.setattr(weight_store, "np", CountingNumpy())
     monkeypatch.setattr(weight_store, "in_host_memory", lambda arr: False)
     store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=wg,
-                                        page_bytes=4 * 777)
+                                        page_bytes=4 * 777 * 3)
     assert sum(moved) == CFG.num_layers * store.plan.streamed_bytes
     assert (sum(moved) == 0) == (wg == 1.0)
     assert_streams_the_experts(store, model)
@@ -216,8 +252,6 @@ def test_host_device_leaves_are_viewed_not_copied(model):
     """On the CPU a device array is host memory: its pages view it (no second copy of
     the weights per engine)."""
     store = HostWeightStore.from_params(CFG, model.params, gpu_weight_fraction=0.3,
-                                        page_bytes=4 * 4000)
-    if not has_pinned_host(jax.devices()[0]):
-        pytest.skip("host pages are NumPy copies where pinned_host is not offered")
-    assert np.shares_memory(np.asarray(store._host[1][-1]),
+                                        page_bytes=4 * 4000, accelerator_path=False)
+    assert np.shares_memory(np.asarray(store._host[1][-1]["w2"]),
                             np.asarray(model.params["layers_1"]["experts"]["w2"]))

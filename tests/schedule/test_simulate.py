@@ -78,10 +78,10 @@ def test_copies_that_take_more_cores_slow_the_timeline():
     assert heavy.makespan_s > light.makespan_s
 
 
-def test_prices_count_the_resident_copy_and_host_contention():
-    """Hand model: a pass's first page also copies the 96-byte resident prefix on the
-    device; CPU attention beside the link reads host memory with its 288 streamed bytes
-    and 3 micro-batches' q/k/v and outputs (MoE-Lens contention)."""
+def test_prices_count_pages_as_transfers_and_host_contention():
+    """Hand model: a page is one transfer (the FFN reads it where it lands); CPU
+    attention beside the link reads host memory with its 288 streamed bytes and 3
+    micro-batches' q/k/v and outputs (MoE-Lens contention)."""
     from moejax.schedule import costs
     from tests.schedule.hand import HW as H, M as HM
 
@@ -89,9 +89,8 @@ def test_prices_count_the_resident_copy_and_host_contention():
     pol = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.25, page_bytes=100)
     tl = build_timeline(HM, pol, prompt_len=3, decode_steps=1)
     first = next(e for e in tl if e.op == "page" and e.page == 0)
-    assert first.copy_bytes == 96
-    assert price(first, HM, hw, pol) == pytest.approx(
-        costs.h2d_s(hw, first.nbytes) + costs.d2d_s(hw, 96))
+    assert first.nbytes == 96 and price(first, HM, hw, pol) == pytest.approx(
+        costs.h2d_s(hw, first.nbytes))
     attn = next(e for e in tl if e.op == "cpu_attn")
     io = 288 + 3 * (costs.qkv_bytes(HM, 2) + costs.attn_out_bytes(HM, 2))
     assert price(attn, HM, hw, pol) == pytest.approx(
