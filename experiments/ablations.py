@@ -148,7 +148,7 @@ class Reprobe:
 
         from moejax.schedule import costs
         from moejax.calibration.in_situ import fit_copy_core_demand
-        from moejax.schedule.policy import DEFAULT_PAGE_BYTES, padded_len
+        from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
         curve = dict(hw.h2d_curve or ())
         curve.update({float(s): float(np.median(r)) for s, r in self.rates.items()})
@@ -211,7 +211,7 @@ def main(argv):
     print(note, flush=True)
     check_positions(cfg, FLAGS.prompt_len, FLAGS.gen_len)
     hw = local_hardware(cfg, fresh=FLAGS.recalibrate)
-    page = DEFAULT_PAGE_BYTES // 4
+    page = DEFAULT_PAGE_BYTES
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)

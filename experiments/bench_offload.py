@@ -130,7 +130,7 @@ def bench_streaming(repeats: int) -> dict:
             def one_layer():
                 i = next(layer) % cfg.num_layers
                 store.prefetch(i)
-                store.wait(i)
+                jax.block_until_ready(store.wait(i))  # wait() itself does not block
                 store.release(i)
 
             t = best_time(one_layer, repeats)

@@ -23,21 +23,23 @@ def local_config(setup, checkpoint: str | None = None, hidden_size: int = 768,
     """(ModelConfig, note) of what runs here, before any weight is read: the
     checkpoint's (float32), or the preset's architecture scaled to fit (random
     weights); the note says which, plainly."""
+    from moejax.host_offload.memory import default_dtype
     from moejax.model_config.setups import scaled_for_local
 
     if checkpoint:
         from moejax.checkpoints import checkpoint_config
         try:
-            cfg = checkpoint_config(checkpoint).replace(dtype="float32")
+            cfg = checkpoint_config(checkpoint).replace(dtype=default_dtype())
         except ValueError as e:
             fail(str(e))
         return cfg, (f"checkpoint {checkpoint} ({cfg.family}: hidden {cfg.hidden_size}, "
                      f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, "
-                     f"{cfg.weight_bytes() / GB:.2f} GB float32)")
+                     f"{cfg.weight_bytes() / GB:.2f} GB {cfg.dtype})")
     full = setup.model
     cfg = scaled_for_local(full, hidden_size=hidden_size, num_layers=num_layers)
+    cfg = cfg.replace(dtype=default_dtype())  # float32 on the CPU testbed, bf16 on a GPU
     shape = (f"hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_experts} "
-             f"experts top-{cfg.top_k}, {cfg.weight_bytes() / GB:.2f} GB float32, random "
+             f"experts top-{cfg.top_k}, {cfg.weight_bytes() / GB:.2f} GB {cfg.dtype}, random "
              "weights")
     if cfg.name == full.name:
         return cfg, f"{full.name} itself ({shape})"

@@ -161,7 +161,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     print(f"local: {note}", flush=True)
     check_positions(cfg, workload.prompt_len, workload.gen_len)
     hw = local_hardware(cfg)
-    page = DEFAULT_PAGE_BYTES // 4
+    page = DEFAULT_PAGE_BYTES
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
@@ -210,7 +210,10 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
            "prediction_error": (pred.tokens_per_s - measured) / measured,
            "prefill_s": run.prefill_s, "decode_s": run.decode_s, "wall_s": wall,
            "predicted_prefill_s": pred.prefill_s, "predicted_decode_s": pred.decode_s,
-           "measured_fraction_of_limit": measured / pred.limit_tokens_per_s}
+           "measured_fraction_of_limit": measured / pred.limit_tokens_per_s,
+           "peak_device_bytes_predicted": pred.peak_device_bytes,
+           "peak_device_bytes_measured": run.peak_device_bytes_measured,
+           "device_budget_bytes": budget}
     return out, engine, hw
 
 

@@ -1,30 +1,16 @@
-"""Greedy batched generation: a Policy → a CGOPipe timeline → the executor.
+"""Batched generation: a Policy → a CGOPipe timeline → the executor (docs/design.md §3).
 
-`generate` is MoE-Lightning's loop as data (docs/design.md §3): the policy fixes micro-batch
-size and count, resident expert fraction, page size, where attention and the KV cache
-live and whether resources overlap; `build_timeline` turns it into entries for the
-prefill and every decode step; `execute` runs them — overlapped (one thread per
-resource) or serially (the reference) — through the data plane:
-
-    embed → per layer: pre_attention (device) → attention (host: D2H q/k/v, CPU
-    attention over the host KV cache, H2D; or device) → post_attention + experts
-    (device: resident + streamed pages) … → head → next token
-
-Placements:
-- reference (all on device): `Engine(model)` with no knob; weights, KV cache and
-  attention on the device. `offload=False` forces it.
-- offloaded: any knob given (or `offload=True`, a `HostWeightStore` as the model, or a
-  `policy`). Experts live in a `HostWeightStore` (resident fraction on the device, the
-  rest streamed in pages), the KV cache on the host with CPU attention (`"cpu"`, the
-  default) or on the device (`"gpu"`, for ablation; then accounted in the store's
-  budget). Without a budget or fraction every expert streams (wg = 0).
-- `policy=Policy(...)` runs that policy; `policy=None` when offloading picks the
-  micro-batching with the performance model for the calibrated local hardware.
+`Engine(model)` runs everything on the device (the reference). Any offload knob, a
+`policy` or a HostWeightStore offloads: experts in the store (resident columns on the
+device, the rest streamed in pages), the KV cache on the host with CPU attention
+("cpu") or on the device ("gpu", for ablation). Without a policy, the micro-batching is
+the one the performance model predicts fastest on the calibrated local hardware.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moejax.host_offload.kv_cache import HostKVCache
+from moejax.host_offload.memory import default_device, peak_device_bytes
 from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model_config.hardware import fmt_bytes, local_hardware
 from moejax.model_config.workload import Workload, stage_imbalance
@@ -56,6 +43,8 @@ class RunRecord:
     steps: int  # tokens generated per row (1 by prefill + decode steps run)
     expert_imbalance: float = 1.0  # the prefill's routing (`Workload.expert_imbalance`)
     decode_expert_imbalance: float | None = None  # the decode steps' (None: none ran)
+    peak_device_bytes_predicted: float | None = None  # `predict.memory_bytes` (budgeted)
+    peak_device_bytes_measured: int | None = None  # allocator high-water mark (None: CPU)
 
     @property
     def imbalance(self) -> dict:
@@ -85,7 +74,7 @@ class Engine:
                          nothing fits).
     gpu_weight_fraction  resident fraction of every MoE layer's experts (wg ∈ [0, 1]).
     attention_device     "cpu" (host KV cache, default when offloaded) or "gpu".
-    page_bytes           streamed page size (default 16 MiB).
+    page_bytes           streamed page size (default 64 MiB).
     policy               a schedule.Policy: its wg, page size, placement, micro-batching
                          and overlap (the knobs above then may not be given).
     micro_batch_size     fix the micro-batch size instead of searching it.
@@ -118,6 +107,7 @@ class Engine:
             if self.offload else None)
         self.weights = self.store if self.store is not None else DeviceWeights(
             self.cfg, model.params)
+        self.device = self.store.device if self.store is not None else default_device()
         self.last_run: RunRecord | None = None
 
     # ------------------------------------------------------------------ policy
@@ -157,10 +147,7 @@ class Engine:
 
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
         """(predicted peak device bytes, budget) of a batch, or None without a budget:
-        `predict.memory_bytes` — weights, stream buffers, activations, a device KV
-        cache — the figure the search keeps within budget, at the same lengths: a
-        device KV cache of prompt_len (the padded one) + gen_len positions, which `_run`
-        never exceeds."""
+        `predict.memory_bytes` at the lengths `_run` allocates (padded prompt + new)."""
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
@@ -245,10 +232,22 @@ class Engine:
             finally:  # an early stop (EOS) or an error leaves passes holding slots
                 self.weights.release_all()
         decoded = "decode" in run.router_counts
+        need = self._device_need(policy, t, max_new_tokens)
         self.last_run = RunRecord(policy, entries, trace, b, t, run.steps_run,
                                   run.expert_imbalance("prefill"),
-                                  run.expert_imbalance("decode") if decoded else None)
+                                  run.expert_imbalance("decode") if decoded else None,
+                                  need[0] if need else None, peak_device_bytes(self.device))
+        self._check_peak(self.last_run)
         return run
+
+    def _check_peak(self, rec: RunRecord) -> None:
+        """Say so when the allocator's measured peak passed the device budget."""
+        budget = self.store.budget if self.store is not None else None
+        peak = rec.peak_device_bytes_measured
+        if budget is not None and peak is not None and peak > budget:
+            logging.warning("measured peak device memory %s exceeds the budget %s (predicted "
+                            "%s)", fmt_bytes(peak), fmt_bytes(budget),
+                            fmt_bytes(rec.peak_device_bytes_predicted or 0))
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 logits [B, max prompt length, vocab] of right-padded prompts, through

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.host_offload.memory import default_device, on_accelerator
 from moejax.layers.decoder import MoETransformer
 from moejax.model_config.model import ModelConfig
 
@@ -43,10 +45,22 @@ class MoEModel:
     params: dict
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0) -> "MoEModel":
-        """Randomly initialised weights (benchmarks, tests)."""
-        params = MoETransformer(config).init(
-            jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    def random(cls, config: ModelConfig, seed: int = 0,
+               experts: str | None = None) -> "MoEModel":
+        """Randomly initialised weights (benchmarks, tests). `experts="host"` (the
+        default on an accelerator) builds on the host and keeps expert tensors there as
+        NumPy, so a model larger than the device never lands on it whole."""
+        experts = experts or ("host" if on_accelerator() else "device")
+        if experts not in ("device", "host"):
+            raise ValueError(f"experts={experts!r} not in ('device', 'host')")
+        with jax.default_device(jax.devices("cpu")[0]) if experts == "host" else \
+                contextlib.nullcontext():
+            params = MoETransformer(config).init(
+                jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+        if experts == "host":
+            params = jax.tree_util.tree_map_with_path(
+                lambda p, a: np.asarray(a) if p[1:2] == (jax.tree_util.DictKey("experts"),)
+                else jax.device_put(a, default_device()), params)
         return cls(config, params)
 
     def check_params(self) -> None:

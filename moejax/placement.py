@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from moejax.host_offload.kv_cache import KV_DTYPES
+from moejax.host_offload.memory import default_device, device_memory_limit
 from moejax.host_offload.weight_store import HostWeightStore, make_plan
 from moejax.model import MoEModel
 from moejax.sampling import Sampling
@@ -112,9 +113,11 @@ def resolve_placement(model, device_memory_bytes=None, gpu_weight_fraction=None,
         store_knobs = {}
     else:
         model.check_params()
-        if offload and device_memory_bytes is not None and gpu_weight_fraction is None:
+        budget = device_memory_bytes if device_memory_bytes is not None else \
+            device_memory_limit(default_device())  # an accelerator's allocator limit
+        if offload and budget is not None and gpu_weight_fraction is None:
             store_knobs["gpu_weight_fraction"] = budget_weight_fraction(
-                model.config, page_bytes, device_memory_bytes)
+                model.config, page_bytes, budget)
         store_knobs["host_memory"] = host_memory
     return Placement(offload, attention_device, kv_dtype, policy, micro_batch_size,
                      store_knobs if offload else {})

@@ -1,9 +1,25 @@
-"""Session set-up: a tiny calibration of the `local` hardware, so that engines which
-search their micro-batching (Engine with offload knobs) do not run the full one."""
+"""Session set-up: float32 matmuls at "highest" precision and no preallocation (so the
+tests are right on a GPU too, where TF32 and XLA's 75 % preallocation are the defaults),
+`gpu`-marked tests skipped without a GPU, and a tiny calibration of the `local` hardware,
+so that engines which search their micro-batching do not run the full one."""
 
 import os
 
-import pytest
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (experiments.gpu_check runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,15 +20,28 @@ def calibration_path() -> str:
     return os.path.expanduser(os.environ.get(CALIBRATION_ENV) or DEFAULT_CALIBRATION_PATH)
 
 
-CACHE_VERSION = 2  # bump when the calibrated fields or their meaning change
+CACHE_VERSION = 3  # bump when the calibrated fields or their meaning change
 _WARNED: set = set()  # (cache, model shape) pairs already warned about
 
 
 def cache_stamp(model) -> dict:
-    """Stamp a cache must match to be reused: format, core count, and the expert shape
-    the GEMM line and page curve were fitted on."""
-    return {"cache_version": CACHE_VERSION, "cpu_count": os.cpu_count() or 1,
-            "model_shape": [model.hidden_size, model.expert_ffn_size, model.dtype]}
+    """Stamp a cache must match to be reused: format, core count, where it ran (backend,
+    device kind, jax version: a CPU calibration never prices a GPU), and the expert
+    shape the GEMM line and page curve were fitted on."""
+    stamp = {"cache_version": CACHE_VERSION, "cpu_count": os.cpu_count() or 1,
+             **machine_stamp()}
+    if model is not None:
+        stamp["model_shape"] = [model.hidden_size, model.expert_ffn_size, model.dtype]
+    return stamp
+
+
+def machine_stamp() -> dict:
+    """{backend, device_kind, jax}: the device the calibration measured."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {"backend": dev.platform, "device_kind": dev.device_kind,
+            "jax": jax.__version__}
 
 
 def local_calibration_path(model=None) -> str:
@@ -58,6 +71,9 @@ def read_cache(path: str, model) -> HardwareSpec:
     if meta.get("cpu_count") != (os.cpu_count() or 1):
         raise ValueError(f"measured on {meta.get('cpu_count')} cores, this machine has "
                          f"{os.cpu_count()}")
+    for k, v in machine_stamp().items():
+        if meta.get(k) != v:
+            raise ValueError(f"measured with {k}={meta.get(k)!r}, this process runs {v!r}")
     if want is not None and meta.get("model_shape") != want["model_shape"] \
             and (path, str(want["model_shape"])) not in _WARNED:
         _WARNED.add((path, str(want["model_shape"])))

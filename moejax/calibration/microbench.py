@@ -1,7 +1,7 @@
 """Microbenchmarks that calibrate the `local` HardwareSpec (docs/design.md §5; list there).
 Device = JAX's default device, link = `jax.device_put`, host = NumPy. Fits: the GEMM
 line t = E·t₀ + rows·6hf / R_gemm (`gemm_intercept_s`, `gemm_flops_per_s`), read rates,
-the link alone (d2h, d2d, latency), CPU attention (t_call, B_attn), and via `in_situ` the
+the link alone (d2h, latency), CPU attention (t_call, B_attn), and via `in_situ` the
 store's `h2d_curve`, `device_op_overhead_s` and `copy_core_demand`. The in-situ parts run
 the real engine because only its data plane shows those rates. Cached as JSON (`cache`).
 """
@@ -21,7 +21,6 @@ from moejax.calibration import cache
 from moejax.calibration.in_situ import executor_probe, fit_copy_core_demand, overlapped_runs
 from moejax.host_offload.kv_cache import HostKVCache
 from moejax.host_offload.memory import has_pinned_host, pinned_sharding, steady_malloc
-from moejax.host_offload.weight_store import write_into
 from moejax.layers.experts import moe_ffn
 from moejax.model_config.dispatch import SORTED_MIN_ROWS_PER_EXPERT
 from moejax.model_config.hardware import HardwareSpec
@@ -106,8 +105,8 @@ H2D_SIZES = (DEFAULT_PAGE_BYTES // 4, DEFAULT_PAGE_BYTES, 4 * DEFAULT_PAGE_BYTES
 
 def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
     """((transfer bytes, bytes/s), …): `copy_bytes` per size streamed as the store does
-    (pinned `device_put` into a slot), alone, since the model prices core sharing itself."""
-
+    (one `device_put` per page, from pinned host pages where the backend has them),
+    alone, since the model prices core sharing itself."""
     dev = jax.devices()[0]
     on_dev = SingleDeviceSharding(dev, memory_kind="device")
     pinned = (pinned_sharding(dev) if has_pinned_host(dev) else None)  # None: NumPy
@@ -118,30 +117,12 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
         pages = [host[i:i + page] for i in range(0, host.size - page + 1, page)]
         if pinned is not None:
             pages = [jax.device_put(p, pinned) for p in pages]
-        slot = jax.numpy.zeros(page * len(pages), np.float32, device=dev)
 
         def stream():
-            nonlocal slot
-            for k, p in enumerate(pages):
-                slot = write_into(slot, jax.device_put(p, on_dev), np.int32(k * page))
-            slot.block_until_ready()
+            jax.block_until_ready([jax.device_put(p, on_dev) for p in pages])
         curve.append((float(size), page * len(pages) * 4 / _median_s(stream, repeats)))
-        del pages, slot
+        del pages
     return tuple(curve)
-
-
-def _d2d_rate(nbytes: int, repeats: int) -> float:
-    """B_d2d [bytes/s]: the store's resident-prefix copy into a stream slot."""
-
-    dev = jax.devices()[0]
-    src = jnp.ones(nbytes // 4, np.float32, device=dev)
-    slot = jnp.zeros(nbytes // 4, np.float32, device=dev)
-
-    def copy():
-        nonlocal slot
-        slot = write_into(slot, src, np.int32(0))
-        slot.block_until_ready()
-    return src.nbytes / _median_s(copy, repeats)
 
 
 def _latency(repeats: int) -> float:
@@ -152,16 +133,12 @@ def _latency(repeats: int) -> float:
 
 
 def _link(copy_bytes: int, repeats: int):
-    """(h2d curve, d2h bytes/s) of jax.device_put to/from the default device, alone."""
+    """(h2d curve, d2h bytes/s) to and from the default device, alone; d2h into the
+    memory the engine copies into (`HostKVCache.to_host`: NumPy)."""
     dev = jax.devices()[0]
     curve = _h2d_curve(copy_bytes, repeats)
     x = jax.device_put(np.ones(copy_bytes // 4, np.float32), dev)
-    try:
-        pinned = SingleDeviceSharding(dev, memory_kind="pinned_host")
-        d2h_fn = lambda: jax.device_put(x, pinned).block_until_ready()
-        d2h_fn()
-    except Exception:  # backends without a pinned_host memory kind
-        d2h_fn = lambda: np.array(x, copy=True)
+    d2h_fn = lambda: np.array(HostKVCache.to_host(x)[0], copy=True)
     return curve, copy_bytes / _median_s(d2h_fn, repeats)
 
 
@@ -223,7 +200,6 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     intercept, slope, gemm_peak, points = _gemm_line(m, counts, repeats)
     dev_read, host_read = _read_rates(read_bytes, repeats)
     alone, d2h = _link(copy_bytes, repeats)
-    d2d = _d2d_rate(min(copy_bytes, 4 * DEFAULT_PAGE_BYTES), repeats)
     attn_call, attn = _cpu_attention_line(m, attention_batch, attention_context, repeats)
     gpu_mem, host_mem = _memory_sizes()
     host_flops = _host_flops(repeats)
@@ -234,7 +210,6 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         gpu_memory_bytes=gpu_mem, gpu_memory_bytes_per_s=dev_read,
         cpu_flops_per_s=host_flops, host_memory_bytes=host_mem,
         host_memory_bytes_per_s=host_read, d2h_bytes_per_s=d2h, h2d_curve=curve,
-        d2d_bytes_per_s=d2d,
         h2d_bytes_per_s=curve[0][1],  # set below: the curve's rate at the default page
         cpu_cores=os.cpu_count() or 1, link_latency_s=latency,
         device_is_host=on_host, gemm_intercept_s=intercept,
@@ -252,7 +227,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     if save:
         path = os.path.expanduser(path) if path else cache.calibration_path()
         meta = dict(model=m.name, dtype=m.dtype, gemm_points=points, copy_bytes=copy_bytes,
-                    read_bytes=read_bytes, jax=jax.__version__, h2d_curve_alone=alone,
+                    read_bytes=read_bytes, h2d_curve_alone=alone,
                     seconds=time.perf_counter() - start,
                     **cache.cache_stamp(m))
         cache.write_cache(path, spec, meta)

@@ -8,7 +8,7 @@ import jax
 
 from moejax.checkpoints.hf import hf_checkpoint_config, is_hf_checkpoint, load_hf_params
 from moejax.checkpoints.native import is_native_checkpoint, load_native, native_config
-from moejax.host_offload.memory import loading_memory
+from moejax.host_offload.memory import default_device, device_memory_limit, loading_memory
 from moejax.model import MoEModel
 from moejax.model_config.model import ModelConfig
 
@@ -55,11 +55,16 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
-                    experts: str = "device") -> MoEModel:
+                    experts: str | None = None) -> MoEModel:
     """A native or HF checkpoint directory as a MoEModel; `dtype` ("float32", "bfloat16",
     "float16") overrides the stored one. `experts="host"` keeps expert tensors as host NumPy
     arrays, for `Engine(model, <offload knobs>)` to page in place (no second host copy);
-    "device" puts every parameter on the device (the reference placement)."""
+    "device" puts every parameter on the device (the reference placement); None (default):
+    "host" on an accelerator whose allocator limit the model exceeds, else "device"."""
+    if experts is None:  # an accelerator too small for the model keeps experts on host
+        limit = device_memory_limit(default_device())
+        experts = "host" if limit is not None and checkpoint_config(path).replace(
+            **({"dtype": dtype} if dtype else {})).weight_bytes() > limit else "device"
     if experts not in EXPERT_PLACES:
         raise ValueError(f"experts={experts!r} not in {EXPERT_PLACES}")
 

@@ -67,13 +67,10 @@ def to_host_copy(x) -> np.ndarray:
 # --------------------------------------------------------------- BLAS and threads
 @functools.cache
 def _openblas_set_local():
-    """`openblas_set_num_threads_local` of the OpenBLAS NumPy links, or None.
-
-    CPU attention parallelises over rows with its own thread pool; each worker must run
-    its small GEMMs single-threaded or OpenBLAS serialises the concurrent calls (measured
-    here: 2 workers × 2 BLAS threads ran no faster than 1 worker). The `_local` variant
-    (OpenBLAS ≥ 0.3.27) changes only the calling thread, not the rest of the process.
-    """
+    """`openblas_set_num_threads_local` of the OpenBLAS NumPy links, or None: CPU
+    attention's pool workers each run their GEMMs single-threaded (concurrent
+    multi-threaded calls serialise); the `_local` variant (OpenBLAS ≥ 0.3.27) changes only
+    the calling thread."""
     try:
         with open("/proc/self/maps") as f:
             libs = {line.split()[-1] for line in f if "openblas" in line and "/" in line}
@@ -125,18 +122,12 @@ STEADY_TRIM_THRESHOLD_BYTES = 64 * MiB  # twice that, as glibc's dynamic rule se
 
 
 def steady_malloc() -> None:
-    """Set glibc's malloc thresholds where its *dynamic* rule settles anyway (mmap
-    32 MiB, trim 64 MiB), so that streaming runs as fast in a fresh process as later.
-
-    Every streamed page is a fresh device buffer (`jax.device_put`) on the CPU backend.
-    glibc mmaps blocks above its mmap threshold (128 KiB in a fresh process; it climbs
-    to the block's size, at most 32 MiB, after the first large free), and each mmapped
-    block is faulted in and zeroed 4 KiB at a time. Until something frees a big block,
-    every 4 MiB page paid that: pages streamed into a slot at 2.3-2.7 GB/s in a fresh
-    process and 5.8-7.7 GB/s after a 1 GB buffer was freed, or with these thresholds
-    from the start (2-core testbed). Called by the weight store and `calibrate`, so that
-    a policy's price and its run see the same allocator. No-op where glibc is absent.
-    """
+    """Set glibc's malloc thresholds where its dynamic rule settles anyway (mmap 32 MiB,
+    trim 64 MiB), so streaming runs as fast in a fresh process as later: every streamed
+    page is a fresh buffer, and below the settled threshold each one was mmapped and
+    faulted in anew (history: experiments/results/README.md). Called by the weight store
+    and calibration, so a policy's price and its run see one allocator. No-op without
+    glibc."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return
@@ -146,16 +137,10 @@ def steady_malloc() -> None:
 
 @contextlib.contextmanager
 def loading_memory():
-    """Make freed tensors leave the resident set at once while a checkpoint loads.
-
-    glibc serves allocations below its *dynamic* mmap threshold (it climbs to 32 MiB after
-    the first large free) from heaps and per-thread arenas, and keeps freed heap memory
-    resident. Loading frees one tensor per parameter (and tensorstore allocates from its
-    worker threads' arenas), so without this RSS grew by 1.5-1.9x the weight bytes
-    (native format) instead of ~1.1x. Inside: allocations >= 1 MiB are mmapped, so a free
-    returns them. After: `steady_malloc`'s thresholds, and a trim. No-op where glibc is
-    absent.
-    """
+    """Make freed tensors leave the resident set at once while a checkpoint loads: inside,
+    allocations ≥ 1 MiB are mmapped, so a free returns them (glibc otherwise keeps freed
+    heap memory resident and loading RSS grew well past the weight bytes); after,
+    `steady_malloc`'s thresholds and a trim. No-op without glibc."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield
@@ -166,3 +151,78 @@ def loading_memory():
     finally:
         steady_malloc()
         libc.malloc_trim(0)
+
+
+# ---------------------------------------------------------------- device budgets
+PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_POOL_DEFAULT_GB = 64  # XLA's GPU pinned host pool when the variable is unset
+GiB = 2**30
+
+
+def enforce_device_budget(nbytes: int, total_bytes: int) -> float:
+    """Make the allocator enforce a device budget (docs/design.md §8): no preallocation,
+    and XLA_PYTHON_CLIENT_MEM_FRACTION = nbytes / total_bytes, which caps the BFC
+    allocator. Must run before the backend starts (ValueError after); returns the fraction.
+    Read the limit back with `device_memory_limit` once the backend is up."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise ValueError("enforce_device_budget must run before JAX's backend starts "
+                         "(call it before the first jax.devices() or array)")
+    if not 0 < nbytes <= total_bytes:
+        raise ValueError(f"device budget {nbytes} bytes must be in (0, {total_bytes}]")
+    frac = nbytes / total_bytes
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{frac:.6f}"
+    return frac
+
+
+def _stats(device: jax.Device) -> dict:
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # backends without allocator statistics
+        return {}
+
+
+def device_memory_limit(device: jax.Device) -> int | None:
+    """The allocator's limit (`memory_stats()["bytes_limit"]`), None where not reported
+    (the CPU backend): the usable device size, not a fixed share of the nominal one."""
+    v = _stats(device).get("bytes_limit")
+    return None if v is None else int(v)
+
+
+def peak_device_bytes(device: jax.Device) -> int | None:
+    """The allocator's high-water mark (`peak_bytes_in_use`), None where not reported."""
+    v = _stats(device).get("peak_bytes_in_use")
+    return None if v is None else int(v)
+
+
+def pinned_pool_bytes() -> int:
+    """Bytes of XLA's pinned host pool on a GPU: $XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB
+    (default 64 GiB)."""
+    raw = os.environ.get(PINNED_POOL_ENV)
+    try:
+        return int(float(raw) * GiB) if raw else PINNED_POOL_DEFAULT_GB * GiB
+    except ValueError:
+        raise ValueError(f"{PINNED_POOL_ENV}={raw!r} is not a number of GB") from None
+
+
+def check_pinned_pool(nbytes: int) -> None:
+    """ValueError naming the shortfall when `nbytes` of pinned host pages exceed the
+    pool, before anything is placed (Mixtral's experts are ~90 GB in bf16)."""
+    pool = pinned_pool_bytes()
+    if nbytes > pool:
+        raise ValueError(f"the streamed experts need {nbytes / GiB:.2f} GiB of pinned host "
+                         f"memory but the pool holds {pool / GiB:.2f} GiB (short by "
+                         f"{(nbytes - pool) / GiB:.2f} GiB): set {PINNED_POOL_ENV} "
+                         "before starting, or keep more experts on the device")
+
+
+def on_accelerator(device: jax.Device | None = None) -> bool:
+    """Whether the device ("GPU") is an accelerator, not the CPU testbed."""
+    return (device or default_device()).platform != "cpu"
+
+
+def default_dtype(device: jax.Device | None = None) -> str:
+    """bfloat16 on an accelerator; float32 on the CPU testbed (and for the oracle)."""
+    return "bfloat16" if on_accelerator(device) else "float32"

@@ -23,13 +23,13 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moejax.host_offload.memory import (DEFAULT_PAGE_BYTES, check_host_memory,
+                                        check_pinned_pool, device_memory_limit,
                                         default_device, device_sharding, has_pinned_host,
                                         pinned_sharding, steady_malloc)
 from moejax.model_config.model import ModelConfig
@@ -192,14 +192,6 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
 
 
 # ---------------------------------------------------------------- device copies
-@partial(jax.jit, donate_argnums=0)
-def write_into(buf: jax.Array, data: jax.Array, offset) -> jax.Array:
-    """buf.flat[offset : offset + data.size] = data, in place (buf is donated)."""
-    flat = jax.lax.dynamic_update_slice(buf.reshape(-1), data.reshape(-1).astype(buf.dtype),
-                                        (offset,))
-    return flat.reshape(buf.shape)
-
-
 ACCELERATOR_PATH_ENV = "MOEJAX_ACCELERATOR_PATH"
 
 
@@ -252,11 +244,13 @@ class HostWeightStore:
                  host_memory: str = "auto", device: jax.Device | None = None,
                  accelerator_path: bool | None = None):
         self.cfg = cfg
-        self.budget = device_memory_bytes
         steady_malloc()  # page buffers from malloc's heaps, not freshly faulted mmaps
-        self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, device_memory_bytes)
         self.device = device or default_device()
         self.accelerator_path = use_accelerator_path(self.device, accelerator_path)
+        # no budget given: on an accelerator, what its allocator will hand out
+        self.budget = device_memory_limit(self.device) if device_memory_bytes is None \
+            else device_memory_bytes
+        self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, self.budget)
         self.host_memory = check_host_memory(host_memory)
         if host_memory == "pinned_host" and not has_pinned_host(self.device):
             raise ValueError(f"host_memory='pinned_host' but {self.device} offers no "
@@ -265,6 +259,8 @@ class HostWeightStore:
         self._pin = pinned_sharding(self.device) if has_pinned_host(self.device) else None
         if max((int(np.prod(s)) for s in self.plan.shapes), default=0) >= 2**31:
             raise ValueError("an expert tensor of >= 2^31 elements is not supported")
+        if self._host_kind() == "pinned_host" and self.accelerator_path:
+            check_pinned_pool(self.plan.num_moe_layers * self.plan.streamed_bytes)
         self._dtype = jnp.dtype(cfg.dtype)
         self._bytes = {"non_expert": 0, "resident_experts": 0,
                        "stream_buffers": self.plan.device_bytes_by_kind()["stream_buffers"]}

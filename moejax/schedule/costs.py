@@ -49,11 +49,6 @@ def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
     return transfers * hw.link_latency_s + nbytes / h2d_rate(hw, per)
 
 
-def d2d_s(hw: HardwareSpec, nbytes):
-    """d2d copy [s] (a slot's resident prefix): bytes / B_d2d, default B_gpu / 2."""
-    return nbytes / (hw.d2d_bytes_per_s or hw.gpu_memory_bytes_per_s / 2)
-
-
 def d2h_s(hw: HardwareSpec, nbytes, transfers=1):
     """Device → host copy: transfers·latency + bytes / B_d2h."""
     return transfers * hw.link_latency_s + nbytes / hw.d2h_bytes_per_s

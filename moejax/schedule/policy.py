@@ -8,7 +8,7 @@ import numpy as np
 from dataclasses import dataclass
 
 DEVICES = ("cpu", "gpu")  # where attention runs and the KV cache lives
-DEFAULT_PAGE_BYTES = 16 * 2**20  # 16 MiB weight pages (docs/design.md §2)
+DEFAULT_PAGE_BYTES = 64 * 2**20  # 64 MiB weight pages: a page is an FFN part too (§8)
 PAD_MULTIPLE = 16  # prompts are padded to a multiple of this many positions
 
 

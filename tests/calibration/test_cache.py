@@ -1,6 +1,5 @@
 import importlib
 import json
-import os
 
 import pytest
 
@@ -8,7 +7,7 @@ from moejax.calibration import cache, load_local
 from moejax.model_config.hardware import get_hardware
 
 
-STAMP = {"cache_version": cache.CACHE_VERSION, "cpu_count": os.cpu_count()}
+STAMP = cache.cache_stamp(None)  # this machine and process, no model shape
 
 
 def test_local_loads_cache_without_calibrating(tmp_path, monkeypatch):
@@ -39,7 +38,10 @@ def test_local_recalibrates_a_broken_cache(tmp_path, monkeypatch):
     {"meta": {**STAMP, "cpu_count": 64}},  # another machine's
     {"meta": STAMP, "spec": []},
     "[" * 100_000,
-], ids=["old-format", "other-machine", "spec-list", "deep-nesting"])
+    {"meta": {**STAMP, "backend": "gpu", "device_kind": "NVIDIA H200"}},  # another device
+    {"meta": {**STAMP, "jax": "0.0.1"}},  # another jax
+], ids=["old-format", "other-machine", "spec-list", "deep-nesting", "other-device",
+        "other-jax"])
 def test_local_recalibrates_a_cache_it_cannot_trust(tmp_path, monkeypatch, content):
     path = tmp_path / "hw.json"
     path.write_text(content if isinstance(content, str) else json.dumps(

@@ -84,11 +84,6 @@ def test_broadcasting():
     assert np.all(np.diff(t, axis=1) > 0) and np.all(np.diff(t, axis=0) > 0)
 
 
-def test_device_copy_uses_the_calibrated_rate_or_half_the_read_bandwidth():
-    assert costs.d2d_s(HW.replace(d2d_bytes_per_s=10.0), 50) == pytest.approx(5.0)
-    assert costs.d2d_s(HW, 50) == pytest.approx(100 / HW.gpu_memory_bytes_per_s)
-
-
 def test_h2d_rate_interpolates_the_curve_in_log_size_and_is_flat_outside():
     hw = HW.replace(h2d_curve=((1e3, 10.0), (1e5, 30.0)))
     assert costs.h2d_rate(hw, 1e4) == pytest.approx(20.0)  # log-midpoint: the mean
