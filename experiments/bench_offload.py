@@ -379,7 +379,8 @@ def main(argv):
     res = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
                        "host_threads": host_threads(), "jax": jax.__version__,
                        "device": str(jax.devices()[0]),
-                       "pinned_host": has_pinned_host(jax.devices()[0])},
+                       "pinned_host": has_pinned_host(jax.devices()[0]),
+                       "loadavg_1m_at_start": os.getloadavg()[0]},
            "command": "python -m experiments.bench_offload " + " ".join(
                f"--{k}={','.join(v) if isinstance(v, list) else v}"
                for k, v in FLAGS.flag_values_dict().items()

@@ -22,7 +22,6 @@ calls for different rows may run concurrently from any threads (no shared mutabl
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from concurrent.futures import Future
@@ -52,33 +51,43 @@ def _softmax_(s: np.ndarray, axis=-1) -> np.ndarray:
     return s
 
 
-def _pieces(tables, lengths, bt: int, merge: bool):
+def _pieces(tables, lengths, bt: int, merge: bool) -> tuple[int, list]:
     """Cut the (row, block) pairs a decode reads into pieces, each one GEMM per side.
 
-    Pairs go row-major; pair i reads pool block pid[i], tokens [0, m[i]). A piece is a run
-    of pairs on consecutive pool blocks with one token range: full blocks, or the single
-    (partial) blocks of one-block rows, which share the run's longest range (as the
-    contiguous kernel reads to the chunk's longest row). A row's partial last block counts
-    as full when the extra tokens are ≤ 1/8 of the row (one GEMM instead of two; masked).
-    merge=False: one pair a piece, its tokens in CONVERT_TOKENS slices (a non-float32
-    cache converts one piece at a time). -> (row [P], j [P], pid [P], [(i0, i1, t0, t1)]).
+    Pairs go row-major; pair (r, j) reads pool block tables[r, j], tokens [0, m). A piece
+    is a run of pairs on consecutive pool blocks with one token range: full blocks of
+    one row, or the single (partial) blocks of consecutive one-block rows, which share the
+    run's longest range (as the contiguous kernel reads to the chunk's longest row). A
+    row's partial last block counts as full when the extra tokens are ≤ 1/8 of the row
+    (one GEMM instead of two; masked). merge=False: one pair a piece, its tokens in
+    CONVERT_TOKENS slices (a non-float32 cache converts one piece at a time).
+    -> (blocks of the longest row, [(pool start, n, index (row, j), t0, t1, one_row)])
+    with index a basic index into [b, blocks, ...] (an int and a slice when merged).
     """
     nb = -(-lengths // bt)                                  # [b] blocks each row reads
     row = np.repeat(np.arange(len(lengths)), nb)            # [P]
     j = np.arange(len(row)) - np.repeat(np.cumsum(nb) - nb, nb)
     pid = np.asarray(tables)[row, j]
     m = np.where(j < nb[row] - 1, bt, lengths[row] - j * bt)
-    if merge:
-        m[(nb[row] > 1) & (8 * (bt - m) <= lengths[row])] = bt
-    kind = np.where(m == bt, 0, np.where(nb[row] == 1, 1, 2))  # full | single | last
-    if merge:
-        cut = (pid[1:] != pid[:-1] + 1) | (kind[1:] != kind[:-1]) | (kind[1:] == 2)
-        starts = np.concatenate([[0], np.flatnonzero(cut) + 1, [len(row)]])
-        pieces = [(a, b, 0, int(m[a:b].max())) for a, b in itertools.pairwise(starts)]
-    else:
-        pieces = [(i, i + 1, t0, min(t0 + CONVERT_TOKENS, int(m[i])))
-                  for i in range(len(row)) for t0 in range(0, int(m[i]), CONVERT_TOKENS)]
-    return row, j, pid, pieces
+    if not merge:
+        return int(nb.max()), [
+            (a, 1, (r, jj), t0, min(t0 + CONVERT_TOKENS, mm), True)
+            for a, r, jj, mm in zip(pid.tolist(), row.tolist(), j.tolist(), m.tolist())
+            for t0 in range(0, mm, CONVERT_TOKENS)]
+    m[(nb[row] > 1) & (8 * (bt - m) <= lengths[row])] = bt
+    kind = np.where(nb[row] == 1, 1, np.where(m == bt, 0, 2))  # full | single | last
+    cut = (pid[1:] != pid[:-1] + 1) | (kind[1:] != kind[:-1]) | (kind[1:] == 2) \
+        | ((kind[1:] == 0) & (row[1:] != row[:-1]))
+    st = np.concatenate([[0], np.flatnonzero(cut) + 1])
+    en = np.append(st[1:], len(row)) - 1
+    pieces = []
+    for a, n, r0, r1, j0, j1, t1 in zip(*(x.tolist() for x in (
+            pid[st], en - st + 1, row[st], row[en], j[st], j[en],
+            np.maximum.reduceat(m, st)))):
+        one = r0 == r1
+        at = (r0, slice(j0, j1 + 1)) if one else (slice(r0, r1 + 1), j0)
+        pieces.append((a, n, at, 0, t1, one))
+    return int(nb.max()), pieces
 
 
 def decode_blocks(q, k, v, tables, lengths, k_scale=None, v_scale=None) -> np.ndarray:
@@ -94,14 +103,12 @@ def decode_blocks(q, k, v, tables, lengths, k_scale=None, v_scale=None) -> np.nd
     hkv, bt, g = k.shape[1], k.shape[2], hq // k.shape[1]
     lengths = np.asarray(lengths, np.int64)
     merge = k.dtype == _F32 and k_scale is None
-    row, j, pid, pieces = _pieces(tables, lengths, bt, merge)
-    nbm = int(j.max()) + 1
+    nbm, pieces = _pieces(tables, lengths, bt, merge)
     bw = bt if nbm > 1 else int(lengths.max())  # score columns per block
     qt = np.ascontiguousarray((_f32(q) * _F32(1.0 / math.sqrt(d))).reshape(
         b, hkv, g, d).swapaxes(-1, -2))  # [b, Hkv, d, g]
     s5 = _scratch("s5", (b, nbm, hkv, bw, g))  # scores [b, blocks, Hkv, bw, g]
-    for i0, i1, t0, t1 in pieces:
-        a, n, at = int(pid[i0]), i1 - i0, _at(row[i0:i1], j[i0:i1], merge)
+    for a, n, at, t0, t1, _ in pieces:
         kb = _f32(k[a:a + n, :, t0:t1])  # [n, Hkv, t, d]
         if merge:
             np.matmul(kb, qt[at[0]], out=s5[at][:, :, t0:t1])
@@ -115,13 +122,11 @@ def decode_blocks(q, k, v, tables, lengths, k_scale=None, v_scale=None) -> np.nd
     p = _softmax_(s).reshape(b, hkv, g, nbm, bw)
     o5 = _scratch("o5", (b, nbm, hkv, g, d))  # per-block partial outputs
     o5.fill(0)
-    for i0, i1, t0, t1 in pieces:
-        a, n, at = int(pid[i0]), i1 - i0, _at(row[i0:i1], j[i0:i1], merge)
+    for a, n, at, t0, t1, one in pieces:
         vb = _f32(v[a:a + n, :, t0:t1])  # [n, Hkv, t, d]
         pi = p[at[0], :, :, at[1], t0:t1]
         if merge:  # [Hkv, g, n, t] (one row) or [n, Hkv, g, t] (rows) -> [n, Hkv, g, t]
-            pi = pi.transpose(2, 0, 1, 3) if isinstance(at[1], slice) else pi
-            np.matmul(pi, vb, out=o5[at])
+            np.matmul(pi.transpose(2, 0, 1, 3) if one else pi, vb, out=o5[at])
         else:
             o5[at] += np.matmul(pi if v_scale is None else pi * v_scale[a, :, None, t0:t1],
                                 vb[0])
@@ -139,17 +144,6 @@ def _scratch(name: str, shape: tuple) -> np.ndarray:
     if bufs.get(name, np.empty(0, _F32)).size < n:
         bufs[name] = np.empty(n, _F32)
     return bufs[name][:n].reshape(shape)
-
-
-def _at(r: np.ndarray, j: np.ndarray, merged: bool) -> tuple:
-    """Basic index (row, block slice) or (row slice, block) of pairs (r, j) that are a
-    range of blocks in one row or a range of rows at one block (as `_pieces` cuts);
-    (row, block) for the one pair of an unmerged piece."""
-    if not merged:
-        return int(r[0]), int(j[0])
-    if r[0] == r[-1]:
-        return int(r[0]), slice(int(j[0]), int(j[-1]) + 1)
-    return slice(int(r[0]), int(r[-1]) + 1), int(j[0])
 
 
 def decode_rows(q, k, v, lengths, k_scale=None, v_scale=None) -> np.ndarray:

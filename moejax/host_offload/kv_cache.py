@@ -8,11 +8,12 @@ batch × max_len slab. Each (block, head) is one contiguous [block_tokens, d] st
 a sequence's blocks are usually consecutive in the pool, so the memory-bound decode
 kernel (`decode_blocks`) reads runs of blocks in place, one GEMM per run, no gather copy.
 
-Default block size 128 tokens: a run costs a few µs of Python and the GEMMs of one
-(block, head) get shorter as blocks shrink, while a row's partial last block is read
-exactly (or whole, when that adds ≤ 1/8 of the row); measured on the 2-core testbed,
-64–512 tokens all run within noise of each other, 128 keeps the pool's rounding per
-sequence (< one block, 32 KiB per layer for Mixtral in bf16) small.
+Default block size 128 tokens: per run of blocks the kernel pays ~5 µs of Python and one
+BLAS call per (block, head), and a row's partial last block is read exactly (or whole,
+when that adds ≤ 1/8 of the row), so longer blocks only help the GEMMs; measured on the
+2-core testbed (`bench_offload --paged --block_tokens 64,128,256`), 64, 128 and 256 run
+within noise of each other, and 128 halves 256's reservation rounding (half a block per
+sequence on average, a capacity loss of ~6 % at 1,000-token sequences).
 
 `HostKVCache(cfg, batch_size, max_len)` is a thin wrapper: a `PagedKVCache` with one
 block of max_len tokens per row (row r = sequence r = block r), so its pool *is* the old
