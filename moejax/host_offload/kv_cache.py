@@ -355,8 +355,8 @@ class HostKVCache:
         return self.paged.nbytes
 
     # ------------------------------------------------------------------ checks
-    def _rows(self, layer: int, rows: slice, n: int) -> list[np.ndarray]:
-        """The rows' block tables ([r] each) after checking the layer and slice."""
+    def _rows(self, layer: int, rows: slice, n: int) -> np.ndarray:
+        """The rows' block tables [n, 1] ([r] each) after checking the layer and slice."""
         self.paged._layer(layer)
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise ValueError(f"rows must be a contiguous slice, got {rows!r}")
