@@ -12,6 +12,13 @@
     context) in KV bytes read per second, vs a pure read of the same K/V slabs with the
     same thread pool (the host's read bandwidth for exactly these bytes), and vs the same
     attention jitted on the device (`ops.decode_attention`, the reference engine path).
+(c) --paged: instead of (a) and (b), the paged cache (`PagedKVCache.decode_host`, blocks
+    of --block_tokens, each sequence reserved its context + --paged_headroom tokens, so
+    tables have gaps as under continuous batching) at every batch × context, with every
+    row at the context ("uniform") and with contexts drawn in [ctx/2, 3·ctx/2]
+    ("ragged"); as a fraction of the host's read bandwidth (a pure read of as many pool
+    bytes, same threads), next to the contiguous kernel on the same rows. JSON to
+    --paged_json.
 Every figure is the best of --repeats runs; ratios are taken within one process.
 """
 
@@ -29,7 +36,7 @@ import numpy as np
 from absl import flags
 
 from moejax import ops
-from moejax.host_offload import CPUAttention, HostKVCache, HostWeightStore
+from moejax.host_offload import CPUAttention, HostKVCache, HostWeightStore, PagedKVCache
 from moejax.host_offload.memory import (available_host_bytes, device_sharding,
                                         has_pinned_host, host_pool, host_threads)
 from moejax.model_config.hardware import fmt_bytes
@@ -48,6 +55,13 @@ flags.DEFINE_integer("repeats", 3, "runs per figure (best is kept)", lower_bound
 flags.DEFINE_string("output_json", "experiments/results/bench_offload_cpu.json",
                     "JSON out ('' to skip)")
 output_flag("output_json", ".json", allow_empty=True)
+flags.DEFINE_bool("paged", False, "run only (c), the paged-cache attention table")
+flags.DEFINE_list("block_tokens", ["128"], "(c): block sizes, tokens")
+flags.DEFINE_integer("paged_headroom", 128, "(c): tokens reserved past each context",
+                     lower_bound=0)
+flags.DEFINE_string("paged_json", "experiments/results/bench_offload_paged_cpu.json",
+                    "(c): JSON out ('' to skip)")
+output_flag("paged_json", ".json", allow_empty=True)
 
 
 MiB = 2**20
@@ -63,7 +77,8 @@ def _positive_numbers(values, integer: bool) -> bool:
                               and int(n * MiB) // 4 * 4 >= 4 for n in nums)
 
 
-for _name, _int in (("page_mib", False), ("batches", True), ("contexts", True)):
+for _name, _int in (("page_mib", False), ("batches", True), ("contexts", True),
+                    ("block_tokens", True)):
     flags.register_validator(_name, lambda v, i=_int: _positive_numbers(v, i),
                              message="must be a comma-separated list of positive "
                              + ("integers" if _int else "finite numbers of at least 4 "
@@ -215,6 +230,101 @@ def bench_attention(repeats: int) -> dict:
             "kv_dtype": "float32", "threads": attention.num_threads, "rows": rows}
 
 
+# ------------------------------------------------------------ (c) paged attention
+def pool_read_s(kv: PagedKVCache, nbytes: int, attention: CPUAttention) -> float:
+    """Seconds for the pool to read the first nbytes of layer 0's K and V blocks."""
+    n = max(1, nbytes // (2 * kv.k[0][0].nbytes))
+    k, v = kv.k[0][:n], kv.v[0][:n]
+
+    def read(c):
+        return float(k[c].max()) + float(v[c].max())
+
+    t = time.perf_counter()
+    attention.map(read, attention.chunks(n, 2 * k[0].nbytes))
+    return time.perf_counter() - t
+
+
+def paged_cell(cfg, attention, b: int, lens: np.ndarray, bt: int, rng, repeats: int):
+    """One row of (c): paged and contiguous decode over rows of `lens` tokens."""
+    per_token = cfg.kv_bytes_per_token_per_layer(4)
+    kv_bytes = int(lens.sum()) * per_token
+    q = rng.standard_normal((b, 1, cfg.num_heads, cfg.head_dim), np.float32)
+    kn = rng.standard_normal((b, 1, cfg.num_kv_heads, cfg.head_dim), np.float32)
+    reserve = lens + FLAGS.paged_headroom
+    kv = PagedKVCache(cfg, int((-(-reserve // bt)).sum()) * bt, bt, attention=attention)
+    for i in rng.permutation(b):  # pool order differs from batch order
+        kv.reserve(int(i), int(reserve[i]))
+    kv.k[0][...] = 0.01
+    kv.v[0][...] = 0.01
+    seqs = list(range(b))
+    t_paged = best_time(lambda: kv.decode_host(0, seqs, q, kn, kn, lens - 1), repeats)
+    t_read = best_time(lambda: pool_read_s(kv, kv_bytes, attention), repeats)
+    del kv
+    hk = HostKVCache(cfg, b, int(lens.max()), attention=attention)
+    hk.k[0][...] = 0.01
+    hk.v[0][...] = 0.01
+    t_contig = best_time(lambda: hk.decode_host(0, slice(0, b), q, kn, kn, lens - 1),
+                         repeats)
+    del hk
+    return {"kv_bytes": kv_bytes, "paged_GBps": kv_bytes / t_paged / GB,
+            "contiguous_GBps": kv_bytes / t_contig / GB,
+            "host_read_GBps": kv_bytes / t_read / GB,
+            "paged_vs_read": t_read / t_paged, "contiguous_vs_read": t_read / t_contig}
+
+
+def bench_paged(repeats: int) -> dict:
+    from moejax.model_config.model import get_model
+
+    cfg = get_model(FLAGS.attn_model).replace(num_layers=1, dtype="float32",
+                                              max_positions=1 << 20)
+    attention = CPUAttention()
+    rng = np.random.default_rng(0)
+    rows = []
+    for bt in map(int, FLAGS.block_tokens):
+        for b in map(int, FLAGS.batches):
+            for s in map(int, FLAGS.contexts):
+                for kind in ("uniform", "ragged"):
+                    lens = np.full(b, s) if kind == "uniform" else \
+                        rng.integers(max(1, s // 2), s * 3 // 2 + 1, b)
+                    row = {"block_tokens": bt, "batch": b, "context": s, "lengths": kind}
+                    kv_bytes = int(lens.sum()) * cfg.kv_bytes_per_token_per_layer(4)
+                    if kv_bytes > FLAGS.max_kv_mib * MiB:
+                        rows.append({**row, "kv_bytes": kv_bytes,
+                                     "skipped": f"KV > --max_kv_mib={FLAGS.max_kv_mib}"})
+                        continue
+                    rows.append({**row, **paged_cell(cfg, attention, b, lens, bt, rng,
+                                                     repeats)})
+                    print(_paged_line(rows[-1]), flush=True)
+    return {"model": FLAGS.attn_model, "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "kv_dtype": "float32", "threads": attention.num_threads,
+            "headroom_tokens": FLAGS.paged_headroom, "rows": rows}
+
+
+PAGED_HEADER = (f"{'block':>5} {'batch':>6} {'ctx':>5} {'lengths':>8} {'KV MiB':>7} "
+                f"{'paged':>7} {'contig':>7} {'read':>7} {'paged/read':>10} "
+                f"{'contig/read':>11}")
+
+
+def _paged_line(r: dict) -> str:
+    head = (f"{r['block_tokens']:>5} {r['batch']:>6} {r['context']:>5} {r['lengths']:>8} "
+            f"{r['kv_bytes'] / MiB:>7.0f}")
+    if "skipped" in r:
+        return f"{head}   skipped: {r['skipped']}"
+    return (f"{head} {r['paged_GBps']:>7.2f} {r['contiguous_GBps']:>7.2f} "
+            f"{r['host_read_GBps']:>7.2f} {r['paged_vs_read']:>10.0%} "
+            f"{r['contiguous_vs_read']:>11.0%}")
+
+
+def print_paged(a: dict) -> None:
+    print(f"\n(c) paged decode attention, {a['model']} heads {a['num_heads']}/"
+          f"{a['num_kv_heads']} d {a['head_dim']}, {a['kv_dtype']} KV, {a['threads']} "
+          f"host threads, +{a['headroom_tokens']} reserved tokens a row (KV GB/s)")
+    print(PAGED_HEADER)
+    for r in a["rows"]:
+        print(_paged_line(r))
+
+
 # ------------------------------------------------------------------- report
 def print_tables(res: dict) -> None:
     s = res["streaming"]
@@ -269,13 +379,17 @@ def main(argv):
     res = {"machine": {"platform": platform.platform(), "processor": cpu_model(),
                        "host_threads": host_threads(), "jax": jax.__version__,
                        "device": str(jax.devices()[0]),
-                       "pinned_host": has_pinned_host(jax.devices()[0])},
+                       "pinned_host": has_pinned_host(jax.devices()[0]),
+                       "loadavg_1m_at_start": os.getloadavg()[0]},
            "command": "python -m experiments.bench_offload " + " ".join(
                f"--{k}={','.join(v) if isinstance(v, list) else v}"
                for k, v in FLAGS.flag_values_dict().items()
                if k in ("layer_mib", "page_mib", "batches", "contexts", "max_kv_mib",
-                        "repeats", "attn_model"))}
+                        "repeats", "attn_model", "paged", "block_tokens",
+                        "paged_headroom"))}
     host_pool(host_threads())  # start the pool outside any timing
+    if FLAGS.paged:
+        return paged_main(res, t)
     res["streaming"] = bench_streaming(FLAGS.repeats)
     res["attention"] = bench_attention(FLAGS.repeats)
     res["wall_s"] = time.perf_counter() - t
@@ -285,6 +399,18 @@ def main(argv):
         with open(FLAGS.output_json, "w") as f:
             json.dump(res, f, indent=1)
         print(f"\nwrote {FLAGS.output_json} ({res['wall_s']:.0f} s)")
+
+
+def paged_main(res: dict, t0: float) -> None:
+    print(PAGED_HEADER)
+    res["paged_attention"] = bench_paged(FLAGS.repeats)
+    res["wall_s"] = time.perf_counter() - t0
+    print_paged(res["paged_attention"])
+    if FLAGS.paged_json:
+        os.makedirs(os.path.dirname(FLAGS.paged_json) or ".", exist_ok=True)
+        with open(FLAGS.paged_json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"\nwrote {FLAGS.paged_json} ({res['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -1,35 +1,60 @@
 """The KV cache of every layer in host memory, with CPU attention next to it.
 
-Layout decision: **preallocated per batch, contiguous per row** (not paged blocks).
-moejax runs static offline batches: the rows and their maximum length (prompt + new
-tokens) are known before the first step, so one slab per layer and tensor, k and v
-[B, Hkv, S, d], wastes only the ragged tail of short rows, and buys what a memory-bound
-kernel needs: each (row, head) is one contiguous [S, d] stream read by one GEMM, there is
-no block table to gather through, and a micro-batch is a plain row slice. Paged blocks
-would pay off with continuous batching (rows joining and leaving), which is not this
-workload. `np.zeros` memory is committed lazily, so unused tails of the slab cost
-address space, not RAM.
+`PagedKVCache` (docs/design.md §7): per layer a pool of fixed blocks, k, v
+[num_blocks, Hkv, block_tokens, d], and a block table per live sequence. Capacity is
+counted in tokens (MoE-Lens's M); `reserve(seq, n)` takes the lowest free blocks covering
+n positions, `release(seq)` frees them at once, so sequences join and leave without a
+batch × max_len slab. Each (block, head) is one contiguous [block_tokens, d] stream and
+a sequence's blocks are usually consecutive in the pool, so the memory-bound decode
+kernel (`decode_blocks`) reads runs of blocks in place, one GEMM per run, no gather copy.
 
-int8 (`kv_dtype="int8"`): symmetric per-(row, head, token) quantisation, scale =
-max|x| / 127 over the head's d elements (float32 scales [B, Hkv, S], 4/d extra bytes per
-element). Accuracy vs the float cache is measured in tests/host_offload/test_kv_cache.py.
+Default block size 128 tokens: per run of blocks the kernel pays ~5 µs of Python and one
+BLAS call per (block, head), and a row's partial last block is read exactly (or whole,
+when that adds ≤ 1/8 of the row), so longer blocks only help the GEMMs; measured on the
+2-core testbed (`bench_offload --paged --block_tokens 64,128,256`), 64, 128 and 256 run
+within noise of each other, and 128 halves 256's reservation rounding (half a block per
+sequence on average, a capacity loss of ~6 % at 1,000-token sequences).
+
+`HostKVCache(cfg, batch_size, max_len)` is a thin wrapper: a `PagedKVCache` with one
+block of max_len tokens per row (row r = sequence r = block r), so its pool *is* the old
+[B, Hkv, S, d] slab (k[i], v[i]), a micro-batch is a plain row slice, and both caches run
+one kernel — one set of numerics and one bf16/int8 conversion rule to keep right.
+
+int8 (`kv_dtype="int8"`): symmetric per-(block row, head, token) quantisation, scale =
+max|x| / 127 over the head's d elements (float32 scales [num_blocks, Hkv, block_tokens],
+4/d extra bytes per element). Accuracy vs the float cache is measured in
+tests/host_offload/test_kv_cache.py. bf16/f16/int8 blocks are converted to float32 one
+block (≤ `cpu_attention.CONVERT_TOKENS` tokens) at a time as the kernel reads them.
 
 Steps (so an executor can put them on different timeline streams):
   to_host(q, k, v)            D2H: device arrays -> NumPy
-  prefill_host / decode_host  write the new k, v into rows, CPU attention -> NumPy o
+  prefill_host / decode_host  write the new k, v into the sequences' blocks, CPU
+                              attention -> NumPy o (write_prefill: store only)
   to_device(o)                H2D
-`prefill` / `decode` chain the three. Calls for disjoint row slices of a layer may run
-concurrently from different threads: the only shared state is the cache slabs, and each
-call writes only its own rows.
+`prefill` / `decode` chain the three. Calls for disjoint sequences (rows) of a layer may
+run concurrently from different threads: each writes only its own blocks; reserve and
+release take a lock. `np.zeros` memory is committed lazily: unused blocks cost address
+space, not RAM.
 """
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 
-from moejax.host_offload.cpu_attention import CPUAttention, decode_rows, prefill_row
-from moejax.host_offload.memory import available_host_bytes, default_device, device_sharding
+from moejax.host_offload.cpu_attention import (
+    CPUAttention,
+    decode_blocks,
+    gather_f32,
+    prefill_row,
+)
+from moejax.host_offload.memory import (
+    available_host_bytes,
+    default_device,
+    device_sharding,
+)
 from moejax.model_config.model import ModelConfig
 
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -44,65 +69,139 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-class HostKVCache:
-    """K and V of `cfg.num_layers` layers for `batch_size` rows of up to `max_len` tokens.
+DEFAULT_BLOCK_TOKENS = 128
 
-    k[i], v[i] [B, Hkv, S, d] (NumPy; int8 adds k_scale[i], v_scale[i] [B, Hkv, S]).
+
+def _positive(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}={v!r} must be a positive integer")
+    return int(v)
+
+
+class PagedKVCache:
+    """K and V of `cfg.num_layers` layers in a pool of blocks shared by live sequences.
+
+    Per layer k[i], v[i] [num_blocks, Hkv, block_tokens, d] (NumPy; int8 adds k_scale[i],
+    v_scale[i] [num_blocks, Hkv, block_tokens]); num_blocks = ceil(capacity_tokens /
+    block_tokens). A sequence (any hashable key) holds the blocks `reserve` gave it until
+    `release`; its position p lives in block table[p // block_tokens], slot p % block_tokens.
+    Why: capacity is counted in tokens (MoE-Lens's M, docs/design.md §7), so sequences of
+    any length join and leave without reserving batch × max_len up front.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 kv_dtype: str | None = None, attention: CPUAttention | None = None,
-                 device: jax.Device | None = None):
-        for k, v in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{k}={v!r} must be a positive integer")
+    def __init__(self, cfg: ModelConfig, capacity_tokens: int,
+                 block_tokens: int = DEFAULT_BLOCK_TOKENS, kv_dtype: str | None = None,
+                 attention: CPUAttention | None = None, device: jax.Device | None = None):
+        bt = _positive("block_tokens", block_tokens)
+        n = -(-_positive("capacity_tokens", capacity_tokens) // bt)
         kv_dtype = cfg.dtype if kv_dtype is None else kv_dtype
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={kv_dtype!r} not in {KV_DTYPES}")
-        self.cfg, self.batch_size, self.max_len = cfg, int(batch_size), int(max_len)
+        self.cfg, self.block_tokens, self.num_blocks = cfg, bt, n
         self.kv_dtype, self.int8 = kv_dtype, kv_dtype == "int8"
         self.attention = attention or CPUAttention()
         self.device = device or default_device()
         self._dev = device_sharding(self.device)
         self._out_dtype = jax.numpy.dtype(cfg.dtype)
         dt = np.dtype(jax.numpy.dtype(kv_dtype))
-        B, H, d, S = self.batch_size, cfg.num_kv_heads, cfg.head_dim, self.max_len
-        need = 2 * cfg.num_layers * B * H * S * (d * dt.itemsize + 4 * self.int8)
+        H, d, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+        need = 2 * L * n * H * bt * (d * dt.itemsize + 4 * self.int8)
         free = available_host_bytes()
         if free is not None and need > free:  # np.zeros would commit it lazily: OOM later
-            raise ValueError(f"the host KV cache of {B} sequences × {S} positions needs "
+            raise ValueError(f"the paged host KV cache of {n * bt} tokens needs "
                              f"{need / 2**30:.2f} GiB; only {free / 2**30:.2f} GiB of host "
                              "memory is available")
-        self.k = [np.zeros((B, H, S, d), dt) for _ in range(cfg.num_layers)]
-        self.v = [np.zeros((B, H, S, d), dt) for _ in range(cfg.num_layers)]
-        self.k_scale = [np.ones((B, H, S), np.float32) for _ in range(cfg.num_layers)] \
+        self.k = [np.zeros((n, H, bt, d), dt) for _ in range(L)]
+        self.v = [np.zeros((n, H, bt, d), dt) for _ in range(L)]
+        self.k_scale = [np.ones((n, H, bt), np.float32) for _ in range(L)] \
             if self.int8 else None
-        self.v_scale = [np.ones((B, H, S), np.float32) for _ in range(cfg.num_layers)] \
+        self.v_scale = [np.ones((n, H, bt), np.float32) for _ in range(L)] \
             if self.int8 else None
+        self._free = np.ones(n, bool)  # [num_blocks]
+        self._tables: dict = {}        # seq -> int64 [blocks] pool ids
+        self._reserved: dict = {}      # seq -> tokens reserved
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ blocks
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_tokens
+
+    @property
+    def num_free_blocks(self) -> int:
+        return int(self._free.sum())
+
+    @property
+    def free_tokens(self) -> int:
+        return self.num_free_blocks * self.block_tokens
+
+    @property
+    def live_sequences(self) -> list:
+        return list(self._tables)
 
     @property
     def nbytes(self) -> int:
         arrays = self.k + self.v + (self.k_scale + self.v_scale if self.int8 else [])
         return sum(a.nbytes for a in arrays)
 
+    def table(self, seq) -> np.ndarray:
+        """Pool ids of `seq`'s blocks, in position order."""
+        if seq not in self._tables:
+            raise ValueError(f"sequence {seq!r} holds no blocks (reserve it first)")
+        return self._tables[seq]
+
+    def reserve(self, seq, num_tokens: int) -> None:
+        """Give `seq` the lowest free blocks covering `num_tokens` positions (lowest first:
+        a fresh pool hands out consecutive blocks, which the kernel reads in one GEMM)."""
+        num_tokens = _positive("num_tokens", num_tokens)
+        need = -(-num_tokens // self.block_tokens)
+        with self._lock:
+            if seq in self._tables:
+                raise ValueError(f"sequence {seq!r} already holds "
+                                 f"{self._reserved[seq]} tokens; release it first")
+            free = np.flatnonzero(self._free)
+            if need > len(free):
+                raise ValueError(
+                    f"cannot reserve {num_tokens} tokens for sequence {seq!r}: only "
+                    f"{len(free) * self.block_tokens} of {self.capacity_tokens} tokens "
+                    f"are free (blocks of {self.block_tokens})")
+            blocks = free[:need]
+            self._free[blocks] = False
+            self._tables[seq], self._reserved[seq] = blocks, num_tokens
+
+    def release(self, seq) -> None:
+        """Free `seq`'s blocks at once (their contents are left; a new owner overwrites)."""
+        with self._lock:
+            blocks = self.table(seq)
+            self._free[blocks] = True
+            del self._tables[seq], self._reserved[seq]
+
     # ------------------------------------------------------------------ checks
-    def _rows(self, layer: int, rows: slice, n: int) -> range:
+    def _layer(self, layer: int) -> None:
         if not 0 <= layer < self.cfg.num_layers:
             raise ValueError(f"layer {layer} outside [0, {self.cfg.num_layers})")
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise ValueError(f"rows must be a contiguous slice, got {rows!r}")
-        r = range(*rows.indices(self.batch_size))
-        if len(r) != n or (rows.stop is not None and rows.stop > self.batch_size):
-            raise ValueError(f"rows {rows} of a {self.batch_size}-row cache do not match "
-                             f"{n} input rows")
-        return r
 
-    def _lengths(self, lengths, n: int, what: str) -> np.ndarray:
+    def _seq_tables(self, seqs, n: int) -> list[np.ndarray]:
+        seqs = list(seqs)
+        if len(seqs) != n:
+            raise ValueError(f"{len(seqs)} sequences do not match {n} input rows")
+        return [self.table(s) for s in seqs]
+
+    def _lengths(self, seqs, lengths, n: int, what: str) -> np.ndarray:
         lengths = np.asarray(lengths, np.int64).reshape(-1)
-        if lengths.shape != (n,) or lengths.min() < 1 or lengths.max() > self.max_len:
-            raise ValueError(f"{what} must be {n} values in [1, {self.max_len}], got "
-                             f"{lengths.tolist()[:8]}")
+        cap = np.array([self._reserved.get(s, 0) for s in seqs], np.int64)
+        if lengths.shape != (n,) or lengths.min() < 1 or (lengths > cap).any():
+            raise ValueError(f"{what} must be {n} values in [1, reserved tokens "
+                             f"{cap.tolist()[:8]}], got {lengths.tolist()[:8]}")
         return lengths
+
+    @staticmethod
+    def _padded(tables: list[np.ndarray]) -> np.ndarray:
+        """[b, max blocks] int64, short tables padded with their last id (never read)."""
+        n = np.array([len(t) for t in tables])
+        start = np.cumsum(n) - n
+        j = np.minimum(np.arange(n.max())[None], n[:, None] - 1)  # [b, max blocks]
+        return np.concatenate(tables)[start[:, None] + j]
 
     # ------------------------------------------------------------------ steps
     @staticmethod
@@ -114,86 +213,192 @@ class HostKVCache:
         """H2D: attention output, cast to the model dtype, onto the device."""
         return jax.device_put(o.astype(self._out_dtype, copy=False), self._dev)
 
-    def _store(self, layer: int, row: int, sl, k: np.ndarray, v: np.ndarray) -> None:
-        """k, v [n, Hkv, d] into row `row`, token positions `sl` (slice or index array)."""
+    def _store(self, layer: int, blocks: np.ndarray, pos: np.ndarray, k, v) -> None:
+        """k, v [n, Hkv, d] at positions pos [n] of the sequences whose pool ids for those
+        positions are blocks [n] (one sequence, or one position per sequence)."""
+        off = pos % self.block_tokens
         if self.int8:
             k, ks = quantize_int8(k)
             v, vs = quantize_int8(v)
-            self.k_scale[layer][row][:, sl] = ks.T
-            self.v_scale[layer][row][:, sl] = vs.T
-        self.k[layer][row][:, sl] = k.transpose(1, 0, 2)
-        self.v[layer][row][:, sl] = v.transpose(1, 0, 2)
+            self.k_scale[layer][blocks, :, off] = ks
+            self.v_scale[layer][blocks, :, off] = vs
+        self.k[layer][blocks, :, off] = k
+        self.v[layer][blocks, :, off] = v
 
-    def _scales(self, layer: int, rows):
-        if not self.int8:
-            return None, None
-        return self.k_scale[layer][rows], self.v_scale[layer][rows]
+    def _write_row(self, layer: int, table: np.ndarray, k, v, n: int) -> None:
+        pos = np.arange(n)
+        self._store(layer, table[pos // self.block_tokens], pos, k[:n], v[:n])
 
-    def write_prefill(self, layer: int, rows: slice, k, v, lengths) -> None:
-        """Store prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) without
-        attending: the path where prefill attention ran on the device."""
-        b = k.shape[0]
-        r = self._rows(layer, rows, b)
-        lengths = self._lengths(lengths, b, "lengths")
-        for i in range(b):
-            self._store(layer, r.start + i, slice(0, int(lengths[i])), k[i, :lengths[i]],
-                        v[i, :lengths[i]])
+    def _scales(self, layer: int):
+        return (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
 
-    def prefill_host(self, layer: int, rows: slice, q, k, v, lengths) -> np.ndarray:
-        """Write prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) and
-        attend q [b, T, Hq, d] causally over them -> o [b, T, Hq, d] float32."""
+    def write_prefill(self, layer: int, seqs, k, v, lengths) -> None:
+        """Store prompt k, v [b, T, Hkv, d]: the first lengths[i] tokens of row i at
+        positions [0, lengths[i]) of seqs[i], without attending (prefill ran on the device)."""
+        self._layer(layer)
+        tables = self._seq_tables(seqs, k.shape[0])
+        self._write_prefill(layer, tables, k, v,
+                            self._lengths(seqs, lengths, k.shape[0], "lengths"))
+
+    def _write_prefill(self, layer: int, tables, k, v, lengths: np.ndarray) -> None:
+        for i, t in enumerate(tables):
+            self._write_row(layer, t, k[i], v[i], int(lengths[i]))
+
+    def prefill_host(self, layer: int, seqs, q, k, v, lengths) -> np.ndarray:
+        """Write prompt k, v [b, T, Hkv, d] as write_prefill does and attend q [b, T, Hq, d]
+        causally over them -> o [b, T, Hq, d] float32 (`prefill_row` per row)."""
         b, t = q.shape[:2]
-        r = self._rows(layer, rows, b)
-        lengths = self._lengths(lengths, b, "lengths")
+        self._layer(layer)
+        tables = self._seq_tables(seqs, b)
+        lengths = self._lengths(seqs, lengths, b, "lengths")
         if lengths.max() > t:
             raise ValueError(f"lengths {lengths.max()} exceed the {t} prompt positions")
+        return self._prefill(layer, tables, q, k, v, lengths)
+
+    def _prefill(self, layer: int, tables, q, k, v, lengths: np.ndarray) -> np.ndarray:
+        b = q.shape[0]
         out = np.empty(q.shape, np.float32)
+        kp, vp = self.k[layer], self.v[layer]
+        ksp, vsp = self._scales(layer)
 
         def one(i: int) -> None:
-            row, L = r.start + i, int(lengths[i])
-            self._store(layer, row, slice(0, L), k[i, :L], v[i, :L])
-            ks, vs = self._scales(layer, row)
-            out[i] = prefill_row(q[i], self.k[layer][row], self.v[layer][row], L, ks, vs)
+            tb, L = tables[i], int(lengths[i])
+            self._write_row(layer, tb, k[i], v[i], L)
+            ks, vs = (None if x is None else _row_scales(x, tb, L) for x in (ksp, vsp))
+            out[i] = prefill_row(q[i], gather_f32(kp, tb, L), gather_f32(vp, tb, L), L,
+                                 ks, vs)
 
         self.attention.map(one, range(b))
         return out
 
-    def decode_host(self, layer: int, rows: slice, q, k_new, v_new, positions) -> np.ndarray:
-        """Write the new k, v [b, 1, Hkv, d] at slot positions[r] of each row and attend
-        q [b, 1, Hq, d] over slots ≤ positions[r] -> o [b, 1, Hq, d] float32."""
+    def decode_host(self, layer: int, seqs, q, k_new, v_new, positions) -> np.ndarray:
+        """Write the new k, v [b, 1, Hkv, d] at position positions[i] of seqs[i] and attend
+        q [b, 1, Hq, d] over its positions ≤ positions[i] -> o [b, 1, Hq, d] float32."""
         b = q.shape[0]
-        r = self._rows(layer, rows, b)
-        lengths = self._lengths(np.asarray(positions) + 1, b, "positions + 1")
+        self._layer(layer)
+        seqs = list(seqs)
+        tables = self._padded(self._seq_tables(seqs, b))  # [b, blocks]
+        lengths = self._lengths(seqs, np.asarray(positions) + 1, b, "positions + 1")
+        return self._decode(layer, tables, q, k_new, v_new, lengths)
+
+    def _decode(self, layer: int, tables: np.ndarray, q, k_new, v_new,
+                lengths: np.ndarray) -> np.ndarray:
+        """decode_host over checked tables [b, blocks] and lengths [b] = positions + 1."""
+        b = q.shape[0]
         out = np.empty(q.shape, np.float32)
+        kp, vp = self.k[layer], self.v[layer]
 
         def chunk(c: slice) -> None:
-            rr = slice(r.start + c.start, r.start + c.stop)
-            idx = np.arange(rr.start, rr.stop)
-            pos = lengths[c] - 1
-            kn, vn = k_new[c, 0], v_new[c, 0]  # [n, Hkv, d]
-            if self.int8:
-                kn, ks = quantize_int8(kn)
-                vn, vs = quantize_int8(vn)
-                self.k_scale[layer][idx, :, pos] = ks
-                self.v_scale[layer][idx, :, pos] = vs
-            self.k[layer][idx, :, pos] = kn
-            self.v[layer][idx, :, pos] = vn
-            ks, vs = self._scales(layer, rr)
-            out[c, 0] = decode_rows(q[c, 0], self.k[layer][rr], self.v[layer][rr],
-                                    lengths[c], ks, vs)
+            pos, tb = lengths[c] - 1, tables[c]
+            blocks = tb[np.arange(len(pos)), pos // self.block_tokens]
+            self._store(layer, blocks, pos, k_new[c, 0], v_new[c, 0])
+            out[c, 0] = decode_blocks(q[c, 0], kp, vp, tb, lengths[c], *self._scales(layer))
 
         row_bytes = 2 * int(lengths.max()) * self.cfg.num_kv_heads * self.cfg.head_dim \
-            * self.k[layer].itemsize
+            * kp.itemsize
         self.attention.map(chunk, self.attention.chunks(b, row_bytes))
         return out
 
     # ------------------------------------------------------------------ wrappers
-    def prefill(self, layer: int, rows: slice, q, k, v, lengths) -> jax.Array:
+    def prefill(self, layer: int, seqs, q, k, v, lengths) -> jax.Array:
         """D2H of q, k, v; prefill_host; H2D of o."""
         q, k, v = self.to_host(q, k, v)
-        return self.to_device(self.prefill_host(layer, rows, q, k, v, lengths))
+        return self.to_device(self.prefill_host(layer, seqs, q, k, v, lengths))
 
-    def decode(self, layer: int, rows: slice, q, k_new, v_new, positions) -> jax.Array:
+    def decode(self, layer: int, seqs, q, k_new, v_new, positions) -> jax.Array:
         """D2H of q, k_new, v_new; decode_host; H2D of o."""
         q, k_new, v_new = self.to_host(q, k_new, v_new)
-        return self.to_device(self.decode_host(layer, rows, q, k_new, v_new, positions))
+        return self.to_device(self.decode_host(layer, seqs, q, k_new, v_new, positions))
+
+
+def _row_scales(scale: np.ndarray, blocks: np.ndarray, length: int) -> np.ndarray:
+    """scale pool [N, Hkv, bt] -> the sequence's first `length` scales [Hkv, length]."""
+    n = -(-length // scale.shape[2])
+    s = scale[blocks[:n]]  # [n, Hkv, bt]
+    return s.transpose(1, 0, 2).reshape(s.shape[1], -1)[:, :length]
+
+
+class HostKVCache:
+    """K and V of `cfg.num_layers` layers for `batch_size` rows of up to `max_len` tokens.
+
+    k[i], v[i] [B, Hkv, S, d] (NumPy; int8 adds k_scale[i], v_scale[i] [B, Hkv, S]): a
+    `PagedKVCache` with one block of max_len tokens per row, row r = sequence r = block r.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 kv_dtype: str | None = None, attention: CPUAttention | None = None,
+                 device: jax.Device | None = None):
+        B, S = _positive("batch_size", batch_size), _positive("max_len", max_len)
+        kv_dtype = cfg.dtype if kv_dtype is None else kv_dtype
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} not in {KV_DTYPES}")
+        dt = np.dtype(jax.numpy.dtype(kv_dtype))
+        H, d = cfg.num_kv_heads, cfg.head_dim
+        need = 2 * cfg.num_layers * B * H * S * (d * dt.itemsize + 4 * (kv_dtype == "int8"))
+        free = available_host_bytes()
+        if free is not None and need > free:
+            raise ValueError(f"the host KV cache of {B} sequences × {S} positions needs "
+                             f"{need / 2**30:.2f} GiB; only {free / 2**30:.2f} GiB of host "
+                             "memory is available")
+        self.paged = PagedKVCache(cfg, B * S, S, kv_dtype, attention, device)
+        for r in range(B):
+            self.paged.reserve(r, S)
+        self.cfg, self.batch_size, self.max_len = cfg, B, S
+        self.kv_dtype, self.int8 = kv_dtype, self.paged.int8
+        self.attention, self.device = self.paged.attention, self.paged.device
+        self.k, self.v = self.paged.k, self.paged.v
+        self.k_scale, self.v_scale = self.paged.k_scale, self.paged.v_scale
+        self.to_device = self.paged.to_device
+
+    @property
+    def nbytes(self) -> int:
+        return self.paged.nbytes
+
+    # ------------------------------------------------------------------ checks
+    def _rows(self, layer: int, rows: slice, n: int) -> np.ndarray:
+        """The rows' block tables [n, 1] ([r] each) after checking the layer and slice."""
+        self.paged._layer(layer)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows must be a contiguous slice, got {rows!r}")
+        r = range(*rows.indices(self.batch_size))
+        if len(r) != n or (rows.stop is not None and rows.stop > self.batch_size):
+            raise ValueError(f"rows {rows} of a {self.batch_size}-row cache do not match "
+                             f"{n} input rows")
+        return np.arange(r.start, r.stop)[:, None]
+
+    def _lengths(self, lengths, n: int, what: str) -> np.ndarray:
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if lengths.shape != (n,) or lengths.min() < 1 or lengths.max() > self.max_len:
+            raise ValueError(f"{what} must be {n} values in [1, {self.max_len}], got "
+                             f"{lengths.tolist()[:8]}")
+        return lengths
+
+    # ------------------------------------------------------------------ steps
+    to_host = staticmethod(PagedKVCache.to_host)
+
+    def write_prefill(self, layer: int, rows: slice, k, v, lengths) -> None:
+        """Store prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) without
+        attending: the path where prefill attention ran on the device."""
+        t = self._rows(layer, rows, k.shape[0])
+        self.paged._write_prefill(layer, t, k, v, self._lengths(lengths, len(t), "lengths"))
+
+    def prefill_host(self, layer: int, rows: slice, q, k, v, lengths) -> np.ndarray:
+        """Write prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) and
+        attend q [b, T, Hq, d] causally over them -> o [b, T, Hq, d] float32."""
+        t = self._rows(layer, rows, q.shape[0])
+        lengths = self._lengths(lengths, len(t), "lengths")
+        if lengths.max() > q.shape[1]:
+            raise ValueError(f"lengths {lengths.max()} exceed the {q.shape[1]} prompt "
+                             "positions")
+        return self.paged._prefill(layer, t, q, k, v, lengths)
+
+    def decode_host(self, layer: int, rows: slice, q, k_new, v_new, positions) -> np.ndarray:
+        """Write the new k, v [b, 1, Hkv, d] at slot positions[r] of each row and attend
+        q [b, 1, Hq, d] over slots ≤ positions[r] -> o [b, 1, Hq, d] float32."""
+        t = self._rows(layer, rows, q.shape[0])
+        lengths = self._lengths(np.asarray(positions) + 1, len(t), "positions + 1")
+        return self.paged._decode(layer, t, q, k_new, v_new, lengths)
+
+    # ------------------------------------------------------------------ wrappers
+    prefill = PagedKVCache.prefill
+    decode = PagedKVCache.decode
