@@ -90,12 +90,14 @@ class _Builder:
         return [lambda c=c: emit(c) for c in chunks]
 
 
-def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attention: bool):
-    """Entries of one pass over micro-batches `mbs` = [(stage, tokens, context)] (ids =
-    positions); returns each micro-batch's last op (post_attn). A decode micro-batch with
-    CPU attention interleaves its output with a chunk of the next pass's pages; in a pass
-    with none, every chunk is issued before the first post-attention."""
+def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attention: bool,
+                   order=None):
+    """Entries of one pass over micro-batches `mbs` = [(stage, tokens, context)] by id,
+    taken in `order` (default: by id); returns each micro-batch's last op (post_attn), by
+    id. A decode micro-batch with CPU attention interleaves its output with a chunk of
+    the next pass's pages; in a pass with none, every chunk precedes the first post."""
     n = len(mbs)
+    order = list(range(n)) if order is None else list(order)
     chunks = b.page_chunks(p + 1, *nxt, n) if nxt else [lambda: None] * n
     via_host = [st == "decode" and cpu_attention for st, _, _ in mbs]
     pre, out, post = [None] * n, [None] * n, [None] * n
@@ -116,32 +118,33 @@ def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attentio
             out[k] = b.add("cpu_attn", stage, step, layer, k,
                            deps=(q, b.kv_written.get((layer, k))), **sizes)
 
-    def post_attn(k):
+    def post_attn(i):  # i: position in `order`
+        k = order[i]
         stage, tokens, context = mbs[k]
         if via_host[k]:
             # the last output goes before its chunk (module docstring)
             emit_out = lambda: b.add("h2d_attn", stage, step, layer, k, deps=(out[k],),
                                      tokens=tokens, context=context)
-            if k == n - 1:
+            if i == n - 1:
                 out[k] = emit_out()
-                chunks[k]()
+                chunks[i]()
             else:
-                chunks[k]()
+                chunks[i]()
                 out[k] = emit_out()
         elif any(via_host):
-            chunks[k]()
-        elif k == 0:
+            chunks[i]()
+        elif i == 0:
             for c in chunks:
                 c()
         post[k] = b.add("post_attn", stage, step, layer, k, deps=(out[k],) + pages(),
                         tokens=tokens, context=context)
 
-    pre_attn(0)
-    for k in range(n):
-        if k + 1 < n:
-            pre_attn(k + 1)
-        post_attn(k)
-    b.slot_free[p] = post[-1]
+    pre_attn(order[0])
+    for i in range(n):
+        if i + 1 < n:
+            pre_attn(order[i + 1])
+        post_attn(i)
+    b.slot_free[p] = post[order[-1]]
     return post
 
 
@@ -209,7 +212,9 @@ def build_sweep(cfg: ModelConfig, policy: Policy, decode, prefill,
     sweeps. `first_pages`: layer 0's pages open the sweep (False: the previous sweep
     streamed them); `next_pages`: the next sweep's layer-0 pages (stage "decode", step+1)
     stream during the last layer. Deps into other sweeps are dropped (sweeps run one
-    after another). Each micro-batch opens with embed and closes with head (tokens = rows)."""
+    after another). Each micro-batch opens with embed and closes with head (tokens = rows).
+    Within a layer the last decode micro-batch goes last (after the prefill ones): its
+    output precedes its chunk of pages, so the slot frees one post-attention after it."""
     if policy.attention_device != "cpu" or policy.kv_cache_device != "cpu":
         raise ValueError("build_sweep: continuous batching runs decode attention on the "
                          "cpu next to the host KV cache (attention_device='cpu', "
@@ -224,10 +229,12 @@ def build_sweep(cfg: ModelConfig, policy: Policy, decode, prefill,
     if first_pages:
         b.page_chunks(p0, first_stage, step, 0, 1)[0]()
     prev = [b.add("embed", st, step, 0, k, tokens=t) for k, (st, t, _) in enumerate(mbs)]
+    n_d = len(decode)
+    order = list(range(n_d - 1)) + list(range(n_d, len(mbs))) + [n_d - 1] if n_d else None
     for layer in range(L):
         nxt = ((first_stage, step, layer + 1) if layer + 1 < L
                else ("decode", step + 1, 0) if next_pages else None)
-        prev = _pass_schedule(b, p0 + layer, step, layer, nxt, prev, mbs, True)
+        prev = _pass_schedule(b, p0 + layer, step, layer, nxt, prev, mbs, True, order)
     for k, (st, t, c) in enumerate(mbs):
         b.add("head", st, step, L - 1, k, deps=(prev[k],),
               tokens=t if st == "decode" else t // c)
