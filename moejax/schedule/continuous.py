@@ -5,9 +5,10 @@ last sweep (`timeline.build_sweep` is the same sweep as data).
 
 - `sweep_s`: a sweep's time from the op prices of `costs`, composed per layer as
   `predict.decode_layer` composes a static step (busy lanes, CGOPipe max, stalls);
-- `admission`: the scheduler at sweep granularity over a job's requests — FIFO, each
-  admitted sequence reserves prompt + max new tokens of host KV, ≤ the prefill budget
-  per sweep, one token per sweep (the first in its prefill sweep), freed on finishing;
+- `admission`: the scheduler at sweep granularity over a job's requests — FIFO while
+  the KV reservations fit (prompt + max new tokens, or the planned growth), ≤ the
+  prefill budget per sweep; one token per sweep (the first in its prefill sweep); KV
+  freed on finishing;
 - `predict_continuous`: end to end (the admission's sweeps, each priced) and steady
   state (Little's law on the KV reservation), beside the MoE-Lens bound;
 - `search_continuous`: the knobs under the device and host budgets.
@@ -50,8 +51,9 @@ class SweepShape:
         d_rows = sum(len(g) for g in decode)
         p_rows = sum(len(g) for g in prefill)
         padded = sum(len(g) * padded_len(max(g)) for g in prefill)
-        return cls(len(decode), d_rows / max(len(decode), 1),
-                   sum(map(sum, decode)) / max(d_rows, 1), len(prefill),
+        keys = sum(len(g) * -(-sum(g) // len(g)) for g in decode)  # as build_sweep rounds
+        return cls(len(decode), d_rows / max(len(decode), 1), keys / max(d_rows, 1),
+                   len(prefill),
                    p_rows / max(len(prefill), 1), padded / max(p_rows, 1))
 
 
@@ -108,6 +110,9 @@ def sweep_layer(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
         queued before its post (pre of the next, or the prefill posts when it is last);
       cpu + the GPU work before the first CPU attention + d2h + (h2d + post_d) after it;
       the last output behind (n−1)/n of the next pages: (n−1)/n·stream + h_d + post_d;
+      d_{n_d−2}'s output behind (n_d−1)/n of them, then its post, the prefills and
+        d_last: (n_d−1)/n·stream + h_d + post_d + [(n_p−1)·(pre_p + post_p) + pre_d +
+        max(post_p, x)] + post_d;
       the two-slot cycle 2·t ≥ stream + Σ posts (a pass's posts wait for all its
       pages; the pass after next waits for them to free the slot)."""
     has_d, (pre_d, post_d, c_d, h_d, d_d), (pre_p, post_p, d_p), stream_s = \
@@ -129,6 +134,10 @@ def sweep_layer(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
     if m.is_moe_layer(layer):
         last = np.where(has_d, (n - 1) / n * stream_s + h_d + post_d, 0.0)
         b = np.maximum(b, np.where(n > 1, last, 0.0))
+        tail = np.where(n_p > 0, (n_p - 1) * (pre_p + post_p) + pre_d
+                        + np.maximum(post_p, d_d + c_d + h_d), 0.0) + post_d
+        b = np.maximum(b, np.where(n_d > 1, (n_d - 1) / n * stream_s + h_d + post_d
+                                   + tail, 0.0))
         b = np.maximum(b, (stream_s + n_d * post_d + n_p * post_p) / 2)
     return busy["h2d"], b
 
@@ -243,18 +252,25 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
                          f"max new) exceeds the KV capacity of {kv_tokens:.0f} tokens")
     ubs, budget = policy.micro_batch_size, policy.prefill_tokens_per_sweep
     grow = policy.kv_reservation == "lookahead"
-    occ = np.zeros(int(g_all.max(initial=1)) + 1)  # planned KV tokens per sweep, from s
+    ramp = 1.0 + np.arange(int(g_all.max(initial=1)) + 1)
+    occ = np.zeros(ramp.size)  # lookahead: planned KV tokens per sweep, from this one
+    reserved = 0  # max: KV reserved now (it only falls until the next admission)
     act_p = act_g = act_n = np.zeros(0, dtype=np.int64)
     nxt, out = 0, []
     while nxt < len(p_all) or act_p.size:
         adm, tok = [], 0
         while nxt < len(p_all) and act_p.size + len(adm) < policy.concurrency:
             p, g = int(p_all[nxt]), int(g_all[nxt])
-            plan = p + 1 + np.arange(g) if grow else np.full(g, p + g)
-            if (occ[:g] + plan).max() > kv_tokens or (
-                    budget is not None and adm and tok + padded_len(p) > budget):
+            if budget is not None and adm and tok + padded_len(p) > budget:
                 break
-            occ[:g] += plan
+            if grow:
+                plan = occ[:g] + p + ramp[:g]
+                if plan.max() > kv_tokens:
+                    break
+                occ[:g] = plan
+            elif reserved + p + g > kv_tokens:
+                break
+            reserved += p + g
             adm.append(nxt)
             tok, nxt = tok + padded_len(p), nxt + 1
         rows = act_p.size
@@ -263,12 +279,13 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
         padded = sum(len(g) * padded_len(max(g)) for g in groups)
         out.append((n_d, rows / max(n_d, 1), (act_p + act_n).sum() / max(rows, 1),
                     len(groups), len(adm) / max(len(groups), 1), padded / max(len(adm), 1),
-                    rows + len(adm), rows + len(adm), occ[0]))
+                    rows + len(adm), rows + len(adm), occ[0] if grow else reserved))
         occ = np.append(occ[1:], 0.0)
         act_p = np.concatenate([act_p, p_all[adm]])
         act_g = np.concatenate([act_g, g_all[adm]])
         act_n = np.concatenate([act_n + 1, np.ones(len(adm), dtype=np.int64)])
         done = act_n >= act_g
+        reserved -= int((act_p[done] + act_g[done]).sum())
         act_p, act_g, act_n = act_p[~done], act_g[~done], act_n[~done]
     cols = np.array(out, dtype=float).T if out else np.zeros((9, 0))
     return Admission(SweepShape(*cols[:6]), cols[6], cols[7], cols[8])
@@ -378,7 +395,8 @@ def predict_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
 PREFILL_BUDGETS = tuple(1 << i for i in range(9, 21))  # 512 … 1M padded tokens / sweep
 PREFILL_MICRO_BATCHES = (None, 2048, 8192, 16384)  # tokens per prefill micro-batch
 MICRO_BATCH_COUNTS = tuple(range(1, 17)) + (20, 24, 32, 48, 64)
-TOP_GROUPS = 2  # (ubs, n_ub) leaders per T_mb whose jobs are simulated at every budget
+TOP_GROUPS = 1  # (ubs, n_ub) leaders per T_mb whose jobs are simulated at every budget
+RAMP_BUDGET = 16  # budgets beyond this × the steady prefill are not simulated
 
 
 def _candidates(m, hw, wl, dev_cap, host_kv_bytes, cap):
@@ -416,8 +434,9 @@ def search_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
     concurrency ubs·n_ub within the KV the host holds (`kv_capacity_tokens`, or
     `host_kv_bytes`). Per T_mb, the (ubs, n_ub) pairs are ranked by their best steady-state
     tokens/s (one vectorised `sweep_s`); the `TOP_GROUPS` leaders' jobs are simulated
-    (`predict_continuous`) at every B that does not throttle the steady state, since a
-    larger B buys ramp-up at the price of device memory (wg). First best wins.
+    (`predict_continuous`) at every B up to `RAMP_BUDGET` × the unthrottled steady
+    prefill: a smaller B throttles admission, a larger one buys ramp-up at the price of
+    device memory (wg) and long prefill sweeps. First best wins.
     `kv_reservation` is the admission rule (`Policy.kv_reservation`), not searched."""
     from moejax.schedule.search import MAX_BATCH_SIZE
 
@@ -432,17 +451,17 @@ def search_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
     _, conc, sh = steady_state(workload, kv, ubs, ubs * n_ub, bud,
                                np.where(tmb > 0, tmb, bud), kv_reservation)
     tps = conc / sweep_s(model, hw, workload, Knobs(ubs, n_ub, wg), sh)
-    need = (sh.n_p * sh.rows_p * sh.len_p) * (1 - 1e-9)  # steady prefill tokens/sweep
+    free = steady_state(workload, kv, ubs, ubs * n_ub, None, None, kv_reservation)[2]
+    need = free.n_p * free.rows_p * free.len_p * (1 - 1e-9)  # unthrottled prefill/sweep
     groups: dict = {}
     for i in np.argsort(-tps, kind="stable"):
         groups.setdefault(tmb[i], {}).setdefault((ubs[i], n_ub[i]), []).append(i)
     best = None
     leaders = [g for by_t in groups.values() for g in list(by_t.values())[:TOP_GROUPS]]
     for members in leaders:
-        steady_best = max(tps[j] for j in members)
         for i in sorted(members, key=lambda j: bud[j]):
-            if tps[i] < steady_best * (1 - 1e-6) and bud[i] < need[i]:
-                continue  # a budget that throttles the steady state
+            if bud[i] > RAMP_BUDGET * max(need[i], PREFILL_BUDGETS[0]):
+                continue  # far beyond what the steady state admits
             pol = Policy.from_micro_batches(
                 int(ubs[i]), int(n_ub[i]), gpu_weight_fraction=float(wg[i]),
                 prefill_tokens_per_sweep=int(bud[i]),
