@@ -2,6 +2,8 @@
 HRM reproduction, moejax's own prediction, the policy search, the simulator and the
 generic timeline runner. Imports no model code: the schedule is data."""
 
+from moejax.schedule.continuous import (ContinuousPrediction, predict_continuous,
+                                        search_continuous)
 from moejax.schedule.hrm import (MoELightningResult, moe_lightning_evaluate,
                                  moe_lightning_search)
 from moejax.schedule.policy import Policy
@@ -10,4 +12,5 @@ from moejax.schedule.search import search_policy
 
 __all__ = ["predict", "search_policy", "Policy", "Prediction", "MoELensBound",
            "moe_lens_bound", "moe_lightning_evaluate", "moe_lightning_search",
-           "MoELightningResult"]
+           "MoELightningResult", "predict_continuous", "search_continuous",
+           "ContinuousPrediction"]

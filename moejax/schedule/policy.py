@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 DEVICES = ("cpu", "gpu")  # where attention runs and the KV cache lives
 DEFAULT_PAGE_BYTES = 64 * 2**20  # 64 MiB weight pages: a page is an FFN part too (§8)
+KV_RESERVATIONS = ("max", "lookahead")  # continuous batching's KV admission rule
 PAD_MULTIPLE = 16  # prompts are padded to a multiple of this many positions
 
 
@@ -22,7 +23,16 @@ class Policy:
     """How a batch is run (docs/design.md §2-§4): N = ubs·n_ub sequences, n_ub micro-batches
     of ubs pipelined per layer (CGOPipe); wg ∈ [0, 1] of each MoE layer's expert bytes
     resident, the rest streamed in `page_bytes` pages; decode attention and KV cache on
-    "cpu" or "gpu" (prefill attention always on the device); overlap: CGOPipe, else serial."""
+    "cpu" or "gpu" (prefill attention always on the device); overlap: CGOPipe, else serial.
+    Continuous batching (§7, `schedule/continuous.py`; a static batch ignores these): a
+    sweep's decode rows run as ⌈rows/ubs⌉ micro-batches of ≤ ubs (so ≤ n_ub of them);
+    `max_concurrency` caps the sequences holding KV (None: batch_size);
+    `prefill_tokens_per_sweep` caps a sweep's admitted padded prompt tokens (None: as KV
+    allows; a longer prompt is admitted alone); `prefill_micro_batch_tokens` splits them
+    into micro-batches of at most that many (None: one). `kv_reservation`: "max" reserves
+    prompt + max new tokens at admission; "lookahead" reserves each sequence's KV as it
+    will grow (prompt + tokens so far), admitting only where that plan fits at every
+    future sweep; neither preempts (a sequence never outgrows its max new tokens)."""
 
     batch_size: int
     micro_batch_size: int
@@ -32,6 +42,10 @@ class Policy:
     kv_cache_device: str = "cpu"
     page_bytes: int = DEFAULT_PAGE_BYTES
     overlap: bool = True
+    max_concurrency: int | None = None
+    prefill_tokens_per_sweep: int | None = None
+    prefill_micro_batch_tokens: int | None = None
+    kv_reservation: str = "max"
 
     def __post_init__(self):
         for k in ("batch_size", "micro_batch_size", "num_micro_batches", "page_bytes"):
@@ -56,6 +70,25 @@ class Policy:
                              "(CPU attention runs next to a host KV cache)")
         if not isinstance(self.overlap, bool):
             raise ValueError(f"Policy: overlap={self.overlap!r} must be a bool")
+        for k in ("max_concurrency", "prefill_tokens_per_sweep", "prefill_micro_batch_tokens"):
+            v = getattr(self, k)
+            if v is None:
+                continue
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Policy: {k}={v!r} must be a positive integer or None")
+            object.__setattr__(self, k, int(v))
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"Policy: kv_reservation={self.kv_reservation!r} not in "
+                             f"{KV_RESERVATIONS}")
+        if (self.max_concurrency or 0) > self.batch_size:
+            raise ValueError(f"Policy: max_concurrency={self.max_concurrency} exceeds "
+                             f"batch_size={self.batch_size} (every running sequence "
+                             "decodes in the next sweep)")
+
+    @property
+    def concurrency(self) -> int:
+        """Sequences that may hold KV at once under continuous batching."""
+        return self.max_concurrency or self.batch_size
 
     @classmethod
     def from_micro_batches(cls, micro_batch_size: int, num_micro_batches: int,

@@ -61,6 +61,16 @@ def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> 
 
 
 # ---------------------------------------------------------------------- memory
+def working_set_bytes(m: ModelConfig, tokens):
+    """Live temporaries [bytes] of one micro-batch of `tokens` tokens: the residual plus
+    the larger of the attention block and the FFN block (capacity-padded top-k rows)."""
+    h = m.hidden_size
+    attn_cols = (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    ffn_cols = max(m.top_k * CAPACITY_SLACK * (2 * h + 2 * m.expert_ffn_size),
+                   2 * h + 2 * m.dense_ffn_size)
+    return tokens * (h + max(attn_cols, ffn_cols)) * m.bytes_per_param
+
+
 def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
                  attention_device: str = "cpu", kv_cache_device: str = "cpu"):
     """(peak device, peak host) bytes, broadcastable, affine in wg on [0, 1) (§4.3 Memory):
@@ -70,14 +80,7 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
     b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
     kv_total = big_n * (s + n) * m.kv_bytes_per_token(workload.kv_bytes_per_elem)
     qkv_cols = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
-    attn_cols = qkv_cols + m.num_heads * m.head_dim
-    ffn_cols = max(m.top_k * CAPACITY_SLACK * (2 * h + 2 * m.expert_ffn_size),
-                   2 * h + 2 * m.dense_ffn_size)
-    cols = h + max(attn_cols, ffn_cols)  # residual + the larger of the two blocks
-
-    def working_set(tokens):  # live temporaries of one micro-batch
-        return tokens * cols * b
-
+    working_set = lambda tokens: working_set_bytes(m, tokens)
     logits = ubs * m.vocab_size * costs.LOGITS_BYTES
     # decode: the batch's hidden states (residual + normed), two micro-batches in flight
     decode = 2 * big_n * h * b + 2 * working_set(ubs) + logits

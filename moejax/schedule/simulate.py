@@ -15,11 +15,28 @@ from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 from moejax.schedule import costs
 from moejax.schedule.policy import Policy
-from moejax.schedule.timeline import RESOURCES, Entry, stage_seconds
+from moejax.schedule.timeline import RESOURCES, Entry, stage_seconds, sweep_seconds
 
 
-def _concurrent_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
-    """Bytes the link moves through host memory per micro-batch's CPU attention (§4.3)."""
+def _concurrent_host_bytes(m: ModelConfig, policy: Policy, entries: list[Entry]) -> dict:
+    """{(step, layer): bytes} the link moves through host memory per CPU attention of that
+    pass (§4.3): (stream + Σ its micro-batches' q/k/v + output bytes) / their count, from
+    the entries themselves, so a sweep's ragged micro-batches are priced as they are."""
+    if not policy.overlap:
+        return {}
+    acts: dict = {}
+    for e in entries:
+        if e.op == "cpu_attn":
+            n, b = acts.get((e.step, e.layer), (0, 0.0))
+            acts[(e.step, e.layer)] = (n + 1, b + costs.qkv_bytes(m, e.tokens)
+                                       + costs.attn_out_bytes(m, e.tokens))
+    stream = lambda layer: (costs.streamed_expert_bytes(m, policy.gpu_weight_fraction)
+                            if m.is_moe_layer(layer) else 0.0)
+    return {(s, layer): (stream(layer) + b) / n for (s, layer), (n, b) in acts.items()}
+
+
+def _uniform_host_bytes(m: ModelConfig, policy: Policy, layer: int) -> float:
+    """`_concurrent_host_bytes` of a pass of n_ub micro-batches of ubs."""
     if not policy.overlap:
         return 0.0
     ubs, n = policy.micro_batch_size, policy.num_micro_batches
@@ -34,8 +51,10 @@ def _stage_imbalance(imbalance, stage: str) -> float:
 
 
 def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
-          kv_bytes_per_elem: int | None = None, imbalance: float | dict = 1.0) -> float:
-    """Seconds one entry takes on its resource alone; `imbalance` as `_stage_imbalance`."""
+          kv_bytes_per_elem: int | None = None, imbalance: float | dict = 1.0,
+          concurrent_host_bytes: float | None = None) -> float:
+    """Seconds one entry takes on its resource alone; `imbalance` as `_stage_imbalance`;
+    `concurrent_host_bytes` of a cpu_attn (None: `policy`'s uniform micro-batches)."""
     t, ctx = e.tokens, e.context
     if e.op == "page":
         return float(costs.h2d_s(hw, e.nbytes))
@@ -52,8 +71,10 @@ def price(e: Entry, m: ModelConfig, hw: HardwareSpec, policy: Policy,
     if e.op == "d2h_kv":
         return float(costs.d2h_s(hw, costs.kv_bytes(m, t, kv_bytes_per_elem)))
     if e.op == "cpu_attn":
+        if concurrent_host_bytes is None:
+            concurrent_host_bytes = _uniform_host_bytes(m, policy, e.layer)
         return float(costs.cpu_attention_s(m, hw, t, ctx, kv_bytes_per_elem,
-                                           _concurrent_host_bytes(m, policy, e.layer)))
+                                           concurrent_host_bytes))
     if e.op == "h2d_attn":
         return float(costs.h2d_s(hw, costs.attn_out_bytes(m, t)))
     if e.op == "post_attn":
@@ -81,11 +102,19 @@ class Simulation:
     def stage_s(self, entries: list[Entry], stage: str) -> float:
         return stage_seconds(entries, self.end_s, stage)
 
+    def sweep_s(self, entries: list[Entry]) -> float:
+        return sweep_seconds(entries, self.end_s)
+
 
 def simulate(entries: list[Entry], m: ModelConfig, hw: HardwareSpec, policy: Policy,
              kv_bytes_per_elem: int | None = None,
              imbalance: float | dict = 1.0) -> Simulation:
-    dur = [price(e, m, hw, policy, kv_bytes_per_elem, imbalance) for e in entries]
+    """Start/end of every entry of a timeline or a sweep (`build_sweep`); a sweep's cpu
+    attention is priced with its own micro-batches' link traffic."""
+    host = _concurrent_host_bytes(m, policy, entries)
+    dur = [price(e, m, hw, policy, kv_bytes_per_elem, imbalance,
+                 host.get((e.step, e.layer), 0.0) if e.op == "cpu_attn" else None)
+           for e in entries]
     start, end = np.zeros(len(entries)), np.zeros(len(entries))
     if not policy.overlap:
         t = 0.0

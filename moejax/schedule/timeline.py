@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moejax.model_config.model import ModelConfig
-from moejax.schedule.policy import Policy
+from moejax.schedule.policy import PAD_MULTIPLE, Policy, padded_len
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
 # op → resource. "attn" runs on the gpu (prefill, or decode with attention_device="gpu").
@@ -90,18 +90,24 @@ class _Builder:
         return [lambda c=c: emit(c) for c in chunks]
 
 
-def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, context,
-                   cpu_attention: bool):
-    """Entries of one pass; returns the ids of each micro-batch's last op (post_attn)."""
-    n = b.policy.num_micro_batches
+def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attention: bool,
+                   order=None):
+    """Entries of one pass over micro-batches `mbs` = [(stage, tokens, context)] by id,
+    taken in `order` (default: by id); returns each micro-batch's last op (post_attn), by
+    id. A decode micro-batch with CPU attention interleaves its output with a chunk of
+    the next pass's pages; in a pass with none, every chunk precedes the first post."""
+    n = len(mbs)
+    order = list(range(n)) if order is None else list(order)
     chunks = b.page_chunks(p + 1, *nxt, n) if nxt else [lambda: None] * n
+    via_host = [st == "decode" and cpu_attention for st, _, _ in mbs]
     pre, out, post = [None] * n, [None] * n, [None] * n
-    sizes = dict(tokens=tokens, context=context)
     pages = lambda: tuple(b.pages.get(p, ()))
 
     def pre_attn(k):
+        stage, tokens, context = mbs[k]
+        sizes = dict(tokens=tokens, context=context)
         pre[k] = b.add("pre_attn", stage, step, layer, k, deps=(prev_out[k],), **sizes)
-        if stage == "prefill" or not cpu_attention:
+        if not via_host[k]:
             # the host KV cache receives the new k, v (prefill: the whole prompt)
             if stage == "prefill" and b.policy.kv_cache_device == "cpu":
                 b.kv_written[(layer, k)] = b.add("d2h_kv", stage, step, layer, k,
@@ -112,29 +118,33 @@ def _pass_schedule(b: _Builder, p, stage, step, layer, nxt, prev_out, tokens, co
             out[k] = b.add("cpu_attn", stage, step, layer, k,
                            deps=(q, b.kv_written.get((layer, k))), **sizes)
 
-    def post_attn(k):
-        if stage == "decode" and cpu_attention:
+    def post_attn(i):  # i: position in `order`
+        k = order[i]
+        stage, tokens, context = mbs[k]
+        if via_host[k]:
             # the last output goes before its chunk (module docstring)
             emit_out = lambda: b.add("h2d_attn", stage, step, layer, k, deps=(out[k],),
-                                     **sizes)
-            if k == n - 1:
+                                     tokens=tokens, context=context)
+            if i == n - 1:
                 out[k] = emit_out()
-                chunks[k]()
+                chunks[i]()
             else:
-                chunks[k]()
+                chunks[i]()
                 out[k] = emit_out()
-        elif k == 0:
+        elif any(via_host):
+            chunks[i]()
+        elif i == 0:
             for c in chunks:
                 c()
         post[k] = b.add("post_attn", stage, step, layer, k, deps=(out[k],) + pages(),
-                        **sizes)
+                        tokens=tokens, context=context)
 
-    pre_attn(0)
-    for k in range(n):
-        if k + 1 < n:
-            pre_attn(k + 1)
-        post_attn(k)
-    b.slot_free[p] = post[-1]
+    pre_attn(order[0])
+    for i in range(n):
+        if i + 1 < n:
+            pre_attn(order[i + 1])
+        post_attn(i)
+    b.slot_free[p] = post[order[-1]]
     return post
 
 
@@ -162,11 +172,72 @@ def build_timeline(cfg: ModelConfig, policy: Policy, prompt_len: int, decode_ste
             prev = [b.add("embed", stage, step, 0, k, deps=(prev[k],), tokens=tokens)
                     for k in range(n)]
         nxt = passes[p + 1] if p + 1 < len(passes) else None
-        prev = _pass_schedule(b, p, stage, step, layer, nxt, prev, tokens, context,
+        prev = _pass_schedule(b, p, step, layer, nxt, prev, [(stage, tokens, context)] * n,
                               cpu_attention)
         if layer == L - 1:
             prev = [b.add("head", stage, step, layer, k, deps=(prev[k],), tokens=ubs)
                     for k in range(n)]
+    return b.entries
+
+
+def sweep_micro_batches(decode, prefill, multiple: int = PAD_MULTIPLE):
+    """[(stage, tokens, context)] of a sweep's micro-batches, decode first. A decode
+    micro-batch of contexts c_i: tokens = rows, context = ⌈Σ c_i / rows⌉ (tokens ×
+    context ≥ Σ c_i, the keys its attention reads). A prefill micro-batch of prompts s_i:
+    context = padded_len(max s_i), tokens = rows × context (the runtime's padding)."""
+    out = []
+    for stage, groups in (("decode", decode), ("prefill", prefill)):
+        for g in groups:
+            lens = [int(x) for x in g]
+            if not lens or min(lens) < 1:
+                raise ValueError(f"build_sweep: a {stage} micro-batch {list(g)!r} must "
+                                 "be a non-empty list of positive lengths")
+            if stage == "decode":
+                out.append((stage, len(lens), -(-sum(lens) // len(lens))))
+            else:
+                s = padded_len(max(lens), multiple)
+                out.append((stage, len(lens) * s, s))
+    return out
+
+
+def build_sweep(cfg: ModelConfig, policy: Policy, decode, prefill,
+                plan: StreamPlan | None = None, *, step: int = 0, first_pages: bool = True,
+                next_pages: bool = True) -> list[Entry]:
+    """One continuous-batching sweep (docs/design.md §7): one forward over every layer =
+    one pass over the streamed experts, serving decode micro-batches `decode` (per
+    micro-batch its rows' contexts: keys each new token attends to, itself included;
+    ids 0..n_d−1, CPU attention) and prefill micro-batches `prefill` (per micro-batch its
+    prompt lengths; ids n_d..n_d+n_p−1, device attention, k/v to the host by d2h_kv).
+    Every entry has `step=step`; pass p = step·L + layer, so slots alternate across
+    sweeps. `first_pages`: layer 0's pages open the sweep (False: the previous sweep
+    streamed them); `next_pages`: the next sweep's layer-0 pages (stage "decode", step+1)
+    stream during the last layer. Deps into other sweeps are dropped (sweeps run one
+    after another). Each micro-batch opens with embed and closes with head (tokens = rows).
+    Within a layer the last decode micro-batch goes last (after the prefill ones): its
+    output precedes its chunk of pages, so the slot frees one post-attention after it."""
+    if policy.attention_device != "cpu" or policy.kv_cache_device != "cpu":
+        raise ValueError("build_sweep: continuous batching runs decode attention on the "
+                         "cpu next to the host KV cache (attention_device='cpu', "
+                         "kv_cache_device='cpu')")
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"build_sweep: step={step!r} must be an integer >= 0")
+    mbs = sweep_micro_batches(decode, prefill)
+    if not mbs:
+        raise ValueError("build_sweep: a sweep needs at least one micro-batch")
+    b = _Builder(cfg, policy, plan or StreamPlan.uniform(cfg, policy))
+    L, p0, first_stage = cfg.num_layers, step * cfg.num_layers, mbs[0][0]
+    if first_pages:
+        b.page_chunks(p0, first_stage, step, 0, 1)[0]()
+    prev = [b.add("embed", st, step, 0, k, tokens=t) for k, (st, t, _) in enumerate(mbs)]
+    n_d = len(decode)
+    order = list(range(n_d - 1)) + list(range(n_d, len(mbs))) + [n_d - 1] if n_d else None
+    for layer in range(L):
+        nxt = ((first_stage, step, layer + 1) if layer + 1 < L
+               else ("decode", step + 1, 0) if next_pages else None)
+        prev = _pass_schedule(b, p0 + layer, step, layer, nxt, prev, mbs, True, order)
+    for k, (st, t, c) in enumerate(mbs):
+        b.add("head", st, step, L - 1, k, deps=(prev[k],),
+              tokens=t if st == "decode" else t // c)
     return b.entries
 
 
@@ -178,3 +249,9 @@ def stage_seconds(entries: list[Entry], end_s, stage: str) -> float:
     if not any(e.stage == stage for e in entries):
         return 0.0
     return float(end_of(stage) - (end_of("prefill") if stage == "decode" else 0.0))
+
+
+def sweep_seconds(entries: list[Entry], end_s) -> float:
+    """Wall time [s] of a sweep (`build_sweep`): its last end, the next sweep's pages
+    included, since the next sweep starts after it (0 if empty)."""
+    return float(max((end_s[e.id] for e in entries), default=0.0))

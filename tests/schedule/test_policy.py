@@ -20,6 +20,12 @@ def test_from_micro_batches():
     (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, page_bytes=0),
      "page_bytes=0"),
     (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, overlap=1), "overlap=1"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2, max_concurrency=5),
+     "max_concurrency=5 exceeds"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2,
+          prefill_tokens_per_sweep=0), "prefill_tokens_per_sweep=0"),
+    (dict(batch_size=4, micro_batch_size=2, num_micro_batches=2,
+          prefill_micro_batch_tokens=2.5), "prefill_micro_batch_tokens=2.5"),
 ])
 def test_validation_names_bad_value(kw, bad):
     with pytest.raises(ValueError, match=bad):

@@ -9,7 +9,7 @@ from moejax.model_config import get_model
 from moejax.model_config.hardware import get_hardware
 from moejax.schedule.policy import Policy
 from moejax.schedule.simulate import simulate
-from moejax.schedule.timeline import StreamPlan, build_timeline, stage_seconds
+from moejax.schedule.timeline import StreamPlan, build_sweep, build_timeline, stage_seconds
 
 CFG = get_model("tiny_mixtral")  # 2 layers, 4 experts; W_E = 4·3·64·96·4 B = 294912 B
 
@@ -208,3 +208,74 @@ def test_a_timeline_without_decode_steps_has_zero_decode_time():
     end = np.arange(1, len(tl) + 1, dtype=float)
     assert stage_seconds(tl, end, "decode") == 0.0
     assert stage_seconds(tl, end, "prefill") > 0
+
+
+# ------------------------------------------------------------------ sweeps
+def _sweep(decode=([9, 10, 12], [20]), prefill=([5, 17],), **kw):
+    pol = Policy.from_micro_batches(4, 2, gpu_weight_fraction=0.25, page_bytes=40_000)
+    return pol, build_sweep(CFG, pol, list(decode), list(prefill), step=3, **kw)
+
+
+def test_sweep_micro_batches_stages_and_sizes():
+    _, tl = _sweep()
+    assert all(d < e.id for e in tl for d in e.deps) and {e.step for e in tl
+                                                            if e.op != "page"} == {3}
+    sizes = {(e.micro_batch, e.stage, e.tokens, e.context) for e in tl
+             if e.op == "pre_attn"}
+    # decode: tokens = rows, context = ⌈Σ contexts / rows⌉; prefill: padded to 32
+    assert sizes == {(0, "decode", 3, 11), (1, "decode", 1, 20), (2, "prefill", 64, 32)}
+    ops = Counter((e.op, e.micro_batch) for e in tl if e.op != "page")
+    L = CFG.num_layers
+    for k in (0, 1):
+        assert ops[("cpu_attn", k)] == ops[("h2d_attn", k)] == L and ops[("attn", k)] == 0
+    assert ops[("attn", 2)] == ops[("d2h_kv", 2)] == L and ops[("cpu_attn", 2)] == 0
+    heads = {e.micro_batch: e.tokens for e in tl if e.op == "head"}
+    assert heads == {0: 3, 1: 1, 2: 2}  # one token per sequence
+    for k in range(3):  # embed opens, head closes every micro-batch
+        own = [e for e in tl if e.micro_batch == k]
+        assert own[0].op == "embed" and own[-1].op == "head"
+
+
+@pytest.mark.parametrize("first, nxt", [(True, True), (False, True), (True, False)])
+def test_sweep_pages(first, nxt):
+    _, tl = _sweep(first_pages=first, next_pages=nxt)
+    pages = Counter((e.step, e.layer) for e in tl if e.op == "page")
+    per_layer = len(StreamPlan.uniform(CFG, _sweep()[0]).page_nbytes[0])
+    want = {(3, 0): per_layer * first, (3, 1): per_layer, (4, 0): per_layer * nxt}
+    assert pages == {k: v for k, v in want.items() if v}
+    posts = [e for e in tl if e.op == "post_attn"]
+    ids = {e.id for e in tl}
+    for e in posts:  # every post-attention waits for all its layer's pages of this sweep
+        own = {p.id for p in tl if p.op == "page" and (p.step, p.layer) == (3, e.layer)}
+        assert own <= set(e.deps) and set(e.deps) <= ids
+
+
+def test_sweep_data_flow():
+    _, tl = _sweep()
+    anc = _ancestors(tl)
+    at = {(e.op, e.layer, e.micro_batch): e.id for e in tl if e.op != "page"}
+    last = CFG.num_layers - 1
+    for (op, layer, k), i in at.items():
+        need = {"pre_attn": [("embed", 0, k) if layer == 0 else ("post_attn", layer - 1, k)],
+                "head": [("post_attn", last, k)],
+                "cpu_attn": [("d2h_qkv", layer, k)], "h2d_attn": [("cpu_attn", layer, k)],
+                "attn": [("pre_attn", layer, k)], "d2h_kv": [("pre_attn", layer, k)],
+                "post_attn": [("h2d_attn" if ("h2d_attn", layer, k) in at else "attn",
+                               layer, k)]}.get(op, [])
+        for key in need:
+            assert anc[i] >> at[key] & 1, (op, layer, k, key)
+
+
+def test_sweep_decode_only_and_prefill_only_and_errors():
+    _, dec = _sweep(prefill=())
+    _, pre = _sweep(decode=())
+    assert {e.stage for e in dec} == {"decode"}
+    assert {e.stage for e in pre if e.op != "page"} == {"prefill"}
+    assert {e.micro_batch for e in pre if e.op == "embed"} == {0}
+    pol = Policy.from_micro_batches(4, 2, attention_device="gpu", kv_cache_device="gpu")
+    with pytest.raises(ValueError, match="attention_device='cpu'"):
+        build_sweep(CFG, pol, [[3]], [])
+    with pytest.raises(ValueError, match="non-empty"):
+        build_sweep(CFG, _sweep()[0], [[]], [])
+    with pytest.raises(ValueError, match="at least one"):
+        build_sweep(CFG, _sweep()[0], [], [])
