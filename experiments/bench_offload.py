@@ -193,13 +193,17 @@ def device_attention_s(cfg, b: int, s: int, q, k, v, repeats: int) -> float:
     return t
 
 
-def bench_attention(repeats: int) -> dict:
+def _attention_setup():
+    """(one-layer float32 --attn_model config, CPUAttention, rng) of the attention rows."""
     from moejax.model_config.model import get_model
 
     cfg = get_model(FLAGS.attn_model).replace(num_layers=1, dtype="float32",
                                               max_positions=1 << 20)
-    attention = CPUAttention()
-    rng = np.random.default_rng(0)
+    return cfg, CPUAttention(), np.random.default_rng(0)
+
+
+def bench_attention(repeats: int) -> dict:
+    cfg, attention, rng = _attention_setup()
     rows = []
     for b in map(int, FLAGS.batches):
         for s in map(int, FLAGS.contexts):
@@ -273,12 +277,7 @@ def paged_cell(cfg, attention, b: int, lens: np.ndarray, bt: int, rng, repeats: 
 
 
 def bench_paged(repeats: int) -> dict:
-    from moejax.model_config.model import get_model
-
-    cfg = get_model(FLAGS.attn_model).replace(num_layers=1, dtype="float32",
-                                              max_positions=1 << 20)
-    attention = CPUAttention()
-    rng = np.random.default_rng(0)
+    cfg, attention, rng = _attention_setup()
     rows = []
     for bt in map(int, FLAGS.block_tokens):
         for b in map(int, FLAGS.batches):

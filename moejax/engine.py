@@ -1,11 +1,7 @@
 """Batched generation: a Policy → a CGOPipe timeline → the executor (docs/design.md §3).
-
-`Engine(model)` runs everything on the device (the reference). Any offload knob, a
-`policy` or a HostWeightStore offloads: experts in the store (resident columns on the
-device, the rest streamed in pages), the KV cache on the host with CPU attention
-("cpu") or on the device ("gpu", for ablation). Without a policy, the micro-batching is
-the one the performance model predicts fastest on the calibrated local hardware.
-"""
+`Engine(model)` runs all on the device (the reference); any offload knob, a `policy` or a
+HostWeightStore offloads experts (resident columns + streamed pages) and the KV cache (host
++ CPU attention "cpu", or "gpu"); without a policy the model's fastest micro-batching runs."""
 
 from __future__ import annotations
 
@@ -68,20 +64,12 @@ class RunRecord:
 class Engine:
     """`Engine(model, ...).generate(prompts, max_new_tokens)` → new tokens per prompt.
 
-    model                MoEModel, or a filled HostWeightStore (then no store knob).
-    device_memory_bytes  device budget of the store; it picks the largest resident
-                         expert fraction that fits (ValueError saying by how much if
-                         nothing fits).
-    gpu_weight_fraction  resident fraction of every MoE layer's experts (wg ∈ [0, 1]).
-    attention_device     "cpu" (host KV cache, default when offloaded) or "gpu".
-    page_bytes           streamed page size (default 64 MiB).
-    policy               a schedule.Policy: its wg, page size, placement, micro-batching
-                         and overlap (the knobs above then may not be given).
-    micro_batch_size     fix the micro-batch size instead of searching it.
-    kv_dtype             host KV cache dtype (default the model's; "int8" quantised).
-    host_memory          "auto" | "pinned_host" | "numpy" (see HostWeightStore).
-    offload              None: offload iff a knob is given; True/False force it.
-    """
+    model: MoEModel or a filled HostWeightStore; device_memory_bytes: store budget (largest wg
+    that fits, else ValueError by how much); gpu_weight_fraction wg ∈ [0, 1]; attention_device
+    "cpu" (host KV, offload default) | "gpu"; page_bytes (default 64 MiB); policy: a
+    schedule.Policy (excludes the knobs above); micro_batch_size: fixed, not searched;
+    kv_dtype (default the model's; "int8"); host_memory "auto" | "pinned_host" | "numpy";
+    offload: None = iff a knob is given, True/False force it."""
 
     def __init__(self, model, device_memory_bytes: int | None = None,
                  gpu_weight_fraction: float | None = None,
@@ -120,10 +108,8 @@ class Engine:
             DEFAULT_PAGE_BYTES, overlap=True)
 
     def policy_for(self, batch: int, prompt_len: int, gen_len: int) -> Policy:
-        """The policy one batch of `batch` rows runs with: the given one (micro-batch size
-        capped at the batch), or the placement's knobs with the micro-batching that the
-        performance model predicts fastest on the calibrated local hardware
-        (`schedule.search.search_micro_batches`)."""
+        """Policy of a `batch`-row batch: the given one (ubs capped at the batch), else the
+        placement's knobs with `schedule.search.search_micro_batches` on the local hardware."""
         if self.policy is not None:
             ubs = min(self.policy.micro_batch_size, batch)
             return self.policy.replace(micro_batch_size=ubs, num_micro_batches=math.ceil(
@@ -140,14 +126,12 @@ class Engine:
 
     # ------------------------------------------------------------------ running
     def _workload(self, prompt_len: int, gen_len: int):
-        """The `Workload` a batch is priced with: its lengths, and the host KV cache's
-        element size (1 byte with kv_dtype="int8")."""
+        """The batch's `Workload`: lengths and KV element size (1 byte for int8)."""
         return Workload(int(prompt_len), int(gen_len),
                         kv_bytes_per_elem=1 if self.kv_dtype == "int8" else None)
 
     def _device_need(self, policy: Policy, prompt_len: int, gen_len: int):
-        """(predicted peak device bytes, budget) of a batch, or None without a budget:
-        `predict.memory_bytes` at the lengths `_run` allocates (padded prompt + new)."""
+        """(`predict.memory_bytes` peak at `_run`'s lengths, budget), or None unbudgeted."""
         budget = self.store.budget if self.store is not None else None
         if budget is None:
             return None
@@ -158,9 +142,7 @@ class Engine:
         return float(dev), budget
 
     def check_memory(self, num_prompts: int, prompt_len: int, max_new_tokens: int) -> None:
-        """The device-memory check `generate` makes before running a batch of
-        `num_prompts` prompts of up to `prompt_len` tokens: ValueError naming the
-        shortfall, without running anything."""
+        """`generate`'s device-memory check, without running: ValueError naming the shortfall."""
         size = self.policy.batch_size if self.policy is not None else num_prompts
         self._batch_policy(min(num_prompts, size), prompt_len, max_new_tokens)
 
@@ -172,8 +154,7 @@ class Engine:
         return t, policy
 
     def _check_fits(self, policy: Policy, prompt_len: int, gen_len: int) -> None:
-        """ValueError before anything runs when the batch's predicted peak device bytes
-        (`_device_need`) exceed the store's budget."""
+        """ValueError before running when `_device_need` exceeds the store's budget."""
         need = self._device_need(policy, prompt_len, gen_len)
         if need is None:
             return
@@ -197,8 +178,7 @@ class Engine:
 
     def _run(self, prompts, max_new_tokens: int, eos_token_id=None, progress=None,
              full_logits: bool = False, sampling=None, request_index=None) -> BatchRun:
-        """One batch: pad it to the policy's rows, build and execute the timeline
-        (`request_index`: each prompt's index, which its sampling stream follows)."""
+        """One batch padded to the policy's rows, timeline built and executed (`request_index`)."""
         cfg, b = self.cfg, len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
         t, policy = self._batch_policy(b, int(lens.max()), max_new_tokens)
@@ -250,8 +230,7 @@ class Engine:
                             fmt_bytes(rec.peak_device_bytes_predicted or 0))
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """float32 logits [B, max prompt length, vocab] of right-padded prompts, through
-        this engine's placement (the reference is `model.logits`)."""
+        """float32 logits [B, max prompt length, vocab] of right-padded prompts, this placement."""
         validate_request(self.cfg, prompts, 1, None, logits_only=True)
         run = self._run(prompts, 1, full_logits=True)
         return np.concatenate(run.logits)[:len(prompts), :max(map(len, prompts))]
@@ -261,16 +240,11 @@ class Engine:
                  progress: Callable[[int, int], None] | None = None,
                  sampling: Sampling | None = None,
                  request_indices: Sequence[int] | None = None) -> list[list[int]]:
-        """Greedy decoding (or `sampling`, a moejax.Sampling) of a ragged batch; rows
-        are `max_new_tokens` long, or end at (and include) their first `eos_token_id`
-        when given (one id, or a list of them as in HF generation configs). A batch
-        larger than a given policy's batch size runs
-        as several batches, one after the other. `progress(steps_done, steps_total)` is
-        called after every step: steps_total = max_new_tokens × batches, and steps_done
-        counts across batches (a batch that stops early at EOS jumps to its end), so
-        the last call is always (steps_total, steps_total). With `sampling`, prompt i
-        draws from the stream of request index `request_indices[i]` (default i): the
-        same index and seed give the same tokens, whatever else is in the batch."""
+        """Greedy (or `sampling`) decoding of ragged prompts: rows of `max_new_tokens`, or up to
+        and including their first `eos_token_id` (one id or a list). Batches larger than a policy's
+        run one after the other; `progress(steps_done, steps_total)` after every step, steps_total
+        = max_new_tokens × batches, ending at (steps_total, steps_total). Prompt i samples from
+        the stream of `request_indices[i]` (default i): same index and seed, same tokens."""
         validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
         indices = validate_sampling(sampling, request_indices, len(prompts))
         if progress is not None and not callable(progress):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from moejax.layers.attention import cache_mask, gqa_attention
 from moejax.layers.decoder import DecoderLayer, MoETransformer
 from moejax.layers.experts import expert_counts, moe_ffn_parts
-from moejax.model_config.dispatch import capacity_bucket, capacity_buckets, uses_capacity  # noqa: F401
+from moejax.model_config.dispatch import (capacity_bucket,  # noqa: F401 (re-export)
+                                          capacity_buckets, uses_capacity)
 from moejax.model_config.model import ModelConfig
 from moejax.sampling import sample
 

@@ -1,11 +1,6 @@
-"""Random sampling of next tokens on the device: temperature, top-k, top-p (nucleus).
-
-`Sampling(temperature, top_k, top_p, seed)` is what `Engine.generate(..., sampling=)`
-takes (None: greedy). Row b of a batch draws its token at step s with the key
-fold_in(fold_in(key(seed), request_index[b]), s), so a request's tokens depend only on
-(seed, its index, step) — never on which other requests share its batch or micro-batch.
-The filters run in transformers' order: temperature, then top-k, then top-p.
-"""
+"""Device sampling of next tokens (temperature, then top-k, then top-p, as transformers).
+Row b draws at step s with key fold_in(fold_in(key(seed), request_index[b]), s), so a
+request's tokens depend only on (seed, its index, step), never on its batch-mates."""
 
 from __future__ import annotations
 
@@ -28,8 +23,8 @@ def _is_real(v) -> bool:
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature ≥ 0 (0: greedy), top_k ≥ 0 (0: off), top_p ∈ (0, 1] (1: off), seed an
-    integer in [0, 2**64). Invalid values are a one-line ValueError."""
+    """temperature ≥ 0 (0: greedy), top_k ≥ 0 (0: off), top_p ∈ (0, 1] (1: off), seed in
+    [0, 2**64)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -52,8 +47,7 @@ class Sampling:
         return self.temperature == 0
 
     def base_key(self) -> np.ndarray:
-        """uint32 [2] raw threefry key of the seed (= jax.random.PRNGKey(seed) for
-        seeds < 2**32; PRNGKey itself truncates larger ones without 64-bit mode)."""
+        """uint32 [2] threefry key of the seed (= jax.random.PRNGKey(seed) below 2**32)."""
         s = int(self.seed)
         return np.array([s >> 32, s & 0xFFFFFFFF], np.uint32)
 
@@ -70,9 +64,7 @@ def row_keys(base_key: jax.Array, request_index: jax.Array, step) -> jax.Array:
 
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """float32 [B, V] → the logits sampled from: scaled by 1/temperature, then −inf
-    outside the top_k (ties at the k-th kept, as HF) and outside the nucleus: HF's
-    TopP keeps the smallest high-probability set whose mass reaches top_p."""
+    """float32 [B, V] / temperature, −inf outside top_k (ties kept) and HF's top_p nucleus."""
     x = logits / jnp.where(temperature > 0, temperature, 1.0)  # [B, V]
     v = x.shape[-1]
     desc = jnp.sort(x, axis=-1)[:, ::-1]  # [B, V]
@@ -87,8 +79,7 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 
 def sample_logits(logits, keys, temperature, top_k, top_p) -> jax.Array:
-    """float32 logits [B, V] + keys [B, 2] → int32 token ids [B]; temperature 0 is the
-    argmax (greedy) of the unfiltered logits."""
+    """float32 logits [B, V] + keys [B, 2] → int32 ids [B]; temperature 0: argmax."""
     x = filter_logits(logits, temperature, top_k, top_p)
     drawn = jax.vmap(jax.random.categorical)(keys, x)  # [B]
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

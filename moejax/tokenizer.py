@@ -1,13 +1,7 @@
-"""A checkpoint's tokenizer: HF `tokenizers` (tokenizer.json) plus its special tokens,
-EOS ids and chat template, rendered with jinja2 as transformers renders it.
-
-    tok = moejax.load_tokenizer(checkpoint_dir)
-    ids = tok.encode("Hello")                 # the tokenizer's own BOS rule applies
-    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
-    text = tok.decode(new_ids)                # special tokens skipped
-
-No transformers (nor torch) is needed: a generation job only reads these files.
-"""
+"""A checkpoint's tokenizer: HF `tokenizers` (tokenizer.json), special tokens, EOS ids and
+the chat template rendered with jinja2 as transformers does, so no transformers or torch.
+    tok = moejax.load_tokenizer(checkpoint_dir); ids = tok.encode("Hello")
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}]); text = tok.decode(new_ids)"""
 
 from __future__ import annotations
 
@@ -34,8 +28,7 @@ def _read_json(path: str) -> dict:
 
 
 def _token_str(v) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or an AddedToken
-    dict {"content": ...}."""
+    """A special token as a string or an AddedToken dict {"content": ...}."""
     if isinstance(v, dict):
         v = v.get("content")
     return v if isinstance(v, str) else None
@@ -51,8 +44,8 @@ def _template(cfg: dict) -> str | None:
 
 
 def compile_template(source: str):
-    """A jinja2 template in the environment transformers' apply_chat_template uses
-    (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, raise_exception, tojson)."""
+    """jinja2 template in transformers' apply_chat_template environment (sandboxed,
+    trim_blocks, lstrip_blocks, loopcontrols, raise_exception, tojson)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -76,8 +69,7 @@ def compile_template(source: str):
 
 
 class Tokenizer:
-    """encode/decode with a `tokenizers.Tokenizer`; `eos_token_ids` are the ids a
-    generation stops at (generation_config.json's, else the EOS token's)."""
+    """encode/decode; `eos_token_ids` from generation_config.json, else the EOS token."""
 
     def __init__(self, tok, config: dict | None = None, generation: dict | None = None):
         config, generation = config or {}, generation or {}
@@ -110,9 +102,8 @@ class Tokenizer:
                                skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages`, as transformers'
-        apply_chat_template(tokenize=False) renders it; ValueError (one line) when
-        there is no template or it raises (e.g. roles not alternating)."""
+        """apply_chat_template(tokenize=False) of `messages`; one-line ValueError when there
+        is no template or it raises (e.g. roles not alternating)."""
         import jinja2
 
         if self.chat_template is None:
@@ -128,15 +119,13 @@ class Tokenizer:
             raise ValueError(f"chat template: {' '.join(str(e).split())}") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Ids of the rendered chat (its special tokens come from the template, as with
-        transformers' apply_chat_template(tokenize=True))."""
+        """Ids of the rendered chat (its special tokens come from the template)."""
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
 
 def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
-    """The Tokenizer of a checkpoint directory: tokenizer.json, with
-    tokenizer_config.json and generation_config.json when present; a one-line
-    ValueError naming the file when tokenizer.json is missing or unreadable."""
+    """The Tokenizer of a checkpoint dir: tokenizer.json (+ tokenizer_config.json and
+    generation_config.json); one-line ValueError naming a missing or unreadable file."""
     from tokenizers import Tokenizer as HFTokenizer
 
     d = os.fspath(checkpoint_dir)

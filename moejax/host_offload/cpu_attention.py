@@ -1,24 +1,11 @@
-"""Grouped-query attention on the host, in NumPy, over the host KV cache layout.
-
-Layout (see kv_cache.py): a pool of blocks k, v [N, Hkv, bt, d] and a table of pool ids
-per row (the contiguous cache is the pool of one-row blocks, bt = S); int8 caches add
-per-(block, head, token) float32 scales [N, Hkv, bt]. For one row and kv head, with q
-[g, d] (g = Hq / Hkv query heads of the group), per run of consecutive blocks:
-    sᵀ = K · qᵀ / √d                 GEMMs [bt, d]·[d, g] reading contiguous keys
-    p = softmax(s) over the row's L keys   (float32; 1/ (d/g) of K)
-    o = Σ_blocks p · V               GEMMs [g, bt]·[bt, d] reading contiguous values
-Measured (OpenBLAS, one thread): K·qᵀ with qᵀ contiguous streams keys at ~19 GB/s,
-q·Kᵀ over the same bytes at ~10 GB/s, p·V at ~38 GB/s; hence this orientation,
-so the kernel reads each cached byte once: decode is memory-bound at
-2·(2·Hkv·d·L·bytes) per row (plus the small q, o), which is the figure compared against the
-host's read bandwidth. int8: s = (q·K8ᵀ) ⊙ k_scale and o = (p ⊙ v_scale)·V8. A cache in
-any dtype but float32 is converted one block (≤ CONVERT_TOKENS tokens) at a time.
-
-Why NumPy: measured here, XLA:CPU runs these batched skinny GEMMs (g = 4 rows) at
-1-6 GB/s, OpenBLAS with one thread per worker at 2-3x that. Rows are split across a host
-thread pool (`host_threads()` workers, single-threaded BLAS each), so all host cores work;
-calls for different rows may run concurrently from any threads (no shared mutable state).
-"""
+"""Grouped-query attention on the host, in NumPy, over the host KV layout (kv_cache.py).
+Pool k, v [N, Hkv, bt, d] + pool ids per row (contiguous cache: one-row blocks, bt = S);
+int8 adds float32 scales [N, Hkv, bt]. Per row, kv head, q [g, d] (g = Hq/Hkv), block run:
+  sᵀ = K·qᵀ/√d ([bt, d]·[d, g]); p = softmax(s) over L keys (float32; 1/(d/g) of K);
+  o = Σ_blocks p·V ([g, bt]·[bt, d]); int8: s = (q·K8ᵀ) ⊙ k_scale, o = (p ⊙ v_scale)·V8.
+Decode is memory-bound at 2·(2·Hkv·d·L·bytes) per row (vs the host's read bandwidth); why
+K·qᵀ in single-threaded OpenBLAS per `host_threads()` worker: each byte read once, fastest.
+Non-float32 converts ≤ CONVERT_TOKENS at a time; calls for distinct rows are thread-safe."""
 
 from __future__ import annotations
 
@@ -52,18 +39,9 @@ def _softmax_(s: np.ndarray, axis=-1) -> np.ndarray:
 
 
 def _pieces(tables, lengths, bt: int, merge: bool) -> tuple[int, list]:
-    """Cut the (row, block) pairs a decode reads into pieces, each one GEMM per side.
-
-    Pairs go row-major; pair (r, j) reads pool block tables[r, j], tokens [0, m). A piece
-    is a run of pairs on consecutive pool blocks with one token range: full blocks of
-    one row, or the single (partial) blocks of consecutive one-block rows, which share the
-    run's longest range (as the contiguous kernel reads to the chunk's longest row). A
-    row's partial last block counts as full when the extra tokens are ≤ 1/8 of the row
-    (one GEMM instead of two; masked). merge=False: one pair a piece, its tokens in
-    CONVERT_TOKENS slices (a non-float32 cache converts one piece at a time).
-    -> (blocks of the longest row, [(pool start, n, index (row, j), t0, t1, one_row)])
-    with index a basic index into [b, blocks, ...] (an int and a slice when merged).
-    """
+    """-> (blocks of longest row, [(pool start, n, index, t0, t1, one_row)]): runs of
+    pairs (r, j) on consecutive blocks, one GEMM each (a partial last block read whole
+    if ≤ 1/8 of the row more); merge=False: one pair a piece, CONVERT_TOKENS slices."""
     nb = -(-lengths // bt)                                  # [b] blocks each row reads
     row = np.repeat(np.arange(len(lengths)), nb)            # [P]
     j = np.arange(len(row)) - np.repeat(np.cumsum(nb) - nb, nb)
@@ -91,14 +69,8 @@ def _pieces(tables, lengths, bt: int, merge: bool) -> tuple[int, list]:
 
 
 def decode_blocks(q, k, v, tables, lengths, k_scale=None, v_scale=None) -> np.ndarray:
-    """One new query per row over its first lengths[r] tokens, read from pool blocks.
-
-    q [b, Hq, d]; k, v [N, Hkv, bt, d] (the block pool); tables [b, ≥ ceil(len/bt)] pool
-    ids of each row's positions j·bt … (j+1)·bt − 1; lengths [b] ≥ 1; int8 scales
-    [N, Hkv, bt] -> o [b, Hq, d] float32. A float32 pool is read in place, one GEMM per
-    run of consecutive blocks (no gather copy: the kernel is memory-bound); any other
-    dtype is converted to float32 one piece (≤ one block, ≤ CONVERT_TOKENS) at a time.
-    """
+    """q [b, Hq, d]; pool k, v [N, Hkv, bt, d]; tables [b, ≥ ceil(len/bt)]; lengths [b] ≥ 1;
+    scales [N, Hkv, bt] -> o [b, Hq, d] f32. float32 is read in place (memory-bound)."""
     b, hq, d = q.shape
     hkv, bt, g = k.shape[1], k.shape[2], hq // k.shape[1]
     lengths = np.asarray(lengths, np.int64)
@@ -137,8 +109,7 @@ _local = threading.local()
 
 
 def _scratch(name: str, shape: tuple) -> np.ndarray:
-    """A float32 array of `shape` from this thread's reused buffer `name` (uninitialised).
-    Why: fresh multi-MiB temporaries are mmap'ed and page-faulted on every call."""
+    """Reused per-thread float32 buffer `name` of `shape`: fresh temporaries page-fault."""
     bufs = _local.__dict__.setdefault("bufs", {})
     n = math.prod(shape)
     if bufs.get(name, np.empty(0, _F32)).size < n:
@@ -147,18 +118,12 @@ def _scratch(name: str, shape: tuple) -> np.ndarray:
 
 
 def decode_rows(q, k, v, lengths, k_scale=None, v_scale=None) -> np.ndarray:
-    """One new query per row over its first lengths[b] cached tokens.
-
-    q [b, Hq, d]; k, v [b, Hkv, S, d]; lengths [b] ≥ 1 -> o [b, Hq, d] float32. The
-    contiguous layout is a pool of b one-row blocks: `decode_blocks` with table [[r]].
-    """
+    """q [b, Hq, d], k, v [b, Hkv, S, d], lengths [b] -> o [b, Hq, d]; table [[r]]."""
     return decode_blocks(q, k, v, np.arange(len(q))[:, None], lengths, k_scale, v_scale)
 
 
 def gather_f32(k, blocks, length: int) -> np.ndarray:
-    """The first `length` tokens of pool blocks `blocks` (k [N, Hkv, bt, d]) as one float32
-    [Hkv, length, d], converted ≤ one block and ≤ CONVERT_TOKENS at a time (a view when
-    float32 and within one block)."""
+    """First `length` tokens of pool `blocks` -> float32 [Hkv, length, d] (view if can)."""
     hkv, bt, d = k.shape[1:]
     if k.dtype == _F32 and length <= bt:
         return k[int(blocks[0]), :, :length]  # a view: nothing to gather or convert
@@ -174,13 +139,8 @@ def gather_f32(k, blocks, length: int) -> np.ndarray:
 
 def prefill_row(q, k, v, length: int, k_scale=None, v_scale=None,
                 block: int = 256) -> np.ndarray:
-    """Causal attention of one right-padded prompt over its own first `length` keys.
-
-    q [T, Hq, d]; k, v [Hkv, S, d] -> o [T, Hq, d] float32. Query t sees keys
-    j ≤ min(t, length − 1): real queries are causal, padding queries (t ≥ length) see
-    every real key, exactly as the device reference `causal_mask` does. Queries go in
-    blocks of `block` so the scores stay [Hq, block, length].
-    """
+    """q [T, Hq, d]; k, v [Hkv, S, d] -> o [T, Hq, d]; query t sees keys j ≤ min(t, L − 1)
+    (L = length, as `causal_mask`); float32, query blocks of `block`: scores [Hq, block, L]."""
     t_all, hq, d = q.shape
     hkv, g, L = k.shape[0], hq // k.shape[0], int(length)
     kt = _row_f32(k, L).swapaxes(-1, -2)  # [Hkv, d, L] view: big-M GEMMs take either
@@ -218,9 +178,7 @@ class CPUAttention:
 
     def chunks(self, rows: int, bytes_per_row: int = 0,
                max_chunk_bytes: int = 64 * 2**20) -> list[slice]:
-        """Row ranges: one per thread (measured: finer splits only add dispatch cost), or
-        a multiple of that so no chunk reads more than `max_chunk_bytes` of KV (keeps the
-        [rows, Hkv, g, L] scores temporaries small)."""
+        """A row range per thread (× k so none reads > `max_chunk_bytes` of KV)."""
         n = self.num_threads
         k = max(1, -(-rows * bytes_per_row // max_chunk_bytes))
         k = max(1, min(rows, -(-k // n) * n))

@@ -1,41 +1,18 @@
 """The KV cache of every layer in host memory, with CPU attention next to it.
 
-`PagedKVCache` (docs/design.md §7): per layer a pool of fixed blocks, k, v
-[num_blocks, Hkv, block_tokens, d], and a block table per live sequence. Capacity is
-counted in tokens (MoE-Lens's M); `reserve(seq, n)` takes the lowest free blocks covering
-n positions, `release(seq)` frees them at once, so sequences join and leave without a
-batch × max_len slab. Each (block, head) is one contiguous [block_tokens, d] stream and
-a sequence's blocks are usually consecutive in the pool, so the memory-bound decode
-kernel (`decode_blocks`) reads runs of blocks in place, one GEMM per run, no gather copy.
-
-Default block size 128 tokens: per run of blocks the kernel pays ~5 µs of Python and one
-BLAS call per (block, head), and a row's partial last block is read exactly (or whole,
-when that adds ≤ 1/8 of the row), so longer blocks only help the GEMMs; measured on the
-2-core testbed (`bench_offload --paged --block_tokens 64,128,256`), 64, 128 and 256 run
-within noise of each other, and 128 halves 256's reservation rounding (half a block per
-sequence on average, a capacity loss of ~6 % at 1,000-token sequences).
-
-`HostKVCache(cfg, batch_size, max_len)` is a thin wrapper: a `PagedKVCache` with one
-block of max_len tokens per row (row r = sequence r = block r), so its pool *is* the old
-[B, Hkv, S, d] slab (k[i], v[i]), a micro-batch is a plain row slice, and both caches run
-one kernel — one set of numerics and one bf16/int8 conversion rule to keep right.
-
-int8 (`kv_dtype="int8"`): symmetric per-(block row, head, token) quantisation, scale =
-max|x| / 127 over the head's d elements (float32 scales [num_blocks, Hkv, block_tokens],
-4/d extra bytes per element). Accuracy vs the float cache is measured in
-tests/host_offload/test_kv_cache.py. bf16/f16/int8 blocks are converted to float32 one
-block (≤ `cpu_attention.CONVERT_TOKENS` tokens) at a time as the kernel reads them.
-
-Steps (so an executor can put them on different timeline streams):
-  to_host(q, k, v)            D2H: device arrays -> NumPy
-  prefill_host / decode_host  write the new k, v into the sequences' blocks, CPU
-                              attention -> NumPy o (write_prefill: store only)
-  to_device(o)                H2D
-`prefill` / `decode` chain the three. Calls for disjoint sequences (rows) of a layer may
-run concurrently from different threads: each writes only its own blocks; reserve and
-release take a lock. `np.zeros` memory is committed lazily: unused blocks cost address
-space, not RAM.
-"""
+`PagedKVCache` (docs/design.md §7): per layer a block pool k, v [num_blocks, Hkv,
+block_tokens, d] and a block table per live sequence; capacity in tokens (MoE-Lens's M).
+`reserve(seq, n)` takes the lowest free blocks, `release(seq)` frees them, so sequences
+join and leave without a batch × max_len slab, and `decode_blocks` reads runs of
+consecutive blocks in place, one GEMM per run. Default 128 tokens a block: half a block
+per sequence of reservation rounding. `HostKVCache(cfg, batch_size, max_len)`: one block
+of max_len per row (the [B, Hkv, S, d] slab), so both caches share one kernel.
+int8: per-(block row, head, token) scale = max|x| / 127 over d (float32 [num_blocks, Hkv,
+block_tokens], 4/d extra bytes per element); non-float32 converts ≤ CONVERT_TOKENS at a time.
+Steps, for separate timeline streams: to_host (D2H) -> prefill_host / decode_host (store
+k, v, CPU attention; write_prefill: store only) -> to_device (H2D); `prefill` / `decode`
+chain them. Disjoint sequences may run on concurrent threads (reserve/release lock);
+`np.zeros` commits lazily, so unused blocks cost address space, not RAM."""
 
 from __future__ import annotations
 
@@ -81,13 +58,10 @@ def _positive(name: str, v) -> int:
 class PagedKVCache:
     """K and V of `cfg.num_layers` layers in a pool of blocks shared by live sequences.
 
-    Per layer k[i], v[i] [num_blocks, Hkv, block_tokens, d] (NumPy; int8 adds k_scale[i],
-    v_scale[i] [num_blocks, Hkv, block_tokens]); num_blocks = ceil(capacity_tokens /
-    block_tokens). A sequence (any hashable key) holds the blocks `reserve` gave it until
-    `release`; its position p lives in block table[p // block_tokens], slot p % block_tokens.
-    Why: capacity is counted in tokens (MoE-Lens's M, docs/design.md §7), so sequences of
-    any length join and leave without reserving batch × max_len up front.
-    """
+    k[i], v[i] [num_blocks, Hkv, block_tokens, d] (int8: k_scale[i], v_scale[i] [num_blocks,
+    Hkv, block_tokens]), num_blocks = ceil(capacity_tokens / block_tokens); position p of a
+    sequence is block table[p // block_tokens], slot p % block_tokens. Why: capacity counted
+    in tokens (docs/design.md §7) lets any-length sequences join and leave."""
 
     def __init__(self, cfg: ModelConfig, capacity_tokens: int,
                  block_tokens: int = DEFAULT_BLOCK_TOKENS, kv_dtype: str | None = None,
@@ -151,8 +125,7 @@ class PagedKVCache:
         return self._tables[seq]
 
     def reserve(self, seq, num_tokens: int) -> None:
-        """Give `seq` the lowest free blocks covering `num_tokens` positions (lowest first:
-        a fresh pool hands out consecutive blocks, which the kernel reads in one GEMM)."""
+        """Lowest free blocks covering `num_tokens` (consecutive: one GEMM per run)."""
         num_tokens = _positive("num_tokens", num_tokens)
         need = -(-num_tokens // self.block_tokens)
         with self._lock:
@@ -214,8 +187,7 @@ class PagedKVCache:
         return jax.device_put(o.astype(self._out_dtype, copy=False), self._dev)
 
     def _store(self, layer: int, blocks: np.ndarray, pos: np.ndarray, k, v) -> None:
-        """k, v [n, Hkv, d] at positions pos [n] of the sequences whose pool ids for those
-        positions are blocks [n] (one sequence, or one position per sequence)."""
+        """k, v [n, Hkv, d] at positions pos [n] in pool blocks [n]."""
         off = pos % self.block_tokens
         if self.int8:
             k, ks = quantize_int8(k)
@@ -233,8 +205,7 @@ class PagedKVCache:
         return (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
 
     def write_prefill(self, layer: int, seqs, k, v, lengths) -> None:
-        """Store prompt k, v [b, T, Hkv, d]: the first lengths[i] tokens of row i at
-        positions [0, lengths[i]) of seqs[i], without attending (prefill ran on the device)."""
+        """Store prompt k, v [b, T, Hkv, d] rows' first lengths[i] tokens (no attention)."""
         self._layer(layer)
         tables = self._seq_tables(seqs, k.shape[0])
         self._write_prefill(layer, tables, k, v,
@@ -245,8 +216,8 @@ class PagedKVCache:
             self._write_row(layer, t, k[i], v[i], int(lengths[i]))
 
     def prefill_host(self, layer: int, seqs, q, k, v, lengths) -> np.ndarray:
-        """Write prompt k, v [b, T, Hkv, d] as write_prefill does and attend q [b, T, Hq, d]
-        causally over them -> o [b, T, Hq, d] float32 (`prefill_row` per row)."""
+        """write_prefill, then causal `prefill_row` of q [b, T, Hq, d] -> o [b, T, Hq, d]
+        float32."""
         b, t = q.shape[:2]
         self._layer(layer)
         tables = self._seq_tables(seqs, b)
@@ -272,8 +243,8 @@ class PagedKVCache:
         return out
 
     def decode_host(self, layer: int, seqs, q, k_new, v_new, positions) -> np.ndarray:
-        """Write the new k, v [b, 1, Hkv, d] at position positions[i] of seqs[i] and attend
-        q [b, 1, Hq, d] over its positions ≤ positions[i] -> o [b, 1, Hq, d] float32."""
+        """Store k, v [b, 1, Hkv, d] at positions[i] of seqs[i]; attend q [b, 1, Hq, d] to
+        positions ≤ positions[i] -> o [b, 1, Hq, d] float32."""
         b = q.shape[0]
         self._layer(layer)
         seqs = list(seqs)
@@ -319,11 +290,8 @@ def _row_scales(scale: np.ndarray, blocks: np.ndarray, length: int) -> np.ndarra
 
 
 class HostKVCache:
-    """K and V of `cfg.num_layers` layers for `batch_size` rows of up to `max_len` tokens.
-
-    k[i], v[i] [B, Hkv, S, d] (NumPy; int8 adds k_scale[i], v_scale[i] [B, Hkv, S]): a
-    `PagedKVCache` with one block of max_len tokens per row, row r = sequence r = block r.
-    """
+    """K, V of `cfg.num_layers` layers, k[i], v[i] [B, Hkv, S, d] (int8 scales [B, Hkv, S]): a
+    `PagedKVCache` with one block of max_len tokens per row, row r = sequence r = block r."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
                  kv_dtype: str | None = None, attention: CPUAttention | None = None,
@@ -377,14 +345,13 @@ class HostKVCache:
     to_host = staticmethod(PagedKVCache.to_host)
 
     def write_prefill(self, layer: int, rows: slice, k, v, lengths) -> None:
-        """Store prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) without
-        attending: the path where prefill attention ran on the device."""
+        """Store prompt k, v [b, T, Hkv, d] (first lengths[r] tokens) without attending."""
         t = self._rows(layer, rows, k.shape[0])
         self.paged._write_prefill(layer, t, k, v, self._lengths(lengths, len(t), "lengths"))
 
     def prefill_host(self, layer: int, rows: slice, q, k, v, lengths) -> np.ndarray:
-        """Write prompt k, v [b, T, Hkv, d] (first lengths[r] tokens of each row) and
-        attend q [b, T, Hq, d] causally over them -> o [b, T, Hq, d] float32."""
+        """Store prompt k, v [b, T, Hkv, d] and attend q [b, T, Hq, d] causally -> o [b, T, Hq, d]
+        float32."""
         t = self._rows(layer, rows, q.shape[0])
         lengths = self._lengths(lengths, len(t), "lengths")
         if lengths.max() > q.shape[1]:
@@ -393,8 +360,8 @@ class HostKVCache:
         return self.paged._prefill(layer, t, q, k, v, lengths)
 
     def decode_host(self, layer: int, rows: slice, q, k_new, v_new, positions) -> np.ndarray:
-        """Write the new k, v [b, 1, Hkv, d] at slot positions[r] of each row and attend
-        q [b, 1, Hq, d] over slots ≤ positions[r] -> o [b, 1, Hq, d] float32."""
+        """Store k, v [b, 1, Hkv, d] at slot positions[r]; attend q [b, 1, Hq, d] to slots ≤
+        positions[r] -> o [b, 1, Hq, d] float32."""
         t = self._rows(layer, rows, q.shape[0])
         lengths = self._lengths(np.asarray(positions) + 1, len(t), "positions + 1")
         return self.paged._decode(layer, t, q, k_new, v_new, lengths)

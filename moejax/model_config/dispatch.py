@@ -1,5 +1,4 @@
-"""Expert-dispatch shape rules (layers/experts.py, docs/design.md §4.3), pure Python so the
-layers, the runtime and the cost model (`schedule.routing`) share one definition."""
+"""Expert-dispatch shape rules (docs/design.md §4.3), shared by layers, runtime and costs."""
 
 from __future__ import annotations
 
@@ -11,8 +10,7 @@ SORTED_MIN_ROWS_PER_EXPERT = 256
 
 
 def capacity_bucket(max_count: int, num_tokens: int) -> int:
-    """Expert capacity C ≥ max_count, rounded up to a quarter-octave step (≤ 25 % padding,
-    few distinct compiled shapes), at least 8, never above the token count (dropless)."""
+    """C ≥ max_count in quarter-octave steps (≤ 25 % padding), ≥ 8, ≤ num_tokens."""
     if max_count <= 8:
         c = 8
     else:
@@ -27,8 +25,7 @@ def uses_capacity(tokens, top_k: int, num_experts: int):
 
 
 def sorted_blocks(rows_per_expert: float) -> tuple[int, int]:
-    """(big, small) row blocks for a mean of `rows_per_expert`: ⌊count/big⌋ blocks of big,
-    then blocks of small; big = 2^⌊log2 mean⌋ in [8, 512], small = big/4 in [8, 64]."""
+    """(big, small): big = 2^⌊log2 mean⌋ in [8, 512], small = big/4 in [8, 64]."""
     big = 8
     while big < 512 and 2 * big <= rows_per_expert:
         big *= 2
@@ -36,8 +33,6 @@ def sorted_blocks(rows_per_expert: float) -> tuple[int, int]:
 
 
 def capacity_buckets(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
-    """Every capacity the dispatch can pick for `num_tokens` tokens, ascending: the
-    buckets of the max count's range [⌈N·k/E⌉, N]; the device picks one per call
-    (`ops.ffn`), so no host ever reads the router's counts."""
+    """Ascending capacities for max counts in [⌈N·k/E⌉, N]: the device picks one."""
     lo = max(1, -(-num_tokens * top_k // num_experts))
     return tuple(sorted({capacity_bucket(c, num_tokens) for c in range(lo, num_tokens + 1)}))

@@ -1,18 +1,9 @@
 """Continuous batching in the performance model (docs/design.md §7, MoE-Lens): a job runs
-as *sweeps*, one forward over every layer = one pass over the streamed experts, serving
-every running sequence's next token and the prefill of the sequences admitted since the
-last sweep (`timeline.build_sweep` is the same sweep as data).
-
-- `sweep_s`: a sweep's time from the op prices of `costs`, composed per layer as
-  `predict.decode_layer` composes a static step (busy lanes, CGOPipe max, stalls);
-- `admission`: the scheduler at sweep granularity over a job's requests — FIFO while
-  the KV reservations fit (prompt + max new tokens, or the planned growth), ≤ the
-  prefill budget per sweep; one token per sweep (the first in its prefill sweep); KV
-  freed on finishing;
-- `predict_continuous`: end to end (the admission's sweeps, each priced) and steady
-  state (Little's law on the KV reservation), beside the MoE-Lens bound;
-- `search_continuous`: the knobs under the device and host budgets.
-"""
+as sweeps, one forward over every layer = one pass over the streamed experts, serving every
+running sequence's next token and the prefills admitted since (`timeline.build_sweep`).
+`sweep_s` prices a sweep from `costs`; `admission` schedules FIFO within the KV and prefill
+budgets; `predict_continuous` gives end to end and steady state (Little's law) beside the
+MoE-Lens bound; `search_continuous` picks the knobs under the device and host budgets."""
 
 from __future__ import annotations
 
@@ -33,10 +24,9 @@ from moejax.schedule.predict import (Knobs, MoELensBound, _combine, _layer_kinds
 # ------------------------------------------------------------------ sweep shape
 @dataclass(frozen=True)
 class SweepShape:
-    """A sweep's micro-batches as two uniform groups (arrays broadcast): `n_d` decode
-    micro-batches of `rows_d` rows whose new tokens attend to `ctx_d` keys each (mean,
-    itself included), `n_p` prefill micro-batches of `rows_p` prompts padded to `len_p`
-    (the mean over micro-batches of different padding: their padded tokens are exact)."""
+    """A sweep as two uniform groups (arrays broadcast): `n_d` decode micro-batches of `rows_d`
+    rows attending to `ctx_d` keys (mean, itself included); `n_p` prefill micro-batches of
+    `rows_p` prompts padded to `len_p` (mean; padded tokens exact)."""
 
     n_d: object
     rows_d: object
@@ -58,8 +48,7 @@ class SweepShape:
 
 
 def _decode_mb(m, hw, wl, layer, rows, ctx, host_bytes):
-    """(pre, post, cpu, h2d, d2h) [s] of one decode micro-batch of one layer: device
-    pre-attention, post-attention + FFN, CPU attention and the two transfers."""
+    """(pre, post + FFN, cpu attention, h2d, d2h) [s] of one decode micro-batch, one layer."""
     pre = costs.gpu_pre_attention_s(m, hw, rows)
     post = (costs.gpu_post_attention_s(m, hw, rows, layer)
             + costs.gpu_ffn_s(m, hw, rows, layer, wl.imbalance["decode"]))
@@ -69,8 +58,7 @@ def _decode_mb(m, hw, wl, layer, rows, ctx, host_bytes):
 
 
 def _prefill_mb(m, hw, wl, layer, rows, s):
-    """(pre + attention, post + FFN, d2h of k/v) [s] of one prefill micro-batch of
-    `rows` prompts padded to `s`."""
+    """(pre + attention, post + FFN, d2h of k/v) [s] of `rows` prompts padded to `s`."""
     tok = rows * s
     pre = costs.gpu_pre_attention_s(m, hw, tok) + costs.gpu_prefill_attention_s(m, hw, rows, s)
     post = (costs.gpu_post_attention_s(m, hw, tok, layer)
@@ -101,20 +89,16 @@ def _mb_prices(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
 
 
 def sweep_layer(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
-    """(link busy a, the rest b) [s] of one layer of a sweep. Busy: gpu = n_d·(pre_d +
-    post_d) + n_p·(pre_p + post_p), cpu = n_d·c_d, h2d = a = stream + n_d·h_d, d2h =
-    n_d·d_d + n_p·d_p; b = max of the other lanes (`predict._combine`) and the stalls of
-    the sweep's order (`build_sweep`: d_0..d_{n_d−2}, prefills, d_last):
-      gpu + the wait for the first decode output, x = max(d2h + cpu, stream/n) + h2d
-        (it also queues behind the first chunk of the next pages), less the GPU work
+    """(link busy a, the rest b) [s] of one layer. Busy: gpu = n_d·(pre_d + post_d) +
+    n_p·(pre_p + post_p), cpu = n_d·c_d, h2d = a = stream + n_d·h_d, d2h = n_d·d_d + n_p·d_p;
+    b = max(other lanes (`predict._combine`), stalls of the order d_0..d_{n_d−2}, prefills, d_last):
+      gpu + wait for the first decode output x = max(d2h + cpu, stream/n) + h2d, less GPU work
         queued before its post (pre of the next, or the prefill posts when it is last);
-      cpu + the GPU work before the first CPU attention + d2h + (h2d + post_d) after it;
-      the last output behind (n−1)/n of the next pages: (n−1)/n·stream + h_d + post_d;
-      d_{n_d−2}'s output behind (n_d−1)/n of them, then its post, the prefills and
-        d_last: (n_d−1)/n·stream + h_d + post_d + [(n_p−1)·(pre_p + post_p) + pre_d +
-        max(post_p, x)] + post_d;
-      the two-slot cycle 2·t ≥ stream + Σ posts (a pass's posts wait for all its
-      pages; the pass after next waits for them to free the slot)."""
+      cpu + GPU work before the first CPU attention + d2h + (h2d + post_d) after it;
+      (n−1)/n·stream + h_d + post_d (last output behind the next pages);
+      (n_d−1)/n·stream + h_d + post_d + [(n_p−1)·(pre_p + post_p) + pre_d + max(post_p, x)]
+        + post_d (d_{n_d−2}, then the prefills and d_last);
+      two-slot cycle 2·t ≥ stream + Σ posts (the pass after next waits for the slot)."""
     has_d, (pre_d, post_d, c_d, h_d, d_d), (pre_p, post_p, d_p), stream_s = \
         _mb_prices(m, hw, wl, layer, k, sh)
     n_d, n_p = np.asarray(sh.n_d, dtype=float), np.asarray(sh.n_p, dtype=float)
@@ -144,12 +128,10 @@ def sweep_layer(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
 
 def sweep_s(m: ModelConfig, hw: HardwareSpec, wl: Workload, policy, sh: SweepShape,
             first_pages: bool = False):
-    """Time [s] of one sweep, broadcast over `sh`'s arrays (and a `Knobs`' wg), from
-    per-layer a (link) and b (the rest, stalls included; `sweep_layer`):
+    """Time [s] of one sweep, broadcast over `sh` (and a `Knobs`' wg), from `sweep_layer`'s a, b:
         max(Σ_l max(a_l, b_l), Σ_l b_l + heads, Σ_l b_l − post_last + stream_0/n)
-    — the link runs from the sweep's start (layer 0's pages came with the previous
-    sweep); the LM heads follow the last layer; the next sweep's last chunk of pages
-    follows the last output. [+ layer 0's stream if `first_pages`.] Op prices: `costs`."""
+    [+ layer 0's stream if `first_pages`]: the link starts at the sweep's start, LM heads
+    follow the last layer, the next sweep's last pages follow the last output."""
     k = knobs_of(policy)
     link = chain = 0.0
     for layer, count in _layer_kinds(m):
@@ -173,10 +155,9 @@ def _heads_s(m, hw, sh: SweepShape):
 # ------------------------------------------------------------------- memory
 def kv_capacity_tokens(m: ModelConfig, hw: HardwareSpec, wl: Workload, batch_size, wg,
                        host_kv_bytes: float | None = None, device_bytes=0.0):
-    """M [KV tokens] the host holds beside the streamed experts, broadcast: host_kv_bytes
-    / kv_bytes_per_token, where host_kv_bytes defaults to 0.9·host − (1 − wg)·W_E·L_moe −
-    staging of q/k/v/o for `batch_size` rows [− the device bytes where the device is
-    the host]. Every admitted sequence reserves prompt + max new tokens of it."""
+    """M [KV tokens] = host_kv_bytes / kv_bytes_per_token, broadcast; host_kv_bytes defaults to
+    0.9·host − (1 − wg)·W_E·L_moe − q/k/v/o staging of `batch_size` rows [− device bytes where
+    the device is the host]. Each admitted sequence reserves prompt + max new tokens."""
     if host_kv_bytes is None:
         staging = batch_size * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim \
             * m.bytes_per_param
@@ -193,11 +174,9 @@ def _prefill_tokens(wl: Workload, policy_budget, concurrency) -> float:
 
 def device_bytes(m: ModelConfig, wl: Workload, ubs, batch_size, wg, prefill_tokens,
                  prefill_mb_tokens=None):
-    """Peak device bytes of a continuous policy, broadcast, affine in wg on [0, 1):
-    NE + wg·W_E·L_moe + [wg < 1]·2·(1 − wg)·W_E (stream buffers) + activations: 2·N·h·b
-    (every decode row's hidden states) + T·h·b (the sweep's prefill tokens) + the larger
-    working set of two decode micro-batches and one prefill micro-batch of T_mb tokens
-    (with its fp32 scores, T_mb·heads·s·4 at the longest prompt s) + logits."""
+    """Peak device bytes, broadcast, affine in wg on [0, 1): NE + wg·W_E·L_moe +
+    [wg < 1]·2·(1 − wg)·W_E + 2·N·h·b + T·h·b + max(2 decode micro-batch working sets, one
+    prefill of T_mb tokens + T_mb·heads·s·4 fp32 scores at the longest prompt s) + logits."""
     h, b = m.hidden_size, m.bytes_per_param
     t_mb = prefill_tokens if prefill_mb_tokens is None else np.minimum(prefill_mb_tokens,
                                                                        prefill_tokens)
@@ -215,8 +194,7 @@ def device_bytes(m: ModelConfig, wl: Workload, ubs, batch_size, wg, prefill_toke
 # ---------------------------------------------------------------- admission
 @dataclass(frozen=True)
 class Admission:
-    """The sweeps of a job under continuous batching (one entry per sweep, arrays):
-    `shape` (its micro-batches), `tokens` generated, `running` sequences holding KV."""
+    """Per sweep (arrays): `shape`, `tokens` generated, `running` sequences holding KV."""
 
     shape: SweepShape
     tokens: np.ndarray
@@ -225,8 +203,7 @@ class Admission:
 
 
 def _pack_prefill(prompts, cap) -> list[list[int]]:
-    """A sweep's prompts, sorted by length (less padding), into micro-batches of ≤ cap
-    padded tokens (rows × padded longest; a longer prompt alone); cap None: one."""
+    """Sorted prompts into micro-batches of ≤ cap padded tokens (None: one group)."""
     groups: list[list[int]] = []
     for p in sorted(prompts):
         g = groups[-1] if groups else None
@@ -238,13 +215,10 @@ def _pack_prefill(prompts, cap) -> list[list[int]]:
 
 
 def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
-    """Continuous batching at sweep granularity (docs/design.md §7). Before each sweep,
-    admit FIFO while the KV plan fits `kv_tokens` at every future sweep, the running
-    sequences stay ≤ `policy.concurrency`, and the admitted Σ padded prompts ≤
-    `policy.prefill_tokens_per_sweep` (at least one). A sequence admitted at sweep s
-    holds, during sweep s + j (j < g), p + g tokens (`kv_reservation="max"`) or p + j + 1
-    ("lookahead"); it generates one token per sweep (its first in its prefill sweep)
-    and frees its KV on finishing. ValueError if a request can never fit."""
+    """Continuous batching per sweep (docs/design.md §7): admit FIFO while the KV plan fits
+    `kv_tokens` at every future sweep, running ≤ `policy.concurrency`, Σ padded prompts ≤
+    `policy.prefill_tokens_per_sweep` (≥ one). Admitted at s, a sequence holds at s + j (j < g)
+    p + g ("max") or p + j + 1 ("lookahead"); one token per sweep. ValueError if never fits."""
     p_all = np.array([r[0] for r in requests], dtype=np.int64)
     g_all = np.array([r[1] for r in requests], dtype=np.int64)
     if (p_all + g_all).max(initial=0) > kv_tokens:
@@ -294,13 +268,11 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
 # ------------------------------------------------------------------ steady state
 def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
                  prefill_mb_tokens=None, kv_reservation: str = "max"):
-    """(admissions per sweep λ, running C, SweepShape), broadcast. Little's law on the
-    reservations — over its g sweeps a sequence holds p + g KV tokens ("max") or
-    p + (g+1)/2 on average ("lookahead"), r tokens in all:
+    """(admissions per sweep λ, running C, SweepShape), broadcast; Little's law with r = p + g
+    ("max") or p + (g+1)/2 ("lookahead") KV tokens held over g sweeps:
         λ = min(M / E[r·g], C_max / E[g], B / E[padded p])   [sequences / sweep]
-    C = λ·E[g] tokens per sweep; decode rows R = λ·(E[g] − 1) over ⌈R/ubs⌉ micro-batches
-    with Σ contexts λ·E[(g−1)·p + g(g−1)/2]; the prefill of λ prompts of mean padded
-    length in ⌈λ·E[pp]/T_mb⌉ micro-batches (padding to a group's longest is left out)."""
+    C = λ·E[g]; decode rows R = λ·(E[g] − 1) in ⌈R/ubs⌉ micro-batches, Σ contexts
+    λ·E[(g−1)·p + g(g−1)/2]; prefill in ⌈λ·E[pp]/T_mb⌉ micro-batches (group padding left out)."""
     req = np.array(wl.requests(len(wl.prompt_lens) if wl.prompt_lens else 1), dtype=float)
     p, g = req[:, 0], req[:, 1]
     pp = np.array([padded_len(int(x)) for x in p], dtype=float)
@@ -322,9 +294,8 @@ def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
 # ------------------------------------------------------------------ prediction
 @dataclass(frozen=True)
 class ContinuousPrediction:
-    """A job under continuous batching: `tokens_per_s` end to end (Σ g / Σ sweep times,
-    ramp-up and drain included), `steady_tokens_per_s` = C / steady sweep time, beside
-    the MoE-Lens `limit_tokens_per_s` [generated tok/s]; times [s], KV [tokens]."""
+    """`tokens_per_s` end to end (Σ g / Σ sweep times), `steady_tokens_per_s` = C / steady
+    sweep, MoE-Lens `limit_tokens_per_s` [generated tok/s]; times [s], KV [tokens]."""
 
     policy: Policy
     tokens_per_s: float
@@ -356,10 +327,8 @@ def _check_policy(policy: Policy):
 def predict_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                        policy: Policy, host_kv_bytes: float | None = None,
                        requests=None) -> ContinuousPrediction:
-    """Predict `policy` under continuous batching over the job's `requests` (default
-    `workload.requests()`: the trace, or `num_sequences` of it, cycled): `admission`'s
-    sweeps each priced by `sweep_s` (the first also loads layer 0's pages), the steady
-    state by `steady_state`. KV capacity: `kv_capacity_tokens`."""
+    """`admission` of `requests` (default `workload.requests()`) priced by `sweep_s` (the first
+    also loads layer 0's pages), steady state by `steady_state`, KV by `kv_capacity_tokens`."""
     check_inputs(model, hw, workload)
     _check_policy(policy)
     m, wl, pol = model, workload, policy
@@ -400,9 +369,8 @@ RAMP_BUDGET = 16  # budgets beyond this × the steady prefill are not simulated
 
 
 def _candidates(m, hw, wl, dev_cap, host_kv_bytes, cap):
-    """[C] arrays (ubs, n_ub, B, T_mb (0: = B), wg, M) of every grid point that fits: wg
-    the largest the device budget allows (memory is affine in wg below 1; 1 if all fits
-    resident), M = `kv_capacity_tokens` at it, ≥ the longest request."""
+    """[C] arrays (ubs, n_ub, B, T_mb (0: = B), wg, M) that fit: wg the largest the device budget
+    allows (affine below 1; 1 if all fits), M = `kv_capacity_tokens` ≥ the longest request."""
     from moejax.schedule.search import WG_STEP, ubs_grid
 
     grid = [(u, n, b, t or 0) for u in ubs_grid(cap) for n in MICRO_BATCH_COUNTS
@@ -427,17 +395,12 @@ def _candidates(m, hw, wl, dev_cap, host_kv_bytes, cap):
 def search_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                       device_memory_bytes: float | None = None,
                       host_kv_bytes: float | None = None, kv_reservation: str = "max"):
-    """(policy, ContinuousPrediction) of the highest predicted end-to-end tokens/s under
-    continuous batching, over ubs (`search.ubs_grid`), n_ub ∈ `MICRO_BATCH_COUNTS`,
-    prefill budgets B ∈ `PREFILL_BUDGETS` split into micro-batches of T_mb ∈
-    `PREFILL_MICRO_BATCHES`; wg the largest the device budget allows (`device_bytes`);
-    concurrency ubs·n_ub within the KV the host holds (`kv_capacity_tokens`, or
-    `host_kv_bytes`). Per T_mb, the (ubs, n_ub) pairs are ranked by their best steady-state
-    tokens/s (one vectorised `sweep_s`); the `TOP_GROUPS` leaders' jobs are simulated
-    (`predict_continuous`) at every B up to `RAMP_BUDGET` × the unthrottled steady
-    prefill: a smaller B throttles admission, a larger one buys ramp-up at the price of
-    device memory (wg) and long prefill sweeps. First best wins.
-    `kv_reservation` is the admission rule (`Policy.kv_reservation`), not searched."""
+    """(policy, ContinuousPrediction) with the best predicted end-to-end tokens/s over ubs, n_ub ∈
+    `MICRO_BATCH_COUNTS`, B ∈ `PREFILL_BUDGETS`, T_mb ∈ `PREFILL_MICRO_BATCHES`, wg by `device_bytes`.
+    (ubs, n_ub) are ranked per T_mb by steady-state tokens/s; the `TOP_GROUPS` leaders are simulated
+    at every B ≤ `RAMP_BUDGET` × the unthrottled steady prefill, because B trades throttled
+    admission against ramp-up, device memory and long sweeps. First best wins; `kv_reservation`
+    is the admission rule, not searched."""
     from moejax.schedule.search import MAX_BATCH_SIZE
 
     check_inputs(model, hw, workload)

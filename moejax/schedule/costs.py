@@ -1,8 +1,5 @@
-"""Op prices [s] of one op of one layer for one micro-batch (docs/design.md §4.1, §4.3):
-roofline max(FLOPs / peak or the calibrated GEMM line, bytes / bandwidth). `predict` and
-the simulator both price with these, so they agree in steady state. Sizes broadcast
-(NumPy), so the search prices many candidates at once; KV in `kv_bytes_per_elem` bytes.
-"""
+"""Op prices [s] per op, layer and micro-batch (docs/design.md §4.1, §4.3): roofline max(FLOPs
+/ peak or calibrated GEMM line, bytes / bandwidth), broadcast; `predict` and the simulator share them."""
 
 from __future__ import annotations
 
@@ -18,9 +15,8 @@ COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # pages of the runs `calibrate` fits copy_co
 
 # ------------------------------------------------------------------ generic roofs
 def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_bytes=0):
-    """Device GEMM time [s]: calls·t₀ + weight_bytes·t₀/bytes_expert + flops / R_gemm
-    (calibrated line, §4.3), else flops / P_gpu(dtype). t₀ is one expert's weight read,
-    so expert passes pay it whole and other GEMMs per weight byte."""
+    """calls·t₀ + weight_bytes·t₀/bytes_expert + flops / R_gemm [s] (§4.3), else flops /
+    P_gpu(dtype); t₀ is one expert's weight read."""
     if hw.gemm_flops_per_s is not None:
         per_byte = (hw.gemm_intercept_s or 0.0) / m.expert_bytes()
         return (calls * hw.gemm_intercept_s + weight_bytes * per_byte
@@ -81,8 +77,7 @@ def streamed_expert_bytes(m: ModelConfig, gpu_weight_fraction):
 
 
 def stream_buffer_bytes(streamed_bytes) -> dict:
-    """Device bytes of streaming as the weight store accounts them: `stream_buffers`,
-    the pages of two passes, 2·(1 − wg)·W_E (0 where nothing streams)."""
+    """{"stream_buffers": 2·(1 − wg)·W_E}, two passes' pages (the store's accounting)."""
     return {"stream_buffers": 2 * np.asarray(streamed_bytes)}
 
 
@@ -114,8 +109,7 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """FFN of `tokens` tokens [s]: MoE = the dispatch's rows and passes (`expected_work`,
-    §4.3), t₀ per pass, resident or streamed alike (the link prices streams); dense: MLP."""
+    """FFN [s]: MoE = `expected_work` rows and passes (§4.3), t₀ per pass; dense: MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
@@ -157,10 +151,9 @@ def gpu_prefill_attention_s(m: ModelConfig, hw: HardwareSpec, seqs, prompt_len):
 # -------------------------------------------------------------------- host ops
 def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
                     kv_bytes_per_elem=None, concurrent_host_bytes=0.0):
-    """CPU decode attention of `tokens` queries over `context_len` + 1 keys [s] (§2 step 3,
-    §4.3): t_call + max(flops / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes) /
-    B_host), the last term MoE-Lens's B_mem ≥ B_kv + B_io; dropped on `device_is_host`
-    hardware, where `core_demand` already charges it. The extra key is fitted away."""
+    """CPU decode attention over context_len + 1 keys [s] (§2 step 3, §4.3): t_call + max(flops
+    / P_cpu, bytes / B_attn, (bytes + concurrent_host_bytes) / B_host), the last MoE-Lens's
+    B_mem ≥ B_kv + B_io (dropped where `device_is_host`: `core_demand` charges it)."""
     if hw.device_is_host:
         concurrent_host_bytes = 0.0
     flops = tokens * m.attention_core_flops(context_len)
@@ -174,6 +167,5 @@ def cpu_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,
 
 # ------------------------------------------------------------ shared host cores
 def core_demand(hw: HardwareSpec, resource: str) -> float:
-    """Cores an op of `resource` occupies on `device_is_host` hardware (§5): `cpu_cores`, or
-    `copy_core_demand` for a copy (it contends for memory, not cores), any size."""
+    """Cores an op of `resource` occupies where `device_is_host` (§5): copies `copy_core_demand`."""
     return float(hw.copy_core_demand if resource in ("h2d", "d2h") else hw.cpu_cores)

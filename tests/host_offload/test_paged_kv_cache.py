@@ -8,16 +8,13 @@ import pytest
 
 import moejax
 from moejax.host_offload import CPUAttention, HostKVCache, PagedKVCache, cpu_attention
+from tests.host_offload.test_kv_cache import rand
 
 CFG = moejax.get_model("tiny_mixtral")  # Hq 4, Hkv 2, d 16, float32
 BT, T = 4, 11
 LENS = np.array([11, 5, 1, 8, 4])  # ragged: 3, 2, 1, 2, 1 blocks of 4
 SEQS = [7, "b", 3, (1, 2), 40]     # any hashable keys
 B = len(LENS)
-
-
-def rand(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
