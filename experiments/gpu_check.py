@@ -1,9 +1,9 @@
 """One command for a GPU machine (docs/design.md §8): what the CPU testbed cannot show.
 
-    python -m experiments.gpu_check --out experiments/results/gpu_h200
+    python -m experiments.gpu_check --output_dir experiments/results/gpu_h200
 
 On a machine without a GPU it says so in one line and exits 1. On a GPU (an H200
-emulating an L4, say), within ~8 minutes, everything under --out:
+emulating an L4, say), within ~8 minutes, everything under --output_dir:
   1. the `gpu`-marked tests (pytest -m gpu);
   2. offloaded-engine parity on the GPU against the all-on-device reference, float32 at
      "highest" precision and bf16 (parity.json);
@@ -31,13 +31,13 @@ from absl import flags
 from experiments.cli import fail, no_extra_args, run
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "experiments/results/gpu_check", "output folder")
+flags.DEFINE_string("output_dir", "experiments/results/gpu_check", "output folder")
 flags.DEFINE_float("device_budget_gib", 24.0, "device budget the allocator enforces (an L4)",
                    lower_bound=1.0)
-flags.DEFINE_integer("num_layers", 10, "layers of the Mixtral-shaped model (bf16 experts: "
+flags.DEFINE_integer("model_layers", 10, "layers of the Mixtral-shaped model (bf16 experts: "
                      "2.8 GB a layer; more than the budget, so experts stream)",
                      lower_bound=2)
-flags.DEFINE_integer("gen_len", 16, "generated tokens per sequence in the throughput runs",
+flags.DEFINE_integer("run_gen_len", 16, "generated tokens per sequence in the throughput runs",
                      lower_bound=2)
 flags.DEFINE_integer("max_batch", 512, "cap on the searched batch", lower_bound=1)
 flags.DEFINE_bool("tests", True, "run the gpu-marked tests")
@@ -58,7 +58,7 @@ def gpu_memory_bytes() -> int | None:
 
 
 def write(name: str, obj) -> None:
-    with open(os.path.join(FLAGS.out, name), "w") as f:
+    with open(os.path.join(FLAGS.output_dir, name), "w") as f:
         json.dump(obj, f, indent=1, default=str)
 
 
@@ -125,19 +125,19 @@ def throughput(overlap: bool, png: bool) -> dict:
     the allocator budget travels in the environment)."""
     name = f"throughput_{'overlap' if overlap else 'serial'}.json"
     cmd = [sys.executable, "-m", "experiments.throughput", "--config", "mixtral_l4",
-           "--local_hidden_size", "4096", "--local_num_layers", str(FLAGS.num_layers),
+           "--local_hidden_size", "4096", "--local_num_layers", str(FLAGS.model_layers),
            "--device_memory_gb", f"{FLAGS.device_budget_gib * GiB / 1e9:.3f}",
-           "--gen_len", str(FLAGS.gen_len), "--max_local_batch", str(FLAGS.max_batch),
+           "--gen_len", str(FLAGS.run_gen_len), "--max_local_batch", str(FLAGS.max_batch),
            f"--overlap={str(overlap).lower()}",
-           "--output_json", os.path.join(FLAGS.out, name)]
+           "--output_json", os.path.join(FLAGS.output_dir, name)]
     if png:
-        cmd += ["--timeline_png", os.path.join(FLAGS.out, "timeline.png")]
+        cmd += ["--timeline_png", os.path.join(FLAGS.output_dir, "timeline.png")]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     out = {"returncode": r.returncode, "s": time.perf_counter() - t0,
            "log_tail": (r.stdout + r.stderr).strip().splitlines()[-6:]}
     if r.returncode == 0:
-        local = json.load(open(os.path.join(FLAGS.out, name)))["local"]
+        local = json.load(open(os.path.join(FLAGS.output_dir, name)))["local"]
         out.update({k: local.get(k) for k in (
             "measured_tokens_per_s", "predicted_tokens_per_s", "prediction_error",
             "peak_device_bytes_measured", "peak_device_bytes_predicted",
@@ -159,7 +159,7 @@ def main(argv):
     if jax.default_backend() != "gpu":
         fail(f"no GPU for JAX (backend {jax.default_backend()!r}): install jax[cuda12]")
     jax.config.update("jax_default_matmul_precision", "highest")
-    os.makedirs(FLAGS.out, exist_ok=True)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
     dev = jax.devices()[0]
     summary = {"device": dev.device_kind, "jax": jax.__version__, "gpu_memory_bytes": total,
                "device_budget_bytes": int(FLAGS.device_budget_gib * GiB)}

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine")
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "experiments.gpu_check", "--out",
+    r = subprocess.run([sys.executable, "-m", "experiments.gpu_check", "--output_dir",
                         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [
