@@ -163,7 +163,7 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     hw = local_hardware(cfg)
     page = DEFAULT_PAGE_BYTES
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
-        cfg, page)
+        cfg, page, Workload(padded_len(workload.prompt_len), workload.gen_len))
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
     t = padded_len(workload.prompt_len)  # the prompt length the engine runs
     wl = Workload(t, workload.gen_len, num_sequences=FLAGS.batch_size or
