@@ -118,3 +118,17 @@ def test_bad_inputs_are_one_line_errors(engine, model, prompts, alone):
         moejax.Engine(model, gpu_weight_fraction=0.0, host_kv_bytes=0)
     assert small.generate(prompts, MAX_NEW) == alone  # static still runs
     assert engine.generate(prompts, MAX_NEW, batching="continuous") == alone
+
+
+def test_kv_capacity_bounds_admission_and_closing_frees_blocks(model, prompts, alone):
+    probe = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE)
+    e = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                      host_kv_bytes=48 * probe._kv_bytes_per_token(), micro_batch_size=2)
+    e.kv_block_tokens = 16  # 3 blocks: at most three short requests, one long one at once
+    assert e.generate(prompts, MAX_NEW, batching="continuous") == alone
+    assert e.kv_pool.capacity_tokens == 48
+    assert max(sum(s.decode_rows) + sum(s.prefill_rows) for s in e.last_sweeps) <= 3
+    it = e.stream(prompts, MAX_NEW)
+    next(it)
+    it.close()  # stopped early: every block back
+    assert e.kv_pool.num_free_blocks == e.kv_pool.num_blocks
