@@ -8,24 +8,42 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
-from moejax.host_offload.kv_cache import HostKVCache
-from moejax.host_offload.memory import default_device, peak_device_bytes
+from moejax.host_offload.kv_cache import DEFAULT_BLOCK_TOKENS, HostKVCache, PagedKVCache
+from moejax.host_offload.memory import (available_host_bytes, default_device,
+                                        peak_device_bytes)
 from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model_config.hardware import fmt_bytes, local_hardware
 from moejax.model_config.workload import Workload, stage_imbalance
 from moejax.placement import resolve_placement, validate_request, validate_sampling
 from moejax.sampling import Sampling
-from moejax.runtime import BatchRun, DeviceWeights
+from moejax.runtime import BatchRun, DeviceWeights, SweepRun
 from moejax.schedule.executor import Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, padded_len
 from moejax.schedule.predict import memory_bytes
 from moejax.schedule.search import search_micro_batches
-from moejax.schedule.timeline import Entry, StreamPlan, build_timeline
+from moejax.schedule.timeline import Entry, StreamPlan, build_sweep, build_timeline
+
+BATCHING = ("static", "continuous")
+# default host KV capacity: this share of the host memory available when it is built
+HOST_KV_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """One continuous-batching sweep: its micro-batches' real rows and timeline size."""
+
+    decode_rows: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    entries: int
+    seconds: float
+
 
 @dataclass
 class RunRecord:
@@ -69,14 +87,20 @@ class Engine:
     "cpu" (host KV, offload default) | "gpu"; page_bytes (default 64 MiB); policy: a
     schedule.Policy (excludes the knobs above); micro_batch_size: fixed, not searched;
     kv_dtype (default the model's; "int8"); host_memory "auto" | "pinned_host" | "numpy";
-    offload: None = iff a knob is given, True/False force it."""
+    offload: None = iff a knob is given, True/False force it; host_kv_bytes: capacity of
+    the paged host KV cache of continuous batching (default HOST_KV_SHARE of the host
+    memory available when `stream` first needs it)."""
 
     def __init__(self, model, device_memory_bytes: int | None = None,
                  gpu_weight_fraction: float | None = None,
                  attention_device: str | None = None, page_bytes: int | None = None, *,
                  policy: Policy | None = None, micro_batch_size: int | None = None,
                  kv_dtype: str | None = None, host_memory: str = "auto",
-                 offload: bool | None = None):
+                 offload: bool | None = None, host_kv_bytes: int | None = None):
+        if host_kv_bytes is not None and (isinstance(host_kv_bytes, bool) or not isinstance(
+                host_kv_bytes, (int, np.integer)) or host_kv_bytes < 1):
+            raise ValueError(f"host_kv_bytes={host_kv_bytes!r} must be a positive integer "
+                             "or None")
         p = resolve_placement(model, device_memory_bytes, gpu_weight_fraction,
                               attention_device, page_bytes, policy=policy,
                               micro_batch_size=micro_batch_size, kv_dtype=kv_dtype,
@@ -97,6 +121,10 @@ class Engine:
             self.cfg, model.params)
         self.device = self.store.device if self.store is not None else default_device()
         self.last_run: RunRecord | None = None
+        self.host_kv_bytes = None if host_kv_bytes is None else int(host_kv_bytes)
+        self.kv_block_tokens = DEFAULT_BLOCK_TOKENS
+        self.kv_pool: PagedKVCache | None = None  # continuous batching's, built on first use
+        self.last_sweeps: list[SweepRecord] = []
 
     # ------------------------------------------------------------------ policy
     def _base_policy(self, ubs: int, n_ub: int) -> Policy:
@@ -235,32 +263,210 @@ class Engine:
         run = self._run(prompts, 1, full_logits=True)
         return np.concatenate(run.logits)[:len(prompts), :max(map(len, prompts))]
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens,
                  eos_token_id: int | Sequence[int] | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  sampling: Sampling | None = None,
-                 request_indices: Sequence[int] | None = None) -> list[list[int]]:
-        """Greedy (or `sampling`) decoding of ragged prompts: rows of `max_new_tokens`, or up to
-        and including their first `eos_token_id` (one id or a list). Batches larger than a policy's
-        run one after the other; `progress(steps_done, steps_total)` after every step, steps_total
-        = max_new_tokens × batches, ending at (steps_total, steps_total). Prompt i samples from
-        the stream of `request_indices[i]` (default i): same index and seed, same tokens."""
-        validate_request(self.cfg, prompts, max_new_tokens, eos_token_id)
+                 request_indices: Sequence[int] | None = None, *,
+                 batching: str = "static") -> list[list[int]]:
+        """Greedy (or `sampling`) decoding of ragged prompts: rows of `max_new_tokens` (an int,
+        or one per prompt), or up to and including their first `eos_token_id` (one id or a
+        list). Prompt i samples from the stream of `request_indices[i]` (default i): same
+        index and seed, same tokens, whatever the batching.
+        batching "static" (the default for now; it flips to "continuous" once the benchmark
+        shows the win): batches larger than a policy's run one after the other, each to its
+        longest row; `progress(steps_done, steps_total)` after every step, steps_total = Σ
+        over batches of their max_new_tokens, ending at (steps_total, steps_total).
+        "continuous": `stream`'s rows in prompt order (MoE-Lens's scheduler where attention
+        is on the CPU); `progress(tokens_done, Σ max_new_tokens)` after every sweep, a
+        finished row counting all its max_new_tokens."""
+        if batching not in BATCHING:
+            raise ValueError(f"batching={batching!r} not in {BATCHING}")
+        if batching == "continuous":
+            if progress is not None and not callable(progress):
+                raise ValueError(f"progress must be callable, got {type(progress).__name__}")
+            out: list = [None] * len(prompts) if isinstance(prompts, (list, tuple)) else []
+            for i, toks, _ in self.stream(prompts, max_new_tokens, eos_token_id,
+                                          sampling=sampling, request_indices=request_indices,
+                                          _progress=progress):
+                out[i] = toks
+            return out
+        max_new = self._max_new_list(prompts, max_new_tokens)
+        validate_request(self.cfg, prompts, max(max_new), eos_token_id)
         indices = validate_sampling(sampling, request_indices, len(prompts))
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be callable, got {type(progress).__name__}")
+        return [t for _, t, _ in self._static_rows(prompts, max_new, eos_token_id, sampling,
+                                                   indices, progress)]
+
+    @staticmethod
+    def _max_new_list(prompts, max_new_tokens) -> list[int]:
+        """max_new_tokens (an int, or a list of one int per prompt) as a list per prompt."""
+        n = len(prompts) if isinstance(prompts, (list, tuple)) else None
+        if isinstance(max_new_tokens, (list, tuple, np.ndarray)):
+            vals = list(max_new_tokens)
+            if n is not None and len(vals) != n:
+                raise ValueError(f"max_new_tokens has {len(vals)} values for {n} prompts")
+            for v in vals:
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                    raise ValueError(f"max_new_tokens values must be integers >= 1, got "
+                                     f"{v!r}")
+            if not vals:
+                raise ValueError("max_new_tokens is an empty list")
+            return [int(v) for v in vals]
+        if isinstance(max_new_tokens, bool) or not isinstance(
+                max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        return [int(max_new_tokens)] * (n or 1)
+
+    def _static_rows(self, prompts, max_new: list[int], eos_token_id, sampling, indices,
+                     progress=None) -> Iterator[tuple[int, list[int], str]]:
+        """(index, tokens, finish reason) of every row, batch after batch (each run to its
+        longest max_new_tokens, rows cut to theirs)."""
         size = self.policy.batch_size if self.policy is not None else len(prompts)
         starts = range(0, len(prompts), size)
-        total = max_new_tokens * len(starts)
-        out = []
-        for k, i in enumerate(starts):
+        gens = [max(max_new[i:i + size]) for i in starts]
+        total, done = sum(gens), 0
+        eos = set(self._eos_list(eos_token_id))
+        for i, gen in zip(starts, gens):
             chunk = list(prompts[i:i + size])
-            done = k * max_new_tokens
             on_step = None if progress is None else (
                 lambda s, done=done: progress(done + s, total))
-            run = self._run(chunk, max_new_tokens, eos_token_id, on_step,
+            run = self._run(chunk, gen, eos_token_id, on_step,
                             sampling=sampling, request_index=indices[i:i + size])
-            out += run.tokens_out(len(chunk))
-            if progress is not None and self.last_run.steps < max_new_tokens:
-                progress(done + max_new_tokens, total)  # stopped early: batch done
-        return out
+            if progress is not None and self.last_run.steps < gen:
+                progress(done + gen, total)  # stopped early: batch done
+            done += gen
+            for r, row in enumerate(run.tokens_out(len(chunk))):
+                row = row[:max_new[i + r]]
+                yield i + r, row, "eos" if row and row[-1] in eos else "length"
+
+    @staticmethod
+    def _eos_list(eos_token_id) -> list[int]:
+        return [] if eos_token_id is None else [int(t) for t in np.atleast_1d(eos_token_id)]
+
+    # ------------------------------------------------------------ continuous batching
+    @property
+    def continuous(self) -> bool:
+        """Whether `stream` runs continuous batching here (offloaded, attention on the CPU)."""
+        return bool(self.offload) and self.attention_device == "cpu"
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens,
+               eos_token_id: int | Sequence[int] | None = None, *,
+               sampling: Sampling | None = None,
+               request_indices: Sequence[int] | None = None,
+               _progress=None) -> Iterator[tuple[int, list[int], str]]:
+        """Yield (prompt index, new tokens, finish reason "eos" | "length") as each sequence
+        finishes; `max_new_tokens` an int or one per prompt. Offloaded with attention on the
+        CPU: continuous batching (docs/design.md §7) — a paged host KV cache of
+        `host_kv_bytes`; FIFO admission while it can reserve prompt + max_new_tokens and
+        fewer than the policy's batch_size run; each sweep runs every running sequence's
+        decode token (micro-batches of the policy's micro_batch_size) and the prefill of
+        those admitted since the last one (`timeline.build_sweep`); a finished sequence
+        frees its blocks at once. Elsewhere: static batches, rows yielded per batch.
+        Tokens equal each prompt run alone (greedy, or `sampling`'s stream of request
+        index, step = tokens so far). Inputs are checked before the first yield."""
+        max_new = self._max_new_list(prompts, max_new_tokens)
+        validate_request(self.cfg, prompts, max(max_new), eos_token_id)
+        indices = validate_sampling(sampling, request_indices, len(prompts))
+        if not self.continuous:
+            return self._static_rows(prompts, max_new, eos_token_id, sampling, indices)
+        pool = self._kv_pool_for(prompts, max_new)
+        policy = self._continuous_policy(prompts, max_new)
+        return self._continuous_rows(pool, policy, prompts, max_new, eos_token_id, sampling,
+                                     indices, _progress)
+
+    def _kv_bytes_per_token(self) -> int:
+        cfg, int8 = self.cfg, self.kv_dtype == "int8"
+        item = 1 if int8 else np.dtype(jnp.dtype(self.kv_dtype or cfg.dtype)).itemsize
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim * item + 4 * int8)
+
+    def _kv_pool_for(self, prompts, max_new) -> PagedKVCache:
+        """The paged host KV cache (built on first use), checked to hold the longest request."""
+        per_tok, bt = self._kv_bytes_per_token(), self.kv_block_tokens
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
+        need_tok = -(-(len(prompts[longest]) + max_new[longest]) // bt) * bt
+        if self.kv_pool is None:
+            kv_bytes = self.host_kv_bytes
+            if kv_bytes is None:
+                free = available_host_bytes()
+                kv_bytes = int(HOST_KV_SHARE * free) if free is not None else 2 ** 30
+            cap = kv_bytes // per_tok // bt * bt
+        else:
+            kv_bytes, cap = self.kv_pool.capacity_tokens * per_tok, self.kv_pool.capacity_tokens
+        if need_tok > cap:
+            raise ValueError(
+                f"host_kv_bytes={kv_bytes} ({fmt_bytes(kv_bytes)}, {cap} KV tokens) is too "
+                f"small for the longest request, prompt {len(prompts[longest])} + "
+                f"{max_new[longest]} new tokens = {need_tok} tokens in blocks of {bt}, "
+                f"{need_tok * per_tok} bytes ({fmt_bytes(need_tok * per_tok)})")
+        if self.kv_pool is None:
+            self.kv_pool = PagedKVCache(self.cfg, cap, bt, self.kv_dtype)
+        return self.kv_pool
+
+    def _continuous_policy(self, prompts, max_new) -> Policy:
+        """The policy whose batch_size caps the running sequences, checked to fit."""
+        t = padded_len(max(map(len, prompts)))
+        n = len(prompts) if self.policy is None else min(len(prompts),
+                                                         self.policy.batch_size)
+        policy = self.policy_for(n, t, max(max_new))
+        self._check_fits(policy, t, max(max_new))
+        return policy
+
+    def _continuous_rows(self, kv: PagedKVCache, policy: Policy, prompts, max_new,
+                         eos_token_id, sampling, indices, progress=None):
+        cfg, ubs, cap = self.cfg, policy.micro_batch_size, policy.batch_size
+        eos, plan, bt = set(self._eos_list(eos_token_id)), self._stream_plan(), kv.block_tokens
+        pending, new = deque(range(len(prompts))), []
+        running: dict[int, list[int]] = {}  # admission order
+        total, done_tokens = sum(max_new), 0
+        self.last_sweeps = []
+        sweep = 0
+        try:
+            while pending or running:
+                while pending and len(running) + len(new) < cap:
+                    i = pending[0]
+                    need = len(prompts[i]) + max_new[i]
+                    if -(-need // bt) > kv.num_free_blocks:
+                        break
+                    kv.reserve(i, need)
+                    new.append(pending.popleft())
+                dec = list(running)
+                dgroups = [dec[j:j + ubs] for j in range(0, len(dec), ubs)]
+                pgroups = [new[j:j + ubs] for j in range(0, len(new), ubs)]
+                decode = [(g, [running[i][-1] for i in g],
+                           [len(prompts[i]) + len(running[i]) - 1 for i in g],
+                           [indices[i] for i in g], [len(running[i]) for i in g])
+                          for g in dgroups]
+                prefill = [(g, [list(prompts[i]) for i in g], [indices[i] for i in g])
+                           for g in pgroups]
+                entries = build_sweep(cfg, policy, [[p + 1 for p in m[2]] for m in decode],
+                                      [[len(p) for p in m[1]] for m in prefill], plan,
+                                      step=sweep, first_pages=sweep == 0, next_pages=True)
+                run = SweepRun(cfg, self.weights, kv, policy, ubs, decode, prefill, sampling)
+                trace = execute(entries, run.handlers(), overlap=policy.overlap)
+                self.last_sweeps.append(SweepRecord(
+                    tuple(map(len, dgroups)), tuple(map(len, pgroups)), len(entries),
+                    trace.makespan_s))
+                for i in new:
+                    running[i] = []
+                new, sweep, finished = [], sweep + 1, []
+                for k, g in enumerate(dgroups + pgroups):
+                    for i, tok in zip(g, run.results[k].tolist()):
+                        toks = running[i]
+                        toks.append(int(tok))
+                        done_tokens += 1
+                        reason = ("eos" if toks[-1] in eos else
+                                  "length" if len(toks) >= max_new[i] else None)
+                        if reason is not None:
+                            kv.release(i)
+                            del running[i]
+                            done_tokens += max_new[i] - len(toks)
+                            finished.append((i, toks, reason))
+                if progress is not None:
+                    progress(done_tokens, total)
+                yield from finished
+        finally:
+            self.weights.release_all()
+            for s in kv.live_sequences:
+                kv.release(s)

@@ -15,6 +15,7 @@ import numpy as np
 from moejax import ops
 from moejax.layers.attention import causal_mask
 from moejax.schedule.executor import StopTimeline
+from moejax.schedule.policy import padded_len
 from moejax.schedule.routing import fit_imbalance
 
 
@@ -62,6 +63,7 @@ class BatchRun:
         self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
         ubs, n = policy.micro_batch_size, policy.num_micro_batches
         self.rows = [slice(k * ubs, (k + 1) * ubs) for k in range(n)]
+        self.last_mb = n - 1  # its post-attention releases the layer's pages
         self.lengths = lengths
         self.tokens = [jnp.asarray(tokens[r]) for r in self.rows]
         t = tokens.shape[1]
@@ -106,6 +108,9 @@ class BatchRun:
                 ("page", "embed", "pre_attn", "attn", "d2h_qkv", "cpu_attn", "h2d_attn",
                  "d2h_kv", "post_attn", "head")}
 
+    def _prefill_pos(self, e):
+        return self.positions
+
     def _pos(self, e):
         """Decode: slot of the new token = prompt length + step − 1."""
         return jnp.asarray(self.lengths[self.rows[e.micro_batch]] + e.step - 1)
@@ -140,7 +145,7 @@ class BatchRun:
         self.x[k] = self._ready(ops.embed(self.cfg, self.embed_params, tok))
 
     def _pre_attn(self, e):
-        pos = self.positions if e.stage == "prefill" else self._pos(e)[:, None]
+        pos = self._prefill_pos(e) if e.stage == "prefill" else self._pos(e)[:, None]
         moe, key = self.cfg.is_moe_layer(e.layer), (e.step, e.layer, e.micro_batch)
         args = (self.cfg, moe, self.w.device_params(e.layer), self.x[e.micro_batch], pos)
         if e.stage == "decode" and self.kv is not None:  # to the host as one transfer
@@ -185,7 +190,7 @@ class BatchRun:
             self.router_counts.setdefault(e.stage, []).append(counts)
         # the capacity bucket is picked on the device: no host read of the counts
         self.x[k] = y = self._ready(ops.ffn(cfg, moe, lp, h, normed, w, ids))
-        if moe and k == self.policy.num_micro_batches - 1:
+        if moe and k == self.last_mb:
             self.w.release(i, e.step, fence=y)  # its pages' next user waits for y
 
     def _head(self, e):
@@ -235,3 +240,99 @@ class BatchRun:
         return out
 
 
+
+
+class SweepRun(BatchRun):
+    """One continuous-batching sweep (`timeline.build_sweep`, docs/design.md §7) over a
+    `PagedKVCache`: the handlers of BatchRun with per-micro-batch rows of sequences.
+
+    decode   per micro-batch (seqs, tokens, positions, request_index, steps): each row's
+             last token, its position (context − 1), its stream and tokens so far
+    prefill  per micro-batch (seqs, prompts, request_index)
+    Micro-batch ids: decode 0..n_d−1, prefill n_d..; every micro-batch is padded to `ubs`
+    rows (prefill to `padded_len` of its longest prompt) so shapes repeat across sweeps;
+    CPU attention and the KV cache see only the real rows. `results[k]`: the next token of
+    micro-batch k's real rows.
+    """
+
+    def __init__(self, cfg, weights, kv, policy, ubs: int, decode, prefill,
+                 sampling=None):
+        self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
+        n_d, mbs = len(decode), list(decode) + list(prefill)
+        self.last_mb = n_d - 1 if n_d else len(mbs) - 1  # build_sweep's order
+        self.seqs = [list(m[0]) for m in mbs]
+        self.n_real = [len(s) for s in self.seqs]
+        pad = lambda a, fill: np.concatenate(
+            [np.asarray(a), np.full(ubs - len(a), fill, np.asarray(a).dtype)])
+        self.tokens, self.masks, self.prefill_positions, self.last = {}, {}, {}, {}
+        self.decode_pos, self.prompt_lens = {}, {}
+        self.nxt, idx, steps = {}, [], []
+        for k, (seqs, tok, pos, req, st) in enumerate(decode):
+            self.nxt[k] = jnp.asarray(pad(np.asarray(tok, np.int32), 0))
+            self.decode_pos[k] = np.asarray(pos, np.int64)
+            self.decode_pos[(k, "dev")] = jnp.asarray(pad(np.asarray(pos, np.int32), 0))
+            idx.append(pad(np.asarray(req, np.int32), 0))
+            steps.append(pad(np.asarray(st, np.int32), 0))
+        for j, (seqs, prompts, req) in enumerate(prefill):
+            k = n_d + j
+            lens = np.array([len(p) for p in prompts], np.int64)
+            t = padded_len(int(lens.max()))
+            tok = np.zeros((ubs, t), np.int32)
+            for r in range(ubs):  # padding rows repeat the first prompt
+                p = prompts[r] if r < len(prompts) else prompts[0]
+                tok[r, :len(p)] = p
+            lens = pad(lens, lens[0])
+            self.prompt_lens[k] = lens[:len(prompts)]
+            self.tokens[k] = jnp.asarray(tok)
+            am = np.arange(t)[None, :] < lens[:, None]
+            self.masks[k] = causal_mask(jnp.asarray(am, jnp.int32))
+            self.prefill_positions[k] = jnp.broadcast_to(jnp.arange(t), (ubs, t))
+            self.last[k] = jnp.asarray(lens - 1)
+            idx.append(pad(np.asarray(req, np.int32), 0))
+            steps.append(np.zeros(ubs, np.int32))
+        g = weights.global_params()
+        self.embed_params, self.head_params = {"embed": g["embed"]}, g
+        self.block_ops = not getattr(weights, "accelerator_path", False)
+        self.sampling = None
+        if sampling is not None and not sampling.greedy:
+            self.sampling = (jnp.asarray(sampling.base_key()), sampling.args(),
+                             [jnp.asarray(i) for i in idx], [jnp.asarray(s) for s in steps])
+        self.results: dict[int, np.ndarray] = {}
+        self.x, self.qkv, self.host, self.o = {}, {}, {}, {}
+        self.new_kv, self.router_counts, self.dev_cache = {}, {}, None
+        self.full_logits, self.on_step, self.eos = False, None, None
+
+    def _prefill_pos(self, e):
+        return self.prefill_positions[e.micro_batch]
+
+    def _pos(self, e):
+        return self.decode_pos[(e.micro_batch, "dev")]
+
+    def _d2h_kv(self, e):
+        k = e.micro_batch
+        kh, vh = self.kv.to_host(*self.new_kv.pop((e.step, e.layer, k)))
+        n = self.n_real[k]
+        self.kv.write_prefill(e.layer, self.seqs[k], kh[:n], vh[:n], self.prompt_lens[k])
+
+    def _cpu_attn(self, e):
+        key, k = (e.step, e.layer, e.micro_batch), e.micro_batch
+        q, kk, v = self.host.pop(key)
+        n = self.n_real[k]
+        o = self.kv.decode_host(e.layer, self.seqs[k], q[:n], kk[:n], v[:n],
+                                self.decode_pos[k])
+        if n < q.shape[0]:  # padding rows: zeros (their output is dropped)
+            o = np.concatenate([o, np.zeros((q.shape[0] - n,) + o.shape[1:], o.dtype)])
+        self.host[key] = o
+
+    def _head(self, e):
+        k = e.micro_batch
+        x = self.x.pop(k)
+        if e.stage == "prefill":
+            x = x[jnp.arange(x.shape[0]), self.last[k]][:, None]
+        if self.sampling is None:
+            nxt = ops.next_tokens(self.cfg, self.head_params, x)
+        else:
+            key, args, idx, steps = self.sampling
+            nxt = ops.sampled_tokens(self.cfg, self.head_params, x, key, idx[k], steps[k],
+                                     *args)
+        self.results[k] = np.asarray(nxt)[:self.n_real[k]]

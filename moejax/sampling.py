@@ -60,6 +60,8 @@ class Sampling:
 def row_keys(base_key: jax.Array, request_index: jax.Array, step) -> jax.Array:
     """uint32 [B, 2]: fold_in(fold_in(base_key, request_index[b]), step) per row."""
     fold = jax.random.fold_in
+    if jnp.ndim(step):  # one step per row (continuous batching)
+        return jax.vmap(lambda i, s: fold(fold(base_key, i), s))(request_index, step)
     return jax.vmap(lambda i: fold(fold(base_key, i), step))(request_index)
 
 

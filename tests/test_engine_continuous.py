@@ -1,0 +1,134 @@
+"""Continuous batching (Engine.stream / generate(batching="continuous")) equals each prompt
+run alone; the paged host KV cache is empty after a run; sweeps stay bounded."""
+
+import numpy as np
+import pytest
+
+import moejax
+from moejax.schedule import Policy
+from tests.oracle import hf_model
+
+PAGE = 4 * 1000
+LENS = (5, 11, 2, 7, 3, 9)
+MAX_NEW = [6, 3, 5, 1, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Tiny HF Mixtral, 5 MoE layers, small pages so experts stream (as test_engine_offload)."""
+    _, d = hf_model("mixtral", tmp_path_factory.mktemp("mixtral5c"), num_hidden_layers=5)
+    return moejax.load_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    return [list(map(int, rng.integers(0, 101, n))) for n in LENS]
+
+
+@pytest.fixture(scope="module")
+def alone(model, prompts):
+    """Each prompt run alone on the all-on-device reference, to its max new tokens."""
+    ref = moejax.Engine(model)
+    return [ref.generate([p], m)[0] for p, m in zip(prompts, MAX_NEW)]
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    pol = Policy.from_micro_batches(2, 2, gpu_weight_fraction=0.0, page_bytes=PAGE)
+    e = moejax.Engine(model, policy=pol)
+    e.kv_block_tokens = 16  # several blocks per sequence
+    return e
+
+
+def _eos(alone):
+    """A token some rows emit before their last step (others never)."""
+    for row in alone:
+        for t in row[:-1]:
+            if sum(t in r for r in alone) < len(alone):
+                return t
+    pytest.skip("no suitable EOS token")
+
+
+def test_continuous_greedy_equals_each_prompt_alone(engine, prompts, alone):
+    assert engine.store.num_pages(0) > 0  # experts stream
+    eos = _eos(alone)
+    want = []
+    for row in alone:
+        want.append(row[:row.index(eos) + 1] if eos in row else row)
+    got = engine.generate(prompts, MAX_NEW, eos, batching="continuous")
+    assert got == want
+    assert any(len(w) < m for w, m in zip(want, MAX_NEW))  # some rows hit EOS
+    sw = engine.last_sweeps
+    # cap 4 < 6 prompts: some were admitted after the first sweep
+    assert max(sum(s.decode_rows) + sum(s.prefill_rows) for s in sw) <= 4
+    assert any(s.prefill_rows for s in sw[1:])
+    pool = engine.kv_pool
+    assert pool.num_free_blocks == pool.num_blocks and not pool.live_sequences
+
+
+def test_stream_yields_each_index_once_with_its_reason(engine, prompts, alone):
+    eos = _eos(alone)
+    seen = {}
+    for i, toks, reason in engine.stream(prompts, MAX_NEW, eos):
+        assert i not in seen
+        seen[i] = (toks, reason)
+    assert sorted(seen) == list(range(len(prompts)))
+    for i, (toks, reason) in seen.items():
+        assert reason == ("eos" if toks[-1] == eos else "length")
+        assert reason == "eos" or len(toks) == MAX_NEW[i]
+
+
+def test_sweep_timeline_size_is_bounded(engine, prompts):
+    engine.generate(prompts[:2], 12, batching="continuous")
+    sizes = [s.entries for s in engine.last_sweeps]
+    assert len(sizes) == 12
+    assert len(set(sizes[1:])) == 1  # same micro-batches, same entries, however long
+
+
+def test_sampling_equals_each_prompt_alone(engine, model, prompts):
+    s = moejax.Sampling(temperature=0.8, seed=3)
+    ref = moejax.Engine(model)
+    want = [ref.generate([p], m, sampling=s, request_indices=[i])[0]
+            for i, (p, m) in enumerate(zip(prompts, MAX_NEW))]
+    assert engine.generate(prompts, MAX_NEW, sampling=s, batching="continuous") == want
+
+
+def test_static_placements_stream_and_take_lists(model, prompts, alone):
+    ref = moejax.Engine(model)
+    assert ref.generate(prompts, MAX_NEW) == alone
+    assert ref.generate(prompts, MAX_NEW, batching="continuous") == alone
+    assert sorted(i for i, _, _ in ref.stream(prompts, 2)) == list(range(len(prompts)))
+
+
+def test_bad_inputs_are_one_line_errors(engine, model, prompts, alone):
+    for kw, msg in [(dict(max_new_tokens=[1, 2]), "6 prompts"),
+                    (dict(max_new_tokens=[1, 0, 1, 1, 1, 1]), ">= 1"),
+                    (dict(max_new_tokens=3, batching="dynamic"), "batching")]:
+        with pytest.raises(ValueError, match=msg) as err:
+            engine.generate(prompts, **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="6 prompts"):
+        engine.stream(prompts, [1, 2])
+    small = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE, host_kv_bytes=100)
+    with pytest.raises(ValueError, match="host_kv_bytes=100 .*longest request") as err:
+        small.generate(prompts, 3, batching="continuous")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="host_kv_bytes"):
+        moejax.Engine(model, gpu_weight_fraction=0.0, host_kv_bytes=0)
+    assert small.generate(prompts, MAX_NEW) == alone  # static still runs
+    assert engine.generate(prompts, MAX_NEW, batching="continuous") == alone
+
+
+def test_kv_capacity_bounds_admission_and_closing_frees_blocks(model, prompts, alone):
+    probe = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE)
+    e = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                      host_kv_bytes=48 * probe._kv_bytes_per_token(), micro_batch_size=2)
+    e.kv_block_tokens = 16  # 3 blocks: at most three short requests, one long one at once
+    assert e.generate(prompts, MAX_NEW, batching="continuous") == alone
+    assert e.kv_pool.capacity_tokens == 48
+    assert max(sum(s.decode_rows) + sum(s.prefill_rows) for s in e.last_sweeps) <= 3
+    it = e.stream(prompts, MAX_NEW)
+    next(it)
+    it.close()  # stopped early: every block back
+    assert e.kv_pool.num_free_blocks == e.kv_pool.num_blocks
