@@ -85,10 +85,10 @@ def local_hardware(cfg, fresh: bool = False):
     return load_local(path, recalibrate=fresh, model=cfg)
 
 
-def default_budget(cfg, page_bytes: int, workload=None) -> float:
+def default_budget(cfg, page_bytes: int, workload=None, sequences: int = 8) -> float:
     """Device bytes at which the store keeps ~10 % of experts resident and streams the
-    rest, plus room for activations: 15 % of the weights, and at least what a batch of 8
-    sequences of `workload` needs (a tiny model's activations outweigh its weights)."""
+    rest, plus room for activations: 15 % of the weights, and at least what a batch of
+    `sequences` of `workload` needs (a tiny model's activations outweigh its weights)."""
     from moejax.host_offload import make_plan
     from moejax.schedule.predict import memory_bytes
 
@@ -96,7 +96,7 @@ def default_budget(cfg, page_bytes: int, workload=None) -> float:
     budget = plan.device_bytes() + 0.15 * cfg.weight_bytes()
     if workload is not None:
         wg = plan.gpu_weight_fraction
-        budget = max(budget, float(memory_bytes(cfg, workload, 8, 1, wg)[0]))
+        budget = max(budget, float(memory_bytes(cfg, workload, sequences, 1, wg)[0]))
     return budget
 
 
