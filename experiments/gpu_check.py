@@ -92,11 +92,12 @@ def parity(dtype: str) -> dict:
 
 
 def link(total: int = GiB, page: int = 16 * 2**20) -> dict:
-    """GB/s host → device: pinned pages as the store streams them, one big pinned copy,
+    """GB/s host → device (medians): pinned pages as the store streams them, one big copy,
     one big copy from pageable NumPy memory."""
     import jax
     import numpy as np
 
+    from moejax.calibration.microbench import median_seconds
     from moejax.host_offload.memory import device_sharding, pinned_sharding
 
     dev = jax.devices()[0]
@@ -105,14 +106,7 @@ def link(total: int = GiB, page: int = 16 * 2**20) -> dict:
     pages = [jax.device_put(host[i:i + page // 4], pinned_sharding(dev))
              for i in range(0, host.size, page // 4)]
 
-    def best(fn, n=3):
-        fn()
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return total / min(ts) / 1e9
+    best = lambda fn: total / median_seconds(fn, 3) / 1e9  # GB/s, median of 3 after a warm-up
     put = lambda x: jax.device_put(x, device_sharding(dev))
     return {"pinned_pages_GBps": best(lambda: jax.block_until_ready([put(p) for p in pages])),
             "pinned_one_copy_GBps": best(lambda: put(pinned).block_until_ready()),

@@ -29,7 +29,7 @@ from moejax.schedule import costs
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES
 
 
-def _median_s(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     """Median wall time of fn() after one warm-up call (compilation, page faults)."""
     fn()
     times = []
@@ -65,7 +65,7 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
         ids = (jnp.arange(n, dtype=jnp.int32) % e)[:, None]
         wts = jnp.ones((n, 1), jnp.float32)
         cap = t if t < SORTED_MIN_ROWS_PER_EXPERT else None
-        points.append((n, _median_s(lambda: run(x, wts, ids, w1, w3, w2, capacity=cap)
+        points.append((n, median_seconds(lambda: run(x, wts, ids, w1, w3, w2, capacity=cap)
                                     .block_until_ready(), repeats)))
     rows, sec = np.array(points, dtype=float).T
     # least squares in relative error (weights 1/t): decode's few rows per expert are
@@ -88,7 +88,7 @@ def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
         q = rng.standard_normal((b, 1, m.num_heads, m.head_dim)).astype(np.float32)
         kv = rng.standard_normal((b, 1, m.num_kv_heads, m.head_dim)).astype(np.float32)
         pos = np.full(b, c)
-        sec = _median_s(lambda: kvc.decode_host(0, slice(0, b), q, kv, kv, pos), repeats)
+        sec = median_seconds(lambda: kvc.decode_host(0, slice(0, b), q, kv, kv, pos), repeats)
         nbytes = costs.kv_bytes(m, b * (c + 1)) + costs.qkv_bytes(m, b) \
             + costs.attn_out_bytes(m, b)
         points.append((nbytes, sec))
@@ -120,7 +120,7 @@ def _h2d_curve(copy_bytes: int, repeats: int, sizes=H2D_SIZES):
 
         def stream():
             jax.block_until_ready([jax.device_put(p, on_dev) for p in pages])
-        curve.append((float(size), page * len(pages) * 4 / _median_s(stream, repeats)))
+        curve.append((float(size), page * len(pages) * 4 / median_seconds(stream, repeats)))
         del pages
     return tuple(curve)
 
@@ -129,7 +129,7 @@ def _latency(repeats: int) -> float:
     """Seconds of a tiny (4 KiB) `jax.device_put` to the default device."""
     tiny = np.ones(1024, np.float32)
     dev = jax.devices()[0]
-    return _median_s(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
+    return median_seconds(lambda: jax.device_put(tiny, dev).block_until_ready(), 5 * repeats)
 
 
 def _link(copy_bytes: int, repeats: int):
@@ -139,22 +139,22 @@ def _link(copy_bytes: int, repeats: int):
     curve = _h2d_curve(copy_bytes, repeats)
     x = jax.device_put(np.ones(copy_bytes // 4, np.float32), dev)
     d2h_fn = lambda: np.array(HostKVCache.to_host(x)[0], copy=True)
-    return curve, copy_bytes / _median_s(d2h_fn, repeats)
+    return curve, copy_bytes / median_seconds(d2h_fn, repeats)
 
 
 def _read_rates(read_bytes: int, repeats: int):
     """(device read bytes/s, host read bytes/s): jitted sum on the device, NumPy sum."""
     host = np.ones(read_bytes // 4, np.float32)
-    host_rate = read_bytes / _median_s(lambda: host.sum(), repeats)
+    host_rate = read_bytes / median_seconds(lambda: host.sum(), repeats)
     x = jax.device_put(host)
     total = jax.jit(jnp.sum)
-    dev_rate = read_bytes / _median_s(lambda: total(x).block_until_ready(), repeats)
+    dev_rate = read_bytes / median_seconds(lambda: total(x).block_until_ready(), repeats)
     return dev_rate, host_rate
 
 
 def _host_flops(repeats: int, n: int = 1024) -> float:
     a = np.ones((n, n), np.float32)
-    return 2 * n**3 / _median_s(lambda: a @ a, repeats)
+    return 2 * n**3 / median_seconds(lambda: a @ a, repeats)
 
 
 def _memory_sizes():
