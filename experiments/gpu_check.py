@@ -92,8 +92,8 @@ def parity(dtype: str) -> dict:
 
 
 def link(total: int = GiB, page: int = 16 * 2**20) -> dict:
-    """GB/s host → device (medians): pinned pages as the store streams them, one big copy,
-    one big copy from pageable NumPy memory."""
+    """GB/s host → device (medians): pinned pages as the store streams them, one big
+    pinned copy, one big copy from pageable NumPy memory."""
     import jax
     import numpy as np
 
