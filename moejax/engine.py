@@ -89,14 +89,17 @@ class Engine:
     kv_dtype (default the model's; "int8"); host_memory "auto" | "pinned_host" | "numpy";
     offload: None = iff a knob is given, True/False force it; host_kv_bytes: capacity of
     the paged host KV cache of continuous batching (default HOST_KV_SHARE of the host
-    memory available when `stream` first needs it)."""
+    memory available when `stream` first needs it); devices: k jax devices (e.g.
+    `jax.devices()[:k]`) to run the offloaded schedule tensor-parallel on their mesh
+    (`host_offload.sharding`; implies offload, the budget is per device)."""
 
     def __init__(self, model, device_memory_bytes: int | None = None,
                  gpu_weight_fraction: float | None = None,
                  attention_device: str | None = None, page_bytes: int | None = None, *,
                  policy: Policy | None = None, micro_batch_size: int | None = None,
                  kv_dtype: str | None = None, host_memory: str = "auto",
-                 offload: bool | None = None, host_kv_bytes: int | None = None):
+                 offload: bool | None = None, host_kv_bytes: int | None = None,
+                 devices=None):
         if host_kv_bytes is not None and (isinstance(host_kv_bytes, bool) or not isinstance(
                 host_kv_bytes, (int, np.integer)) or host_kv_bytes < 1):
             raise ValueError(f"host_kv_bytes={host_kv_bytes!r} must be a positive integer "
@@ -104,7 +107,7 @@ class Engine:
         p = resolve_placement(model, device_memory_bytes, gpu_weight_fraction,
                               attention_device, page_bytes, policy=policy,
                               micro_batch_size=micro_batch_size, kv_dtype=kv_dtype,
-                              host_memory=host_memory, offload=offload)
+                              host_memory=host_memory, offload=offload, devices=devices)
         self.offload, self.attention_device, self.kv_dtype = (p.offload, p.attention_device,
                                                               p.kv_dtype)
         self.policy, self.micro_batch_size = p.policy, p.micro_batch_size
@@ -166,7 +169,7 @@ class Engine:
         dev, _ = memory_bytes(self.cfg, self._workload(prompt_len, gen_len),
                               policy.micro_batch_size, policy.num_micro_batches,
                               self.store.gpu_weight_fraction, policy.attention_device,
-                              policy.kv_cache_device)
+                              policy.kv_cache_device, devices=self.store.shards)
         return float(dev), budget
 
     def check_memory(self, num_prompts: int, prompt_len: int, max_new_tokens: int) -> None:

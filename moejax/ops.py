@@ -7,6 +7,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax.host_offload.sharding import EXPERT_SPECS, TP
 
 from moejax.layers.attention import cache_mask, gqa_attention
 from moejax.layers.decoder import DecoderLayer, MoETransformer
@@ -87,23 +90,41 @@ def _moe_ffn(cfg, parts, normed, w, ids, capacity):
     return jax.lax.switch(pick, branches, normed, w, ids, parts)
 
 
-@partial(jax.jit, static_argnames=("cfg", "moe", "capacity"))
-def _ffn(cfg, moe, lp, h, normed, w, ids, capacity=None):
+def _tp_moe_ffn(cfg, mesh, parts, normed, w, ids, capacity):
+    """[N, h] on a tensor-parallel mesh: each device runs `_moe_ffn` over its 1/k of
+    every part's f columns (`EXPERT_SPECS`), then the partial sums are reduced (psum, in
+    float32): SwiGLU is a sum over f, so the k partials add up to the whole FFN."""
+    def local(parts, normed, w, ids):
+        y = _moe_ffn(cfg, parts, normed, w, ids, capacity)  # [N, h], this device's columns
+        return jax.lax.psum(y.astype(jnp.float32), TP).astype(y.dtype)
+
+    specs = [tuple(EXPERT_SPECS[n] for n in ("w1", "w3", "w2")) for _ in parts]
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), P(), P()),
+                         out_specs=P())(list(parts), normed, w, ids)
+
+
+@partial(jax.jit, static_argnames=("cfg", "moe", "capacity", "mesh"))
+def _ffn(cfg, moe, lp, h, normed, w, ids, capacity=None, mesh=None):
     if not moe:
         return DecoderLayer(cfg, moe).apply({"params": lp}, h, normed, w, ids, None,
                                             method="ffn")
-    y = _moe_ffn(cfg, lp["experts"], normed, w, ids, capacity)
+    if mesh is None:
+        y = _moe_ffn(cfg, lp["experts"], normed, w, ids, capacity)
+    else:
+        y = _tp_moe_ffn(cfg, mesh, lp["experts"], normed, w, ids, capacity)
     return h + y.reshape(h.shape).astype(h.dtype)
 
 
-def ffn(cfg, moe, lp, h, normed, w, ids, capacity="device"):
+def ffn(cfg, moe, lp, h, normed, w, ids, capacity="device", mesh=None):
     """h + FFN(normed) -> [B, T, h]. MoE layers take `lp["experts"]` as FFN-column parts
     [(w1, w3, w2), …] (`layers.experts.moe_ffn_parts`); if `needs_capacity`, `capacity`
     is an int (≥ the max router count, else tokens drop) or "device" (the bucket is
-    picked on the device), else the sorted path: one compiled shape per token count."""
+    picked on the device), else the sorted path: one compiled shape per token count.
+    `mesh`: the parts are sharded along f over it (`host_offload.sharding`), reduced
+    after w2."""
     if not needs_capacity(cfg, moe, normed.shape[0]):
         capacity = None
-    return _ffn(cfg, moe, lp, h, normed, w, ids, capacity)
+    return _ffn(cfg, moe, lp, h, normed, w, ids, capacity, mesh)
 
 
 attend = jax.jit(gqa_attention)

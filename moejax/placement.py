@@ -10,6 +10,7 @@ import numpy as np
 
 from moejax.host_offload.kv_cache import KV_DTYPES
 from moejax.host_offload.memory import default_device, device_memory_limit
+from moejax.host_offload.sharding import check_devices, check_split
 from moejax.host_offload.weight_store import HostWeightStore, make_plan
 from moejax.model import MoEModel
 from moejax.sampling import Sampling
@@ -34,13 +35,14 @@ class Placement:
     store_knobs: dict = field(default_factory=dict)
 
 
-def budget_weight_fraction(cfg, page_bytes, budget) -> float | None:
+def budget_weight_fraction(cfg, page_bytes, budget, shards: int = 1) -> float | None:
     """The resident fraction a device budget alone buys: the most resident pages that
     leave ACTIVATION_SHARE of it free; None (the store then fills the whole budget, or
     names the shortfall) when even streaming everything does not leave that much."""
     try:
         return make_plan(cfg, page_bytes, None, budget,
-                         reserved_bytes=int(ACTIVATION_SHARE * budget)).gpu_weight_fraction
+                         reserved_bytes=int(ACTIVATION_SHARE * budget),
+                         shards=shards).gpu_weight_fraction
     except (ValueError, TypeError):
         return None
 
@@ -82,9 +84,10 @@ def _check_choices(micro_batch_size, offload, attention_device, kv_dtype):
 def resolve_placement(model, device_memory_bytes=None, gpu_weight_fraction=None,
                       attention_device=None, page_bytes=None, *, policy=None,
                       micro_batch_size=None, kv_dtype=None, host_memory="auto",
-                      offload=None) -> Placement:
+                      offload=None, devices=None) -> Placement:
     """The Placement an `Engine(model, ...)` runs with (its docstring lists the knobs):
-    offloaded iff a knob, a policy or a HostWeightStore is given (or `offload=True`)."""
+    offloaded iff a knob, a policy, `devices` or a HostWeightStore is given (or
+    `offload=True`); `devices` are checked (they exist, the model's sizes split)."""
     if policy is not None:
         gpu_weight_fraction, page_bytes, attention_device = _policy_knobs(
             policy, gpu_weight_fraction, page_bytes, micro_batch_size, attention_device)
@@ -92,7 +95,7 @@ def resolve_placement(model, device_memory_bytes=None, gpu_weight_fraction=None,
     store_knobs = dict(device_memory_bytes=device_memory_bytes,
                        gpu_weight_fraction=gpu_weight_fraction, page_bytes=page_bytes)
     given = any(v is not None for v in (*store_knobs.values(), attention_device,
-                                         kv_dtype, policy)) or host_memory != "auto"
+                                         kv_dtype, policy, devices)) or host_memory != "auto"
     is_store = isinstance(model, HostWeightStore)
     if not is_store and not isinstance(model, MoEModel):
         raise ValueError(f"model must be a MoEModel or a HostWeightStore, got "
@@ -104,8 +107,14 @@ def resolve_placement(model, device_memory_bytes=None, gpu_weight_fraction=None,
     if kv_dtype is not None and attention_device != "cpu":
         raise ValueError(f"kv_dtype={kv_dtype!r} needs attention_device='cpu' (the "
                          "device KV cache keeps the model dtype)")
+    shards = 1
+    if devices is not None:
+        devices = check_devices(devices)
+        shards = len(devices)
+        check_split(model.cfg if is_store else model.config, shards)
     if is_store:
         if device_memory_bytes is not None or host_memory != "auto" or (
+                devices is not None and devices != model.devices) or (
                 policy is None and (gpu_weight_fraction, page_bytes) != (None, None)):
             raise ValueError("a HostWeightStore was given: its knobs are already set")
         if policy is not None:
@@ -117,8 +126,10 @@ def resolve_placement(model, device_memory_bytes=None, gpu_weight_fraction=None,
             device_memory_limit(default_device())  # an accelerator's allocator limit
         if offload and budget is not None and gpu_weight_fraction is None:
             store_knobs["gpu_weight_fraction"] = budget_weight_fraction(
-                model.config, page_bytes, budget)
+                model.config, page_bytes, budget, shards)
         store_knobs["host_memory"] = host_memory
+        if devices is not None:
+            store_knobs["devices"] = devices
     return Placement(offload, attention_device, kv_dtype, policy, micro_batch_size,
                      store_knobs if offload else {})
 

@@ -136,7 +136,8 @@ class BatchRun:
 
     def _h2d_attn(self, e):
         key = (e.step, e.layer, e.micro_batch)
-        self.o[key] = self._ready(self.kv.to_device(self.host.pop(key)))
+        self.o[key] = self._ready(self.kv.to_device(
+            self.host.pop(key), getattr(self.w, "activation_sharding", None)))
 
     # ------------------------------------------------------------------ compute
     def _embed(self, e):
@@ -189,7 +190,8 @@ class BatchRun:
         if moe:  # read after the run: no sync here
             self.router_counts.setdefault(e.stage, []).append(counts)
         # the capacity bucket is picked on the device: no host read of the counts
-        self.x[k] = y = self._ready(ops.ffn(cfg, moe, lp, h, normed, w, ids))
+        self.x[k] = y = self._ready(ops.ffn(cfg, moe, lp, h, normed, w, ids,
+                                            mesh=getattr(self.w, "mesh", None)))
         if moe and k == self.last_mb:
             self.w.release(i, e.step, fence=y)  # its pages' next user waits for y
 

@@ -1,11 +1,17 @@
 """Session set-up: float32 matmuls at "highest" precision and no preallocation (so the
 tests are right on a GPU too, where TF32 and XLA's 75 % preallocation are the defaults),
-`gpu`-marked tests skipped without a GPU, and a tiny calibration of the `local` hardware,
-so that engines which search their micro-batching do not run the full one."""
+`gpu`-marked tests skipped without a GPU, four forced CPU devices (the tensor-parallel
+tests), and a tiny calibration of the `local` hardware, so that engines which search
+their micro-batching do not run the full one."""
 
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# four CPU devices for the tensor-parallel tests (tests/test_engine_multi_device.py); a
+# GPU backend ignores the flag, and everything else still runs on jax.devices()[0]
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

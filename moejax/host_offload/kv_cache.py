@@ -182,9 +182,11 @@ class PagedKVCache:
         """D2H: device arrays -> NumPy (a copy on a GPU; may alias on the CPU backend)."""
         return tuple(np.asarray(x) for x in xs)
 
-    def to_device(self, o: np.ndarray) -> jax.Array:
-        """H2D: attention output, cast to the model dtype, onto the device."""
-        return jax.device_put(o.astype(self._out_dtype, copy=False), self._dev)
+    def to_device(self, o: np.ndarray, sharding=None) -> jax.Array:
+        """H2D: attention output, cast to the model dtype, onto the device (or split as
+        `sharding` says over a tensor-parallel mesh)."""
+        return jax.device_put(o.astype(self._out_dtype, copy=False),
+                              self._dev if sharding is None else sharding)
 
     def _store(self, layer: int, blocks: np.ndarray, pos: np.ndarray, k, v) -> None:
         """k, v [n, Hkv, d] at positions pos [n] in pool blocks [n]."""

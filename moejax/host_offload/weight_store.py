@@ -32,6 +32,7 @@ from moejax.host_offload.memory import (DEFAULT_PAGE_BYTES, check_host_memory,
                                         check_pinned_pool, device_memory_limit,
                                         default_device, device_sharding, has_pinned_host,
                                         pinned_sharding, steady_malloc)
+from moejax.host_offload import sharding as tp
 from moejax.model_config.model import ModelConfig
 from moejax.schedule.costs import stream_buffer_bytes
 
@@ -58,7 +59,8 @@ class StorePlan:
     resident_cols: int  # columns [0, f_r) of every MoE layer stay on the device
     pages: tuple[Page, ...]  # the streamed columns [f_r, f) in blocks, in order
     num_moe_layers: int
-    non_expert_bytes: int
+    non_expert_bytes: int  # per device
+    shards: int = 1  # k tensor-parallel devices: each holds 1/k of every expert column block
 
     @property
     def col_bytes(self) -> int:
@@ -94,10 +96,12 @@ class StorePlan:
         return 1.0 if w == 0 else 1.0 - self.streamed_bytes / w
 
     def device_bytes_by_kind(self) -> dict[str, int]:
-        streamed = self.streamed_bytes if self.streaming else 0
+        """Bytes on each device (with k shards: 1/k of the expert bytes)."""
+        streamed = self.streamed_bytes // self.shards if self.streaming else 0
         return {"non_expert": self.non_expert_bytes,
                 "resident_experts": self.num_moe_layers * (self.layer_bytes
-                                                           - self.streamed_bytes),
+                                                           - self.streamed_bytes)
+                // self.shards,
                 **{k: int(v) for k, v in stream_buffer_bytes(streamed).items()}}
 
     def device_bytes(self) -> int:
@@ -120,16 +124,21 @@ def check_page_bytes(cfg: ModelConfig, page_bytes) -> int:
     return int(page_bytes)
 
 
-def make_pages(cfg: ModelConfig, page_bytes: int, first: int = 0) -> tuple[Page, ...]:
-    """Column blocks of `cfg.page_cols` columns over [first, f); the last one narrower."""
+def make_pages(cfg: ModelConfig, page_bytes: int, first: int = 0,
+               shards: int = 1) -> tuple[Page, ...]:
+    """Column blocks of `cfg.page_cols` columns (rounded down to a multiple of `shards`,
+    at least `shards`: each device takes an equal share) over [first, f); the last one
+    narrower."""
     c, f = cfg.page_cols(page_bytes), cfg.expert_ffn_size
+    c = max(shards, c // shards * shards)
     return tuple(Page(s, min(c, f - s)) for s in range(first, f, c))
 
 
-def _plan(cfg, page_bytes, resident_cols: int) -> StorePlan:
+def _plan(cfg, page_bytes, resident_cols: int, shards: int = 1) -> StorePlan:
+    resident_cols = resident_cols // shards * shards
     return StorePlan(page_bytes, cfg.bytes_per_param, expert_shapes(cfg), resident_cols,
-                     make_pages(cfg, page_bytes, resident_cols), cfg.num_moe_layers,
-                     cfg.non_expert_bytes())
+                     make_pages(cfg, page_bytes, resident_cols, shards), cfg.num_moe_layers,
+                     cfg.non_expert_bytes_per_device(shards), shards)
 
 
 def _describe(plan: StorePlan, reserved: int) -> str:
@@ -137,14 +146,14 @@ def _describe(plan: StorePlan, reserved: int) -> str:
     return parts + (f", reserved {reserved}" if reserved else "")
 
 
-def _fitting_cols(cfg, budget: int) -> list[int]:
-    """Candidate resident column counts for a budget, most resident first: all f, then
-    the most below f whose bytes fit — NE + L·f_r·col + 2·(f − f_r)·col is affine in
-    f_r, so that is a closed form — and 0."""
+def _fitting_cols(cfg, budget: int, shards: int = 1) -> list[int]:
+    """Candidate resident column counts for a (per-device) budget, most resident first:
+    all f, then the most below f whose bytes fit — NE_k + (L·f_r + 2·(f − f_r))·col/k is
+    affine in f_r, so that is a closed form — and 0."""
     f, col, L = cfg.expert_ffn_size, cfg.expert_col_bytes(), cfg.num_moe_layers
-    ne, slope = cfg.non_expert_bytes(), (L - 2) * col
+    ne, slope = cfg.non_expert_bytes_per_device(shards), (L - 2) * col
     if slope > 0:
-        best = int((budget - ne - 2 * f * col) // slope)
+        best = int((shards * (budget - ne) - 2 * f * col) // slope)
     else:  # streaming more costs more (or the same): stream as little as possible
         best = f - 1
     return [f, min(max(best, 0), f - 1), 0]
@@ -152,12 +161,15 @@ def _fitting_cols(cfg, budget: int) -> list[int]:
 
 def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
               gpu_weight_fraction: float | None = None,
-              device_memory_bytes: int | None = None, reserved_bytes: int = 0) -> StorePlan:
+              device_memory_bytes: int | None = None, reserved_bytes: int = 0,
+              shards: int = 1) -> StorePlan:
     """Choose the resident columns f_r of every MoE layer.
 
     wg given: f_r = ⌊wg·f⌋ (then checked against the budget). Only a budget: the most
     resident columns that fit (all of them when NE + L·W_E fits). Neither: wg = 0,
-    every expert streams. Budget too small: ValueError saying by how much.
+    every expert streams. Budget too small: ValueError saying by how much. `shards`: k
+    tensor-parallel devices, the budget is per device and f_r and every page's columns
+    are multiples of k (`host_offload.sharding`).
     """
     page_bytes = check_page_bytes(cfg, DEFAULT_PAGE_BYTES if page_bytes is None
                                   else page_bytes)
@@ -172,20 +184,25 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
         raise ValueError(f"device_memory_bytes={budget!r} must be a positive integer")
     f = cfg.expert_ffn_size
     if wg is not None or budget is None:
-        plan = _plan(cfg, page_bytes, int(np.floor((wg or 0.0) * f * (1 + 1e-12))))
+        plan = _plan(cfg, page_bytes, int(np.floor((wg or 0.0) * f * (1 + 1e-12))), shards)
         if budget is not None and plan.device_bytes() + reserved_bytes > budget:
             need = plan.device_bytes() + reserved_bytes
-            raise ValueError(f"device_memory_bytes={budget} is too small by {need - budget} "
+            per = f" per device (of {shards})" if shards > 1 else ""
+            raise ValueError(f"device_memory_bytes={budget}{per} is too small by "
+                             f"{need - budget} "
                              f"bytes for gpu_weight_fraction={wg} (needs {need}: "
                              f"{_describe(plan, reserved_bytes)})")
         return plan
-    plans = [_plan(cfg, page_bytes, c) for c in _fitting_cols(cfg, budget - reserved_bytes)]
+    plans = [_plan(cfg, page_bytes, c, shards)
+             for c in _fitting_cols(cfg, budget - reserved_bytes, shards)]
     for plan in plans:
         if plan.device_bytes() + reserved_bytes <= budget:
             return plan
     best = min(plans, key=StorePlan.device_bytes)
     need = best.device_bytes() + reserved_bytes
-    raise ValueError(f"device_memory_bytes={budget} is too small by {need - budget} bytes: "
+    per = f" per device (of {shards})" if shards > 1 else ""
+    raise ValueError(f"device_memory_bytes={budget}{per} is too small by {need - budget} "
+                     "bytes: "
                      f"the smallest placement (gpu_weight_fraction="
                      f"{best.gpu_weight_fraction:.3g}) needs {need} "
                      f"({_describe(best, reserved_bytes)})")
@@ -235,22 +252,32 @@ class HostWeightStore:
     adopted host-memory leaves, else copies). `accelerator_path` (default: off the CPU, or
     `$MOEJAX_ACCELERATOR_PATH=1`) makes the CPU backend take the accelerator's path.
 
-    Fill it with `place(path, array)` (the `load_hf_params` callback) or `from_params`;
-    then `check_complete()`. Thread-safe: prefetch/wait/release may come from any thread.
+    `devices` (k of them): every weight lives on their tensor-parallel mesh (`mesh`,
+    `host_offload.sharding`): the budget is per device, each device holds and streams
+    1/k of every expert column block. Fill it with `place(path, array)` (the
+    `load_hf_params` callback) or `from_params`; then `check_complete()`. Thread-safe:
+    prefetch/wait/release may come from any thread.
     """
 
     def __init__(self, cfg: ModelConfig, *, gpu_weight_fraction: float | None = None,
                  page_bytes: int | None = None, device_memory_bytes: int | None = None,
                  host_memory: str = "auto", device: jax.Device | None = None,
-                 accelerator_path: bool | None = None):
+                 accelerator_path: bool | None = None, devices=None):
         self.cfg = cfg
+        self.mesh = None if devices is None else tp.make_mesh(devices)
+        self.shards = 1 if devices is None else len(self.mesh.devices)
+        self.devices = None if devices is None else tuple(self.mesh.devices.flat)
+        if self.mesh is not None:
+            tp.check_split(cfg, self.shards)
+            device = self.mesh.devices.flat[0]
         steady_malloc()  # page buffers from malloc's heaps, not freshly faulted mmaps
         self.device = device or default_device()
         self.accelerator_path = use_accelerator_path(self.device, accelerator_path)
         # no budget given: on an accelerator, what its allocator will hand out
         self.budget = device_memory_limit(self.device) if device_memory_bytes is None \
             else device_memory_bytes
-        self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, self.budget)
+        self.plan = make_plan(cfg, page_bytes, gpu_weight_fraction, self.budget,
+                              shards=self.shards)
         self.host_memory = check_host_memory(host_memory)
         if host_memory == "pinned_host" and not has_pinned_host(self.device):
             raise ValueError(f"host_memory='pinned_host' but {self.device} offers no "
@@ -260,7 +287,8 @@ class HostWeightStore:
         if max((int(np.prod(s)) for s in self.plan.shapes), default=0) >= 2**31:
             raise ValueError("an expert tensor of >= 2^31 elements is not supported")
         if self._host_kind() == "pinned_host" and self.accelerator_path:
-            check_pinned_pool(self.plan.num_moe_layers * self.plan.streamed_bytes)
+            check_pinned_pool(self.plan.num_moe_layers * self.plan.streamed_bytes
+                              // self.shards)
         self._dtype = jnp.dtype(cfg.dtype)
         self._bytes = {"non_expert": 0, "resident_experts": 0,
                        "stream_buffers": self.plan.device_bytes_by_kind()["stream_buffers"]}
@@ -271,6 +299,19 @@ class HostWeightStore:
         self._host: dict[int, list[dict]] = {}  # layer -> per streamed page {name: array}
         self._slots = [_Slot() for _ in range(2 if cfg.num_moe_layers else 0)]
         self._placed: set[Path] = set()
+
+    def _where(self, spec, kind: str = "device"):
+        """Where an array of PartitionSpec `spec` lives in memory `kind`: this device, or
+        with a mesh sharded over it (`host_offload.sharding`)."""
+        if self.mesh is None:
+            return self._dev if kind == "device" else self._pin
+        return tp.sharding(self.mesh, spec, kind)
+
+    @property
+    def activation_sharding(self):
+        """Where an attention output o [B, T, Hq, d] goes from the host: split by heads
+        over the mesh (each device's o_proj reads its heads), None without a mesh."""
+        return None if self.mesh is None else tp.sharding(self.mesh, tp.ATTN_OUT_SPEC)
 
     # ---------------------------------------------------------------- accounting
     @property
@@ -365,8 +406,10 @@ class HostWeightStore:
             self._place_expert(ex[0], ex[1], arr, adopt)
             leaf = None
         else:
-            self._account("non_expert", int(arr.nbytes), "/".join(path))
-            leaf = jax.block_until_ready(jax.device_put(arr, self._dev))
+            spec = tp.param_spec(path)
+            self._account("non_expert", tp.per_device_bytes(int(arr.nbytes), spec,
+                                                            self.shards), "/".join(path))
+            leaf = jax.block_until_ready(jax.device_put(arr, self._where(spec)))
             node = self._layers[int(path[0][7:])] if path[0].startswith("layers_") \
                 else self._globals
             for k in path[1 if path[0].startswith("layers_") else 0:-1]:
@@ -400,9 +443,10 @@ class HostWeightStore:
             jnp.asarray(arr, dtype=self._dtype)
         fr = self.plan.resident_cols
         if fr:
-            self._account("resident_experts", fr * self.plan.col_bytes // 3,
+            self._account("resident_experts", fr * self.plan.col_bytes // 3 // self.shards,
                           f"layers_{layer}/experts/{name}[..{fr}]")
-            dev = jax.device_put(cols(src, 0, fr) if fr < shape[axis] else src, self._dev)
+            dev = jax.device_put(cols(src, 0, fr) if fr < shape[axis] else src,
+                                 self._where(tp.EXPERT_SPECS[name]))
             jax.block_until_ready(dev)  # the source may be a loader's buffer, freed next
             self._resident.setdefault(layer, {})[name] = dev
         kind = self._host_kind()
@@ -410,7 +454,8 @@ class HostWeightStore:
         for i, p in enumerate(self.plan.streamed_pages):
             block = cols(src, p.start, p.start + p.cols)  # [E, h, c] / [E, c, h]
             if kind == "pinned_host":
-                pages[i][name] = jax.device_put(np.ascontiguousarray(block), self._pin)
+                pages[i][name] = jax.device_put(np.ascontiguousarray(block), self._where(
+                    tp.EXPERT_SPECS[name], "pinned_host"))
             elif on_host and adopt and not self.accelerator_path:
                 pages[i][name] = block  # a view: the one host copy stays the caller's
             else:
@@ -517,7 +562,9 @@ class HostWeightStore:
             s = self._slot_of(layer, step)
             if page in s.pages:
                 return None
-            s.pages[page] = tuple(jax.device_put(host[page][n], self._dev)
+            # with a mesh each device's share of the page comes over its own link
+            s.pages[page] = tuple(jax.device_put(host[page][n],
+                                                 self._where(tp.EXPERT_SPECS[n]))
                                   for n in EXPERTS)
             return s.pages[page]
 

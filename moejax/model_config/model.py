@@ -169,6 +169,13 @@ class ModelConfig:
         return (self.total_params() - self.num_moe_layers * self.num_experts
                 * self.expert_params()) * self.bytes_per_param
 
+    def non_expert_bytes_per_device(self, devices: int = 1) -> int:
+        """`non_expert_bytes` one of k tensor-parallel devices holds: the q, k, v, o
+        projections split by heads (1/k each), everything else replicated."""
+        proj = self.num_layers * self.attention_proj_flops_per_token() // 2 \
+            * self.bytes_per_param
+        return self.non_expert_bytes() - proj + proj // devices
+
     def weight_bytes(self) -> int:
         return self.total_params() * self.bytes_per_param
 

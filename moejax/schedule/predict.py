@@ -72,10 +72,13 @@ def working_set_bytes(m: ModelConfig, tokens):
 
 
 def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
-                 attention_device: str = "cpu", kv_cache_device: str = "cpu"):
+                 attention_device: str = "cpu", kv_cache_device: str = "cpu",
+                 devices: int = 1):
     """(peak device, peak host) bytes, broadcastable, affine in wg on [0, 1) (§4.3 Memory):
     device = NE + wg·W_E + [wg < 1]·(2·W_E + (1−wg)·W_E) + max(prefill, decode act) [+ KV],
-    host = (1−wg)·W_E [+ KV] + staging; streams mirror HostWeightStore's accounting."""
+    host = (1−wg)·W_E [+ KV] + staging; streams mirror HostWeightStore's accounting.
+    `devices` k > 1: device bytes of one tensor-parallel device, NE_k + expert terms / k
+    (activations counted whole: replicated, an upper bound)."""
     m, s, n = model, workload.prompt_len, workload.gen_len
     b, h, big_n = m.bytes_per_param, m.hidden_size, ubs * n_ub
     kv_total = big_n * (s + n) * m.kv_bytes_per_token(workload.kv_bytes_per_elem)
@@ -93,7 +96,8 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
     stream = sum(costs.stream_buffer_bytes(np.where(
         np.asarray(wg) < 1, costs.streamed_expert_bytes(m, wg), 0.0)).values()) \
         if m.num_moe_layers else 0.0
-    device = (m.non_expert_bytes() + wg * m.expert_bytes_total() + stream
+    device = (m.non_expert_bytes_per_device(devices)
+              + (wg * m.expert_bytes_total() + stream) / devices
               + np.maximum(prefill, decode) + (kv_total if kv_cache_device == "gpu" else 0))
     host = ((1 - wg) * m.expert_bytes_total() + (kv_total if kv_cache_device == "cpu" else 0)
             + big_n * (qkv_cols + m.num_heads * m.head_dim) * b)
