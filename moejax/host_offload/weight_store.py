@@ -183,11 +183,11 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
             budget, (int, np.integer)) or budget <= 0):
         raise ValueError(f"device_memory_bytes={budget!r} must be a positive integer")
     f = cfg.expert_ffn_size
+    per = f" per device (of {shards})" if shards > 1 else ""
     if wg is not None or budget is None:
         plan = _plan(cfg, page_bytes, int(np.floor((wg or 0.0) * f * (1 + 1e-12))), shards)
         if budget is not None and plan.device_bytes() + reserved_bytes > budget:
             need = plan.device_bytes() + reserved_bytes
-            per = f" per device (of {shards})" if shards > 1 else ""
             raise ValueError(f"device_memory_bytes={budget}{per} is too small by "
                              f"{need - budget} "
                              f"bytes for gpu_weight_fraction={wg} (needs {need}: "
@@ -200,7 +200,6 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
             return plan
     best = min(plans, key=StorePlan.device_bytes)
     need = best.device_bytes() + reserved_bytes
-    per = f" per device (of {shards})" if shards > 1 else ""
     raise ValueError(f"device_memory_bytes={budget}{per} is too small by {need - budget} "
                      "bytes: "
                      f"the smallest placement (gpu_weight_fraction="

@@ -172,8 +172,7 @@ class ModelConfig:
     def non_expert_bytes_per_device(self, devices: int = 1) -> int:
         """`non_expert_bytes` one of k tensor-parallel devices holds: the q, k, v, o
         projections split by heads (1/k each), everything else replicated."""
-        proj = self.num_layers * self.attention_proj_flops_per_token() // 2 \
-            * self.bytes_per_param
+        proj = self.num_layers * self.attention_proj_params() * self.bytes_per_param
         return self.non_expert_bytes() - proj + proj // devices
 
     def weight_bytes(self) -> int:
@@ -193,9 +192,13 @@ class ModelConfig:
         """FLOPs of one token's MoE FFN in one layer: top_k experts × 2·3·h·f."""
         return self.top_k * 2 * self.expert_params()
 
+    def attention_proj_params(self) -> int:
+        """Params of one layer's q, k, v, o projections (its attention less any q/k norms)."""
+        return self.attention_params() - (2 * self.head_dim if self.qk_norm else 0)
+
     def attention_proj_flops_per_token(self) -> int:
         """q, k, v, o projections of one token in one layer: 2 × their params."""
-        return 2 * (self.attention_params() - (2 * self.head_dim if self.qk_norm else 0))
+        return 2 * self.attention_proj_params()
 
     def attention_core_flops(self, context_len: int) -> int:
         """Scores + weighted sum of one query token over `context_len` keys, one layer:
