@@ -226,13 +226,17 @@ def quantized_config(cfg: ModelConfig, expert_dtype: str | None,
 
 def quantize_params(cfg: ModelConfig, params: dict) -> dict:
     """A float parameter tree with its expert leaves quantized as `cfg` (quantized) says;
-    every other leaf kept. Host (NumPy) experts are quantized on the host."""
+    every other leaf kept. Quantized in NumPy one tensor at a time (device leaves go to
+    the host and back), so the result is bit-identical to a converted checkpoint's."""
     def conv(path, leaf):
         keys = tuple(getattr(k, "key", k) for k in path)
         if not is_expert_path(keys) or is_qtensor(leaf) or \
                 not cfg.is_moe_layer(int(keys[0][len("layers_"):])):
             return leaf
-        return quantize_expert(cfg, leaf if isinstance(leaf, np.ndarray) else jnp.asarray(leaf))
+        if isinstance(leaf, np.ndarray):
+            return quantize_expert(cfg, leaf)
+        # on the host in NumPy (as the loaders do: bit-identical), then back where it was
+        return jax.device_put(quantize_expert(cfg, np.asarray(leaf)), leaf.sharding)
     return jax.tree_util.tree_map_with_path(conv, params, is_leaf=is_qtensor)
 
 

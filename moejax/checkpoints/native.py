@@ -210,8 +210,8 @@ def _check_leaves(directory: str, cfg: ModelConfig, leaves: dict) -> dict[Path, 
     missing, extra = sorted(want - set(leaves)), sorted(set(leaves) - want)
     if missing or extra:
         what = f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"
-        if cfg.expert_quantized:
-            what += f" (the config says {cfg.expert_dtype} experts)"
+        if cfg.expert_quantized or any(k.endswith("/scale") for k in extra):
+            what += f" (the config says {cfg.expert_dtype or 'float'} experts)"
         raise ValueError(f"native checkpoint {directory}: {what}")
     for path, parts in plan.items():
         for p, (stored, _) in parts.items():
