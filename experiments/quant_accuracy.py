@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import no_extra_args, output_flag, quiet_logs, run
+from experiments.quant_metrics import _prompts, greedy_agreement, logit_errors  # noqa: F401
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("groups", ["32", "64"], "group sizes along the reduction axis")
@@ -33,21 +34,6 @@ flags.DEFINE_integer("local_num_layers", 4, "scaled local Mixtral: layers", lowe
 flags.DEFINE_string("output_json", "experiments/results/quant_accuracy_cpu.json",
                     "JSON out ('' to skip)")
 output_flag("output_json", ".json", allow_empty=True)
-
-
-def logit_errors(ref: np.ndarray, got: np.ndarray) -> dict:
-    """{mean_rel_err, max_rel_err}: ‖got − ref‖₂ / ‖ref‖₂ per position (over the vocab)."""
-    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    rel = np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
-    return {"mean_rel_err": float(rel.mean()), "max_rel_err": float(rel.max())}
-
-
-def greedy_agreement(ref: list[list[int]], got: list[list[int]]) -> dict:
-    """{greedy_match, greedy_prefix}: positions equal / all, mean common-prefix length."""
-    eq = [np.asarray(a) == np.asarray(b) for a, b in zip(ref, got)]
-    prefix = [int(np.argmin(e)) if not e.all() else len(e) for e in eq]
-    return {"greedy_match": float(np.mean(np.concatenate(eq))),
-            "greedy_prefix": float(np.mean(prefix))}
 
 
 def accuracy_rows(model, prompts, new_tokens: int, variants) -> list[dict]:
@@ -67,11 +53,6 @@ def accuracy_rows(model, prompts, new_tokens: int, variants) -> list[dict]:
                      **logit_errors(ref_logits[real], q.prompt_logits(prompts)[real]),
                      **greedy_agreement(ref_tokens, q.generate(prompts, new_tokens))})
     return rows
-
-
-def _prompts(vocab: int, n: int = 4, length: int = 16) -> list[list[int]]:
-    rng = np.random.default_rng(0)
-    return [list(map(int, rng.integers(0, vocab, length))) for _ in range(n)]
 
 
 def main(argv):

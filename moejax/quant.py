@@ -185,8 +185,9 @@ def check_expert(cfg: ModelConfig, where: str, name: str, x) -> None:
     wrong format, group size, scale shape or packed length."""
     want = expert_spec(cfg, name)
     if is_qtensor(want) != is_qtensor(x):
-        raise ValueError(f"{where}: expected {'quantized ' + cfg.expert_dtype if is_qtensor(want) else 'float'} "
-                         f"experts, got {'a quantized' if is_qtensor(x) else 'a float'} tensor")
+        wanted = f"quantized {cfg.expert_dtype}" if is_qtensor(want) else "float"
+        raise ValueError(f"{where}: expected {wanted} experts, got "
+                         f"{'a quantized' if is_qtensor(x) else 'a float'} tensor")
     if not is_qtensor(x):
         if signature(x) != signature(want):
             raise ValueError(f"{where}: {signature(x)}, expected {signature(want)}")

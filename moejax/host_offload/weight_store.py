@@ -210,7 +210,6 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
     if budget is not None and (isinstance(budget, bool) or not isinstance(
             budget, (int, np.integer)) or budget <= 0):
         raise ValueError(f"device_memory_bytes={budget!r} must be a positive integer")
-    f = cfg.expert_ffn_size
     if wg is not None or budget is None:
         plan = _plan(cfg, page_bytes, cols_for_fraction(cfg, wg or 0.0))
         if budget is not None and plan.device_bytes() + reserved_bytes > budget:

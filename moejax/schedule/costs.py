@@ -110,13 +110,13 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
 
 def dequant_s(m: ModelConfig, hw: HardwareSpec, elems):
     """Dequantizing `elems` expert weights [s]: elems / the calibrated rate of the
-    format (`dequant_int8_elems_per_s`, …), else the roofline elems·(bits/8 + b) /
-    B_gpu (codes read, floats written); 0 for float experts."""
+    format (`dequant_int8_elems_per_s`, …), else the roofline of a dequantization fused
+    into the GEMM, elems·bits/8 / B_gpu (the codes read once); 0 for float experts."""
     if not m.expert_quantized:
         return 0.0 * np.asarray(elems, dtype=float)
     rate = getattr(hw, f"dequant_{m.expert_dtype}_elems_per_s", None)
     if rate is None:
-        rate = hw.gpu_memory_bytes_per_s / (m.expert_bits / 8 + m.bytes_per_param)
+        rate = hw.gpu_memory_bytes_per_s / (m.expert_bits / 8)
     return np.asarray(elems, dtype=float) / rate
 
 
