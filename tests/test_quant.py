@@ -157,3 +157,18 @@ def test_accuracy_against_the_float_model(float_model):
            for dt in ("int8", "int4")}
     assert err["int8"] <= 0.01
     assert err["int4"] <= 0.15 and err["int4"] < 40 * err["int8"]
+
+
+def test_search_chooses_the_expert_dtype_only_from_the_allowed():
+    """On the L4 preset (link-bound) int4 experts predict faster than bf16; the choice is
+    the returned config's, and a format not allowed is never picked."""
+    from moejax.model_config.setups import get_setup
+    from moejax.schedule.search import search_expert_dtype
+
+    s = get_setup("mixtral_l4")
+    cfg, _, pred = search_expert_dtype(s.model, s.hardware, s.workload, (None, "int4"))
+    assert cfg.expert_dtype == "int4"
+    only, _, base = search_expert_dtype(s.model, s.hardware, s.workload, (None,))
+    assert only.expert_dtype is None and pred.tokens_per_s > base.tokens_per_s
+    with pytest.raises(ValueError, match="allowed_expert_dtypes"):
+        search_expert_dtype(s.model, s.hardware, s.workload, ("fp8",))
