@@ -245,8 +245,6 @@ def quantize_model(model, expert_dtype: str | None, group_size: int | None = Non
     """A MoEModel with float experts → the same model with quantized experts (a new
     MoEModel; `model` is unchanged). Already in that format: returned as is; a model
     quantized otherwise: ValueError (re-quantizing compounds the error)."""
-    from moejax.model import MoEModel
-
     cfg = model.config
     want = quantized_config(cfg, expert_dtype, group_size)
     if want == cfg:
@@ -255,7 +253,7 @@ def quantize_model(model, expert_dtype: str | None, group_size: int | None = Non
         raise ValueError(f"model experts are already {cfg.expert_dtype} (group "
                          f"{cfg.expert_group_size}); cannot re-quantize to "
                          f"{expert_dtype} (group {want.expert_group_size})")
-    return MoEModel(want, quantize_params(want, model.params))
+    return type(model)(want, quantize_params(want, model.params))  # a MoEModel
 
 
 def with_expert_dtype(model, expert_dtype: str | None, group_size: int | None = None):

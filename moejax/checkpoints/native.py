@@ -219,7 +219,8 @@ def _check_leaves(directory: str, cfg: ModelConfig, leaves: dict) -> dict[Path, 
                 kind = {"q": "packed codes", "scale": "scales"}.get(p[-1], "leaf")
                 extra = f" ({cfg.expert_dtype}, group size {cfg.expert_group_size})" \
                     if p[-1] in ("q", "scale") else ""
-                raise ValueError(f"native checkpoint {directory}: {kind} {_key(p)!r} have "
+                verb = "has" if kind == "leaf" else "have"
+                raise ValueError(f"native checkpoint {directory}: {kind} {_key(p)!r} {verb} "
                                  f"shape {tuple(leaves[_key(p)]['shape'])}, expected "
                                  f"{stored}{extra}")
     return plan
