@@ -22,6 +22,7 @@ from moejax.host_offload.weight_store import HostWeightStore
 from moejax.model_config.hardware import fmt_bytes, local_hardware
 from moejax.model_config.workload import Workload, stage_imbalance
 from moejax.placement import resolve_placement, validate_request, validate_sampling
+from moejax.quant import with_expert_dtype
 from moejax.sampling import Sampling
 from moejax.runtime import BatchRun, DeviceWeights, SweepRun
 from moejax.schedule.executor import Trace, execute
@@ -91,7 +92,9 @@ class Engine:
     the paged host KV cache of continuous batching (default HOST_KV_SHARE of the host
     memory available when `stream` first needs it); devices: k jax devices (e.g.
     `jax.devices()[:k]`) to run the offloaded schedule tensor-parallel on their mesh
-    (`host_offload.sharding`; implies offload, the budget is per device)."""
+    (`host_offload.sharding`; implies offload, the budget is per device); expert_dtype
+    "int8" | "int4" (expert_group_size G, default 64) quantizes a float model's experts on
+    load (`moejax.quant`)."""
 
     def __init__(self, model, device_memory_bytes: int | None = None,
                  gpu_weight_fraction: float | None = None,
@@ -99,7 +102,9 @@ class Engine:
                  policy: Policy | None = None, micro_batch_size: int | None = None,
                  kv_dtype: str | None = None, host_memory: str = "auto",
                  offload: bool | None = None, host_kv_bytes: int | None = None,
-                 devices=None):
+                 devices=None, expert_dtype: str | None = None,
+                 expert_group_size: int | None = None):
+        model = with_expert_dtype(model, expert_dtype, expert_group_size)
         if host_kv_bytes is not None and (isinstance(host_kv_bytes, bool) or not isinstance(
                 host_kv_bytes, (int, np.integer)) or host_kv_bytes < 1):
             raise ValueError(f"host_kv_bytes={host_kv_bytes!r} must be a positive integer "

@@ -14,6 +14,7 @@ import numpy as np
 from moejax.host_offload.memory import default_device, on_accelerator
 from moejax.layers.decoder import MoETransformer
 from moejax.model_config.model import ModelConfig
+from moejax.quant import check_expert, is_qtensor
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -72,13 +73,16 @@ class MoEModel:
         if not isinstance(self.params, Mapping):  # a dict or flax's FrozenDict
             raise ValueError(f"params must be a nested dict, got "
                              f"{type(self.params).__name__}")
-        flat = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        flat = jax.tree_util.tree_flatten_with_path(self.params, is_leaf=is_qtensor)[0]
         got = {tuple(getattr(k, "key", k) for k in kp): leaf for kp, leaf in flat}
         for path in sorted(set(want) | set(got)):
             name = "/".join(map(str, path))
             if path not in got or path not in want:
                 raise ValueError(f"params {'lack' if path not in got else 'have an extra'}"
                                  f" {name!r} for config {self.config.name!r}")
+            if is_qtensor(want[path]) or is_qtensor(got[path]):
+                check_expert(self.config, f"params {name!r}", path[-1], got[path])
+                continue
             shape, dtype = tuple(np.shape(got[path])), np.dtype(got[path].dtype)
             if shape != want[path].shape or dtype != want[path].dtype:
                 raise ValueError(f"params {name!r}: {dtype}{shape}, config "
@@ -115,4 +119,4 @@ class MoEModel:
                         jnp.asarray(mask))
 
     def weight_bytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))  # codes + scales

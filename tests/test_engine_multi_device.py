@@ -95,3 +95,16 @@ def test_bad_devices_are_one_line_errors(model):
         moejax.Engine(model, device_memory_bytes=1000, devices=_devices(2))
     with pytest.raises(ValueError, match="offload=False takes no offload knobs"):
         moejax.Engine(model, offload=False, devices=_devices(2))
+
+
+def test_two_devices_int8_experts_equal_one_device(model, prompts):
+    # f = 96 in groups of 16: 2 devices take 3 whole w2 groups each; pages round to 32
+    one = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                        micro_batch_size=2, expert_dtype="int8", expert_group_size=16)
+    two = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                        micro_batch_size=2, expert_dtype="int8", expert_group_size=16,
+                        devices=_devices(2))
+    assert all(p.cols % 32 == 0 for p in two.store.plan.pages[:-1])
+    assert two.generate(prompts, NEW) == one.generate(prompts, NEW)
+    with pytest.raises(ValueError, match=r"whole groups of 32"):
+        check_split(CFG.replace(expert_dtype="int8", expert_group_size=32), 4)

@@ -20,7 +20,7 @@ def calibration_path() -> str:
     return os.path.expanduser(os.environ.get(CALIBRATION_ENV) or DEFAULT_CALIBRATION_PATH)
 
 
-CACHE_VERSION = 3  # bump when the calibrated fields or their meaning change
+CACHE_VERSION = 4  # bump when the calibrated fields or their meaning change
 _WARNED: set = set()  # (cache, model shape) pairs already warned about
 
 

@@ -1,6 +1,7 @@
 """Microbenchmarks that calibrate the `local` HardwareSpec (docs/design.md §5; list there).
 Device = JAX's default device, link = `jax.device_put`, host = NumPy. Fits: the GEMM
 line t = E·t₀ + rows·6hf / R_gemm (`gemm_intercept_s`, `gemm_flops_per_s`), read rates,
+the dequantization rates of int8 / int4 experts (`dequant_*_elems_per_s`),
 the link alone (d2h, latency), CPU attention (t_call, B_attn), and via `in_situ` the
 store's `h2d_curve`, `device_op_overhead_s` and `copy_core_demand`. The in-situ parts run
 the real engine because only its data plane shows those rates. Cached as JSON (`cache`).
@@ -76,6 +77,24 @@ def _gemm_line(m: ModelConfig, token_counts, repeats):
     if not slope > 0:  # noise on too few points: fall back to the best achieved rate
         slope, intercept = 6 * h * f / best_rate, 0.0
     return max(float(intercept), 0.0) / e, float(slope), best_rate, points
+
+
+def _dequant_rates(m: ModelConfig, repeats: int) -> dict[str, float]:
+    """{"dequant_int8_elems_per_s", "dequant_int4_elems_per_s"}: expert weights per second
+    that `quant.dequantize` (jitted, in the model dtype) turns back into floats, timed
+    expert by expert over one layer's w1 as the FFN does (`lax.map`)."""
+    from moejax.quant import dequantize, quantize
+
+    w1 = _random_experts(m, 1)[0]
+    out = {}
+    for dt, bits in (("int8", 8), ("int4", 4)):
+        if bits == 4 and m.hidden_size % 2:
+            continue
+        qt = quantize(w1, bits, m.expert_group_size)
+        run = jax.jit(lambda q: jax.lax.map(lambda e: jnp.sum(dequantize(e)), q))
+        sec = median_seconds(lambda: run(qt).block_until_ready(), repeats)
+        out[f"dequant_{dt}_elems_per_s"] = float(w1.size / sec)
+    return out
 
 
 def _cpu_attention_line(m: ModelConfig, batch: int, context: int, repeats: int):
@@ -201,6 +220,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
     dev_read, host_read = _read_rates(read_bytes, repeats)
     alone, d2h = _link(copy_bytes, repeats)
     attn_call, attn = _cpu_attention_line(m, attention_batch, attention_context, repeats)
+    dequant = _dequant_rates(m, repeats)
     gpu_mem, host_mem = _memory_sizes()
     host_flops = _host_flops(repeats)
     if on_host:  # the "GPU" is these cores: XLA's GEMM rate is a host rate too
@@ -215,7 +235,7 @@ def calibrate(model: ModelConfig | str = "mixtral_4l_1024", *,
         device_is_host=on_host, gemm_intercept_s=intercept,
         gemm_flops_per_s=6 * m.hidden_size * m.expert_ffn_size / slope,  # per row
         cpu_attention_bytes_per_s=attn, cpu_attention_call_s=attn_call,
-        device_op_overhead_s=0.0,
+        device_op_overhead_s=0.0, **dequant,
         source=f"moejax.schedule.calibrate() on {jax.devices()[0].device_kind}, "
                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     overhead = max(float(np.median([t - costs.gpu_pre_attention_s(m, spec, n)

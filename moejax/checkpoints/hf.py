@@ -13,6 +13,7 @@ from moejax.checkpoints.safetensors_io import CheckpointFiles
 from moejax.checkpoints.weight_maps import IGNORED_SUFFIXES, WEIGHT_MAPS, Path, Rule
 from moejax.model_config.hf_config import named_dtype
 from moejax.model_config.model import ModelConfig, read_hf_config
+from moejax.quant import is_expert_path, is_qtensor, quantize_expert
 
 # place(path, host array) -> the leaf to keep (device array, host-store handle, ...)
 Placer = Callable[[Path, np.ndarray], object]
@@ -24,7 +25,7 @@ def param_shapes(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
 
     tree = jax.eval_shape(lambda: MoETransformer(cfg).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)[0]
     return {tuple(k.key for k in kp): v for kp, v in flat}
 
 
@@ -98,6 +99,8 @@ def load_hf_params(directory: str, cfg: ModelConfig, place: Placer | None = None
                 raise ValueError(f"checkpoint {directory}: {rule.sources[0]!r} gives "
                                  f"{arr.shape} for {'/'.join(path)}, expected "
                                  f"{shapes[path].shape}")
+            if is_qtensor(shapes[path]) and is_expert_path(path):  # quantize on load
+                arr = quantize_expert(cfg, arr)
             flat[path] = place(path, arr)
             del arr
         return unflatten(flat)

@@ -30,6 +30,7 @@ from moejax.checkpoints.hf import param_shapes, unflatten
 from moejax.checkpoints.safetensors_io import _int
 from moejax.host_offload.memory import DEFAULT_PAGE_BYTES
 from moejax.model_config.model import ModelConfig
+from moejax.quant import QTensor, check_expert, is_qtensor
 
 FORMAT, VERSION = "moejax-native", 2  # 1: one orbax tree; 2: one per group (layer)
 META, PARAMS = "moejax_native.json", "params"
@@ -43,7 +44,19 @@ def is_native_checkpoint(directory: str) -> bool:
 
 
 def _is_expert(path: Path) -> bool:
-    return len(path) == 3 and path[1] == "experts"
+    return len(path) >= 3 and path[1] == "experts"
+
+
+def _stored(spec, path: Path) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
+    """{storage path: (stored shape, dtype)} of one model leaf: a float leaf as is
+    (experts flat); a quantized expert (`quant.QTensor`) as two flat leaves, its codes
+    `<path>/q` and scales `<path>/scale`, written and CRC-checked side by side."""
+    if is_qtensor(spec):
+        return {path + (k,): ((int(np.prod(a.shape)),), np.dtype(a.dtype))
+                for k, a in (("q", spec.q), ("scale", spec.scale))}
+    shape = tuple(spec.shape)
+    return {path: ((int(np.prod(shape)),) if _is_expert(path) else shape,
+                   np.dtype(spec.dtype))}
 
 
 def _key(path: Path) -> str:
@@ -91,17 +104,24 @@ class NativeWriter:
         os.makedirs(os.path.join(self.tmp, PARAMS))
 
     def add(self, path: Path, leaf) -> None:
-        """Take one leaf (NumPy or jax, already in `cfg.dtype`); returns None, so a
-        loader's placed tree keeps nothing alive."""
+        """Take one leaf (NumPy or jax, already in `cfg.dtype`; a quantized expert a
+        `quant.QTensor`); returns None, so a loader's placed tree keeps nothing alive."""
         if path not in self.pending.get(path[0], ()):
             raise ValueError(f"params do not match the config at {_key(path)}")
-        a = np.asarray(leaf)
-        if a.shape != self.shapes[path].shape or a.dtype != self.dtype:
-            raise ValueError(f"{_key(path)}: {a.dtype}{a.shape}, expected "
-                             f"{self.dtype}{self.shapes[path].shape}")
-        a = a.reshape(-1) if _is_expert(path) else a
-        self.leaves[_key(path)] = {"shape": list(a.shape), "crc32": _crc(a)}
-        self.groups.setdefault(path[0], {})[path] = a
+        spec = self.shapes[path]
+        if is_qtensor(spec) or is_qtensor(leaf):
+            check_expert(self.cfg, _key(path), path[-1], leaf)
+            arrays = {path + ("q",): np.asarray(leaf.q), path + ("scale",): np.asarray(leaf.scale)}
+        else:
+            a = np.asarray(leaf)
+            if a.shape != spec.shape or a.dtype != self.dtype:
+                raise ValueError(f"{_key(path)}: {a.dtype}{a.shape}, expected "
+                                 f"{self.dtype}{spec.shape}")
+            arrays = {path: a}
+        for p, a in arrays.items():
+            a = a.reshape(-1) if _is_expert(p) else a
+            self.leaves[_key(p)] = {"shape": list(a.shape), "crc32": _crc(a)}
+            self.groups.setdefault(path[0], {})[p] = a
         self.pending[path[0]].discard(path)
         if not self.pending[path[0]]:
             self._write(path[0])
@@ -133,8 +153,8 @@ def save_native(directory: str, cfg: ModelConfig, params: dict,
                 page_bytes: int | None = None) -> None:
     """Write `params` (leaves NumPy or jax, already in `cfg.dtype`) to `directory`
     (`NativeWriter`)."""
-    flat = {tuple(k.key for k in kp): leaf
-            for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {tuple(k.key for k in kp): leaf for kp, leaf in
+            jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]}
     shapes = param_shapes(cfg)
     if set(flat) != set(shapes):
         bad = sorted(set(flat) ^ set(shapes))[0]
@@ -180,38 +200,67 @@ def native_config(directory: str) -> ModelConfig:
         raise ValueError(f"{directory}: bad config in {META}: {e}") from None
 
 
-def _check_leaves(directory: str, cfg: ModelConfig, leaves: dict) -> dict[Path, tuple]:
-    """{path: stored shape}, after checking the metadata names exactly the model's leaves."""
+def _check_leaves(directory: str, cfg: ModelConfig, leaves: dict) -> dict[Path, dict]:
+    """{model path: its `_stored` leaves}, after checking the metadata names exactly the
+    model's stored leaves, each of its stored length (a quantized expert's packed codes
+    and scales by name: a wrong group size or packing is named, not a CRC failure)."""
     shapes = param_shapes(cfg)
-    want = {_key(p): p for p in shapes}
-    missing, extra = sorted(set(want) - set(leaves)), sorted(set(leaves) - set(want))
+    plan = {path: _stored(spec, path) for path, spec in shapes.items()}
+    want = {_key(p) for parts in plan.values() for p in parts}
+    missing, extra = sorted(want - set(leaves)), sorted(set(leaves) - want)
     if missing or extra:
         what = f"missing leaf {missing[0]!r}" if missing else f"unexpected leaf {extra[0]!r}"
+        if cfg.expert_quantized or any(k.endswith("/scale") for k in extra):
+            what += f" (the config says {cfg.expert_dtype or 'float'} experts)"
         raise ValueError(f"native checkpoint {directory}: {what}")
-    out = {}
-    for key, path in want.items():
-        shape = tuple(shapes[path].shape)
-        stored = (int(np.prod(shape)),) if _is_expert(path) else shape
-        if tuple(leaves[key]["shape"]) != stored:
-            raise ValueError(f"native checkpoint {directory}: leaf {key!r} has shape "
-                             f"{tuple(leaves[key]['shape'])}, expected {stored}")
-        out[path] = stored
-    return out
+    for path, parts in plan.items():
+        for p, (stored, _) in parts.items():
+            if tuple(leaves[_key(p)]["shape"]) != stored:
+                kind = {"q": "packed codes", "scale": "scales"}.get(p[-1], "leaf")
+                extra = f" ({cfg.expert_dtype}, group size {cfg.expert_group_size})" \
+                    if p[-1] in ("q", "scale") else ""
+                verb = "has" if kind == "leaf" else "have"
+                raise ValueError(f"native checkpoint {directory}: {kind} {_key(p)!r} {verb} "
+                                 f"shape {tuple(leaves[_key(p)]['shape'])}, expected "
+                                 f"{stored}{extra}")
+    return plan
+
+
+def _restore(ckptr, where: str, directory: str, path: Path, shape, dtype, crc) -> np.ndarray:
+    """One stored leaf, read and checked against its shape, dtype and CRC-32."""
+    import orbax.checkpoint as ocp
+
+    item = unflatten({path: jax.ShapeDtypeStruct(shape, dtype)})
+    args = unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+    try:
+        got = ckptr.restore(where, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+        for k in path:
+            got = got[k]
+    except Exception as e:  # orbax/tensorstore raise many kinds; name the leaf
+        raise ValueError(f"corrupt native checkpoint {directory}: cannot read leaf "
+                         f"{_key(path)!r}: {type(e).__name__}: {str(e)[:200]}") from None
+    a = np.asarray(got)
+    if a.shape != shape or a.dtype != dtype or _crc(a) != crc:
+        raise ValueError(f"corrupt native checkpoint {directory}: leaf {_key(path)!r} "
+                         "fails its CRC-32/shape check")
+    return a
 
 
 def load_native(directory: str, dtype: str | None = None,
                 place: Placer | None = None) -> tuple[ModelConfig, dict]:
     """(config, parameter tree) from a native checkpoint, one leaf at a time through
-    `place(path, host array)` (default: onto the device). `dtype` casts on load."""
+    `place(path, host array)` (default: onto the device; a quantized expert arrives as
+    a `quant.QTensor` of host arrays). `dtype` casts on load (a quantized expert's
+    scales; its codes stay)."""
     import orbax.checkpoint as ocp
 
     meta = read_meta(directory)
-    cfg = native_config(directory)
-    stored_dtype = np.dtype(jnp.dtype(cfg.dtype))
+    cfg = stored_cfg = native_config(directory)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     target = np.dtype(jnp.dtype(cfg.dtype))
-    stored = _check_leaves(directory, cfg, meta["leaves"])
+    plan = _check_leaves(directory, stored_cfg, meta["leaves"])
     shapes = param_shapes(cfg)
     ckpt = os.path.join(directory, PARAMS)
     if not os.path.isdir(ckpt):
@@ -219,33 +268,32 @@ def load_native(directory: str, dtype: str | None = None,
     place = place or (lambda path, a: jax.device_put(a))
     ckptr = ocp.PyTreeCheckpointer()
     out = {}
-    for path, shape in stored.items():
-        item = unflatten({path: jax.ShapeDtypeStruct(shape, stored_dtype)})
-        args = unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+    for path, parts in plan.items():
         where = ckpt if meta["version"] == 1 else os.path.join(ckpt, path[0])
-        try:
-            got = ckptr.restore(where, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=args, partial_restore=True))
-            for k in path:
-                got = got[k]
-        except Exception as e:  # orbax/tensorstore raise many kinds; name the leaf
-            raise ValueError(f"corrupt native checkpoint {directory}: cannot read leaf "
-                             f"{_key(path)!r}: {type(e).__name__}: {str(e)[:200]}") from None
-        a = np.asarray(got)
-        if a.shape != shape or a.dtype != stored_dtype or \
-                _crc(a) != meta["leaves"][_key(path)]["crc32"]:
-            raise ValueError(f"corrupt native checkpoint {directory}: leaf {_key(path)!r} "
-                             "fails its CRC-32/shape check")
+        got = {p[-1]: _restore(ckptr, where, directory, p, shape, dt,
+                               meta["leaves"][_key(p)]["crc32"])
+               for p, (shape, dt) in parts.items()}
+        spec = shapes[path]
+        if is_qtensor(spec):
+            a = QTensor(got["q"].reshape(spec.q.shape),
+                        got["scale"].reshape(spec.scale.shape).astype(target, copy=False),
+                        spec.bits, spec.group)
+        else:
+            a = got[path[-1]].reshape(spec.shape).astype(target, copy=False)
         del got
-        a = a.reshape(shapes[path].shape).astype(target, copy=False)
         out[path] = place(path, a)
         del a
     return cfg, unflatten(out)
 
 
 def convert_hf(checkpoint: str, out: str, dtype: str | None = None,
-            page_bytes: int | None = None) -> ModelConfig:
-    """HF checkpoint directory → native directory `out`; returns the saved config."""
+               page_bytes: int | None = None, expert_dtype: str | None = None,
+               group_size: int | None = None) -> ModelConfig:
+    """HF checkpoint directory → native directory `out`; returns the saved config.
+    `expert_dtype` "int8" | "int4" (groups of `group_size`) quantizes the experts, one
+    tensor at a time, as they are read."""
+    from moejax.quant import quantized_config
+
     from moejax.checkpoints.hf import hf_checkpoint_config, is_hf_checkpoint, load_hf_params
 
     if not is_hf_checkpoint(checkpoint):
@@ -254,6 +302,8 @@ def convert_hf(checkpoint: str, out: str, dtype: str | None = None,
     cfg = hf_checkpoint_config(checkpoint)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
+    if expert_dtype is not None or group_size is not None:
+        cfg = quantized_config(cfg, expert_dtype, group_size)
     writer = NativeWriter(out, cfg, page_bytes)
     try:
         load_hf_params(checkpoint, cfg, place=writer.add)  # a layer at a time

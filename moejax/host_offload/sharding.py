@@ -61,6 +61,16 @@ def check_split(cfg, k: int) -> None:
         if n % k:
             raise ValueError(f"{k} devices do not divide {name}={n} of {cfg.name}: "
                              f"tensor parallel splits {name} evenly over the devices")
+    if k > 1 and cfg.expert_ffn_size % split_unit(cfg, k):
+        raise ValueError(f"{k} devices do not split expert_ffn_size={cfg.expert_ffn_size} "
+                         f"of {cfg.name} into whole groups of {cfg.expert_group_size}: "
+                         "quantized w2 is split along f by groups")
+
+
+def split_unit(cfg, k: int) -> int:
+    """FFN columns that split evenly over k devices: k whole w2 groups when the experts
+    are quantized (w2's reduction axis is f, `ModelConfig.expert_col_align`), else k."""
+    return k * cfg.expert_col_align()
 
 
 def make_mesh(devices: Sequence[jax.Device]) -> Mesh:

@@ -23,6 +23,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from moejax.host_offload.memory import (DEFAULT_PAGE_BYTES, check_host_memory,
                                         pinned_sharding, steady_malloc)
 from moejax.host_offload import sharding as tp
 from moejax.model_config.model import ModelConfig
+from moejax.quant import check_expert, is_qtensor, quantize_expert
 from moejax.schedule.costs import stream_buffer_bytes
 
 EXPERTS = ("w1", "w3", "w2")
@@ -55,23 +57,32 @@ class StorePlan:
 
     page_bytes: int  # the knob: a page holds at most this many bytes
     itemsize: int
-    shapes: tuple[tuple[int, ...], ...]  # w1, w3, w2
+    shapes: tuple[tuple[int, ...], ...]  # w1, w3, w2 (float shapes)
     resident_cols: int  # columns [0, f_r) of every MoE layer stay on the device
     pages: tuple[Page, ...]  # the streamed columns [f_r, f) in blocks, in order
     num_moe_layers: int
     non_expert_bytes: int  # per device
     shards: int = 1  # k tensor-parallel devices: each holds 1/k of every expert column block
+    cfg: ModelConfig | None = None  # its `expert_cols_bytes` sizes every block
+
+    def cols_bytes(self, cols: int) -> int:
+        """Bytes of a block of `cols` FFN columns of the three expert tensors, codes and
+        scales (`ModelConfig.expert_cols_bytes`; 3·E·h·cols·itemsize for float)."""
+        if self.cfg is not None:
+            return self.cfg.expert_cols_bytes(cols)
+        e, h, _ = self.shapes[0]
+        return 3 * e * h * cols * self.itemsize
 
     @property
-    def col_bytes(self) -> int:
-        """Bytes of one FFN column of a layer's three expert tensors: 3·E·h·itemsize."""
-        e, h, _ = self.shapes[0]
-        return 3 * e * h * self.itemsize
+    def col_bytes(self) -> float:
+        """Bytes of one FFN column of a layer's three expert tensors: 3·E·h·itemsize
+        (quantized: amortised over a group)."""
+        return self.cfg.expert_col_bytes() if self.cfg is not None else self.cols_bytes(1)
 
     @property
     def layer_bytes(self) -> int:
         """W_E: all expert bytes of one MoE layer."""
-        return self.shapes[0][2] * self.col_bytes
+        return self.cols_bytes(self.shapes[0][2])
 
     @property
     def streamed_pages(self) -> tuple[Page, ...]:
@@ -84,10 +95,10 @@ class StorePlan:
     @property
     def streamed_bytes(self) -> int:
         """Bytes one MoE layer streams per pass: (1 − wg) · W_E."""
-        return sum(p.cols for p in self.streamed_pages) * self.col_bytes
+        return sum(self.cols_bytes(p.cols) for p in self.streamed_pages)
 
     def page_nbytes(self, page: Page) -> int:
-        return page.cols * self.col_bytes
+        return self.cols_bytes(page.cols)
 
     @property
     def gpu_weight_fraction(self) -> float:
@@ -108,6 +119,18 @@ class StorePlan:
         return sum(self.device_bytes_by_kind().values())
 
 
+def _cols(name: str, a, lo: int, hi: int):
+    """FFN columns [lo, hi) of expert tensor `name`: axis 2 of w1, w3 [E, h, f], axis 1
+    of w2 [E, f, h]; a QTensor's scale rows go with them (`quant.QTensor.row_range`)."""
+    if is_qtensor(a):
+        return a.row_range(lo, hi) if name == "w2" else a.cols(lo, hi)
+    return a[:, lo:hi] if name == "w2" else a[:, :, lo:hi]
+
+
+def _nbytes(a) -> int:
+    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(a))
+
+
 def expert_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
     e, h, f = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_size
     return (e, h, f), (e, h, f), (e, f, h)
@@ -126,19 +149,35 @@ def check_page_bytes(cfg: ModelConfig, page_bytes) -> int:
 
 def make_pages(cfg: ModelConfig, page_bytes: int, first: int = 0,
                shards: int = 1) -> tuple[Page, ...]:
-    """Column blocks of `cfg.page_cols` columns (rounded down to a multiple of `shards`,
-    at least `shards`: each device takes an equal share) over [first, f); the last one
-    narrower."""
-    c, f = cfg.page_cols(page_bytes), cfg.expert_ffn_size
-    c = max(shards, c // shards * shards)
+    """Column blocks of `cfg.page_cols` columns (rounded down to a multiple of
+    `tp.split_unit`, at least one: each device takes an equal share of whole groups) over
+    [first, f); the last one narrower."""
+    c, f, u = cfg.page_cols(page_bytes), cfg.expert_ffn_size, tp.split_unit(cfg, shards)
+    c = max(u, c // u * u)
     return tuple(Page(s, min(c, f - s)) for s in range(first, f, c))
 
 
+def aligned_cols(cfg: ModelConfig, cols: int) -> int:
+    """`cols` resident columns rounded down to a split the format allows (whole w2
+    groups, `ModelConfig.expert_col_align`), or all f."""
+    a, f = cfg.expert_col_align(), cfg.expert_ffn_size
+    return f if cols >= f else max(int(cols), 0) // a * a
+
+
+def cols_for_fraction(cfg: ModelConfig, wg: float) -> int:
+    """Resident columns of a weight fraction wg: the most (aligned) whose bytes are at
+    most wg·W_E, f_r = ⌊wg·W_E / col⌋ (col: bytes of a column, amortised over a group;
+    float experts: ⌊wg·f⌋); an aligned f_r's bytes are exactly f_r·col."""
+    w, col = cfg.expert_cols_bytes(cfg.expert_ffn_size), cfg.expert_col_bytes()
+    return aligned_cols(cfg, int(np.floor(wg * w / col * (1 + 1e-9))))
+
+
 def _plan(cfg, page_bytes, resident_cols: int, shards: int = 1) -> StorePlan:
-    resident_cols = resident_cols // shards * shards
+    u = tp.split_unit(cfg, shards)
+    resident_cols = aligned_cols(cfg, resident_cols) // u * u
     return StorePlan(page_bytes, cfg.bytes_per_param, expert_shapes(cfg), resident_cols,
                      make_pages(cfg, page_bytes, resident_cols, shards), cfg.num_moe_layers,
-                     cfg.non_expert_bytes_per_device(shards), shards)
+                     cfg.non_expert_bytes_per_device(shards), shards, cfg)
 
 
 def _describe(plan: StorePlan, reserved: int) -> str:
@@ -156,7 +195,8 @@ def _fitting_cols(cfg, budget: int, shards: int = 1) -> list[int]:
         best = int((shards * (budget - ne) - 2 * f * col) // slope)
     else:  # streaming more costs more (or the same): stream as little as possible
         best = f - 1
-    return [f, min(max(best, 0), f - 1), 0]
+    best = aligned_cols(cfg, min(max(best, 0), f - 1))
+    return [f, best, aligned_cols(cfg, best - cfg.expert_col_align()), 0]
 
 
 def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
@@ -182,10 +222,9 @@ def make_plan(cfg: ModelConfig, page_bytes: int | None = None,
     if budget is not None and (isinstance(budget, bool) or not isinstance(
             budget, (int, np.integer)) or budget <= 0):
         raise ValueError(f"device_memory_bytes={budget!r} must be a positive integer")
-    f = cfg.expert_ffn_size
     per = f" per device (of {shards})" if shards > 1 else ""
     if wg is not None or budget is None:
-        plan = _plan(cfg, page_bytes, int(np.floor((wg or 0.0) * f * (1 + 1e-12))), shards)
+        plan = _plan(cfg, page_bytes, cols_for_fraction(cfg, wg or 0.0), shards)
         if budget is not None and plan.device_bytes() + reserved_bytes > budget:
             need = plan.device_bytes() + reserved_bytes
             raise ValueError(f"device_memory_bytes={budget}{per} is too small by "
@@ -323,7 +362,7 @@ class HostWeightStore:
 
     @property
     def host_bytes(self) -> int:
-        return sum(a.nbytes for pages in self._host.values() for p in pages
+        return sum(_nbytes(a) for pages in self._host.values() for p in pages
                    for a in p.values())
 
     @property
@@ -427,25 +466,38 @@ class HostWeightStore:
         return self.host_memory
 
     def _place_expert(self, layer: int, name: str, arr, adopt: bool) -> None:
-        shape = self.plan.shapes[EXPERTS.index(name)]
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"layers_{layer}/experts/{name}: shape {tuple(arr.shape)}, "
-                             f"expected {shape}")
-        is_numpy = isinstance(arr, np.ndarray)
-        on_host = (is_numpy or not isinstance(arr, jax.Array) or in_host_memory(arr)) \
-            and not (self.accelerator_path and isinstance(arr, jax.Array))
-        axis = 1 if name == "w2" else 2  # the FFN axis f
-        cols = lambda a, lo, hi: a[:, lo:hi] if axis == 1 else a[:, :, lo:hi]
+        where = f"layers_{layer}/experts/{name}"
+        if self.cfg.expert_quantized and not is_qtensor(arr):  # quantize on the host
+            shape = self.plan.shapes[EXPERTS.index(name)]
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{where}: shape {tuple(arr.shape)}, expected {shape}")
+            arr, adopt = quantize_expert(self.cfg, np.asarray(arr)), False
+        if is_qtensor(arr) or self.cfg.expert_quantized:
+            check_expert(self.cfg, where, name, arr)
+        else:
+            shape = self.plan.shapes[EXPERTS.index(name)]
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{where}: shape {tuple(arr.shape)}, expected {shape}")
+        leaves = jax.tree_util.tree_leaves(arr)
+        on_host = all((isinstance(a, np.ndarray) or not isinstance(a, jax.Array)
+                       or in_host_memory(a)) and not (self.accelerator_path
+                                                      and isinstance(a, jax.Array))
+                      for a in leaves)
+        cols = partial(_cols, name)  # (tensor, lo, hi) -> its FFN columns [lo, hi)
         # an accelerator's array is cut there (only its streamed part comes to the host);
         # an array in host memory is viewed, not copied
-        src = np.asarray(arr, dtype=self._dtype) if on_host else \
-            jnp.asarray(arr, dtype=self._dtype)
-        fr = self.plan.resident_cols
+        if is_qtensor(arr):
+            src = jax.tree_util.tree_map(np.asarray if on_host else jnp.asarray, arr)
+        else:
+            src = np.asarray(arr, dtype=self._dtype) if on_host else \
+                jnp.asarray(arr, dtype=self._dtype)
+        fr, f = self.plan.resident_cols, self.cfg.expert_ffn_size
+        tmap = jax.tree_util.tree_map
         if fr:
-            self._account("resident_experts", fr * self.plan.col_bytes // 3 // self.shards,
-                          f"layers_{layer}/experts/{name}[..{fr}]")
-            dev = jax.device_put(cols(src, 0, fr) if fr < shape[axis] else src,
-                                 self._where(tp.EXPERT_SPECS[name]))
+            block = cols(src, 0, fr) if fr < f else src
+            self._account("resident_experts", _nbytes(block) // self.shards,
+                          f"{where}[..{fr}]")
+            dev = jax.device_put(block, self._where(tp.EXPERT_SPECS[name]))
             jax.block_until_ready(dev)  # the source may be a loader's buffer, freed next
             self._resident.setdefault(layer, {})[name] = dev
         kind = self._host_kind()
@@ -453,12 +505,13 @@ class HostWeightStore:
         for i, p in enumerate(self.plan.streamed_pages):
             block = cols(src, p.start, p.start + p.cols)  # [E, h, c] / [E, c, h]
             if kind == "pinned_host":
-                pages[i][name] = jax.device_put(np.ascontiguousarray(block), self._where(
-                    tp.EXPERT_SPECS[name], "pinned_host"))
+                pages[i][name] = tmap(lambda a: jax.device_put(
+                    np.ascontiguousarray(a), self._where(tp.EXPERT_SPECS[name],
+                                                         "pinned_host")), block)
             elif on_host and adopt and not self.accelerator_path:
                 pages[i][name] = block  # a view: the one host copy stays the caller's
             else:
-                pages[i][name] = np.array(block, copy=True)  # owns its bytes
+                pages[i][name] = tmap(lambda a: np.array(a, copy=True), block)  # owns it
         if kind == "pinned_host":
             jax.block_until_ready([p[name] for p in pages])
 
@@ -467,7 +520,7 @@ class HostWeightStore:
         """A store from an in-memory parameter tree (its leaves are adopted: the caller
         holds them, so host pages view them where the path allows)."""
         store = cls(cfg, **knobs)
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]
         for kp, leaf in flat:
             path = tuple(k.key for k in kp)
             store.place(path, leaf, adopt=True)

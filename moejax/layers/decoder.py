@@ -18,6 +18,7 @@ from moejax.layers.experts import DenseMLP, Experts
 from moejax.layers.norm import Norm
 from moejax.layers.router import Router
 from moejax.model_config.model import ModelConfig
+from moejax.quant import expert_format
 
 
 class DecoderLayer(nn.Module):
@@ -31,7 +32,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = Norm(c.hidden_size, c.norm_eps, c.norm_type, dt)
         if self.moe:
             self.router = Router(c.num_experts, c.top_k, c.topk_norm_p, dt)
-            self.experts = Experts(c.num_experts, c.hidden_size, c.expert_ffn_size, dt)
+            self.experts = Experts(c.num_experts, c.hidden_size, c.expert_ffn_size, dt,
+                                   expert_format(c))
         else:
             self.mlp = DenseMLP(c.hidden_size, c.dense_ffn_size, dt)
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model_config.dispatch import sorted_blocks
+from moejax.quant import QTensor, is_qtensor, quantize, weight
 
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
@@ -32,14 +33,38 @@ def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(ids.reshape(-1), num_experts, dtype=jnp.int32), axis=0)
 
 
+def _quantized(parts) -> bool:
+    return any(is_qtensor(w) for p in parts for w in p)
+
+
 def swiglu_parts(x: jax.Array, parts) -> jax.Array:
     """Σ_p swiglu(x, *p) over FFN-column parts [(w1 [E, h, c], w3, w2 [E, c, h]), …]: SwiGLU
     is a sum over f, so experts split along f (resident columns, streamed pages) need
-    no assembling. One part: exactly `swiglu`. x [E, C, h] -> [E, C, h]."""
+    no assembling. One part: exactly `swiglu`. x [E, C, h] -> [E, C, h]. Quantized parts
+    (`moejax.quant.QTensor`) run expert by expert (`lax.map`), each expert's part
+    dequantized inside the loop: at most one expert's part exists as floats."""
+    if _quantized(parts):
+        def one(args):  # x [C, h], parts of one expert
+            xe, pe = args
+            ws = [tuple(weight(w, xe.dtype) for w in p) for p in pe]
+            y = _swiglu2(xe, *ws[0])
+            for w in ws[1:]:
+                y = y + _swiglu2(xe, *w)
+            return y
+        return jax.lax.map(one, (x, parts))
     y = swiglu(x, *parts[0])
     for p in parts[1:]:
         y = y + swiglu(x, *p)
     return y
+
+
+def _swiglu2(x, w1, w3, w2):  # x [C, h], w1, w3 [h, c], w2 [c, h] -> [C, h]
+    return jnp.dot(jax.nn.silu(x @ w1) * (x @ w3), w2)
+
+
+def _expert_weight(w, e, dtype):
+    """Expert e of a stacked part tensor, dequantized if it is a QTensor."""
+    return weight(w.expert(e), dtype) if is_qtensor(w) else w[e]
 
 
 def moe_ffn_sorted(x, weights, ids, w1, w3, w2, blocks: tuple[int, int] | None = None
@@ -65,7 +90,8 @@ def sorted_parts(x, weights, ids, parts, blocks: tuple[int, int] | None = None):
     # A block overhanging an expert's last row writes rows that the next expert (or the
     # `big` rows of tail padding) overwrites afterwards: experts run in order.
     def expert(ei, ys):
-        mine = [(w1[ei], w3[ei], w2[ei]) for w1, w3, w2 in parts]  # [h, c], [h, c], [c, h]
+        # [h, c], [h, c], [c, h]; quantized: this expert's part dequantized, no more
+        mine = [tuple(_expert_weight(w, ei, x.dtype) for w in p) for p in parts]
         count, start = counts[ei], starts[ei]
 
         def blocks_of(size, first):
@@ -128,15 +154,25 @@ class Experts(nn.Module):
     hidden: int
     ffn: int
     dtype: jnp.dtype = jnp.float32
+    quant: tuple[int, int] | None = None  # (bits, group): params are `QTensor`s
 
     @nn.compact
     def __call__(self, x, weights, ids, capacity: int | None = None):
         init = nn.initializers.lecun_normal(batch_axis=(0,))
+        if self.quant is not None:
+            bits, group = self.quant
+            init = _quantized_init(init, bits, group)
         e, h, f = self.num_experts, self.hidden, self.ffn
         w1 = self.param("w1", init, (e, h, f), self.dtype)
         w3 = self.param("w3", init, (e, h, f), self.dtype)
         w2 = self.param("w2", init, (e, f, h), self.dtype)
         return moe_ffn(x, weights, ids, w1, w3, w2, capacity)
+
+
+def _quantized_init(init, bits: int, group: int):
+    def q_init(key, shape, dtype) -> QTensor:
+        return quantize(init(key, shape, dtype), bits, group)
+    return q_init
 
 
 class DenseMLP(nn.Module):

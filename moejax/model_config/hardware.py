@@ -58,6 +58,8 @@ class HardwareSpec:
     copy_core_demand: float = 1.0  # calibrated where device_is_host: host cores one
     # host<->device copy takes from compute running beside it (memcpy contends for memory
     # bandwidth, so it can cost compute more than the one core it runs on)
+    dequant_int8_elems_per_s: float | None = None  # calibrated: expert weights
+    dequant_int4_elems_per_s: float | None = None  # dequantized per s (None: roofline)
     h2d_curve: tuple | None = None  # calibrated: ((transfer bytes, bytes/s), …) of single
     # h2d transfers by size; `costs.h2d_s` interpolates it (log size), flat outside; None:
     # every transfer at h2d_bytes_per_s
@@ -68,7 +70,8 @@ class HardwareSpec:
                     "gpu_memory_bytes_per_s", "cpu_flops_per_s", "host_memory_bytes",
                     "host_memory_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s",
                     "cpu_cores", "copy_core_demand")
-        optional = ("gemm_flops_per_s", "cpu_attention_bytes_per_s")
+        optional = ("gemm_flops_per_s", "cpu_attention_bytes_per_s",
+                    "dequant_int8_elems_per_s", "dequant_int4_elems_per_s")
         bad = [f"{k}={getattr(self, k)!r}" for k in positive if not _pos(getattr(self, k))]
         bad += [f"{k}={getattr(self, k)!r}" for k in optional
                 if getattr(self, k) is not None and not _pos(getattr(self, k))]

@@ -21,6 +21,8 @@ from moejax.model_config.hf_config import hf_fields
 # Bytes per element of the dtypes moejax stores weights and KV caches in.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 NORM_TYPES = ("rmsnorm", "layernorm")
+# Weight-only quantized expert formats (moejax/quant.py): bits per stored weight.
+EXPERT_BITS = {"int8": 8, "int4": 4}
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts
     dense_ffn_size: int = 0  # intermediate size of those dense MLPs
     tie_word_embeddings: bool = False
+    # --- expert storage (moejax/quant.py): None = the model dtype; "int8" | "int4":
+    # group-wise symmetric, groups of `expert_group_size` along the reduction axis,
+    # scales in the model dtype ---
+    expert_dtype: str | None = None
+    expert_group_size: int = 64
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "expert_ffn_size", "num_layers",
@@ -89,6 +96,21 @@ class ModelConfig:
         if self.dense_layers and self.dense_ffn_size < 1:
             raise ValueError(f"ModelConfig {self.name!r}: dense_layers given but "
                              f"dense_ffn_size={self.dense_ffn_size}")
+        self._check_expert_format()
+
+    def _check_expert_format(self) -> None:
+        if self.expert_dtype is not None and self.expert_dtype not in EXPERT_BITS:
+            raise ValueError(f"ModelConfig {self.name!r}: expert_dtype="
+                             f"{self.expert_dtype!r} not in (None, 'int8', 'int4')")
+        g = self.expert_group_size
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+            raise ValueError(f"ModelConfig {self.name!r}: expert_group_size={g!r} must be a "
+                             "positive integer")
+        if self.expert_dtype == "int4" and (g % 2 or self.hidden_size % 2
+                                            or self.expert_ffn_size % 2):
+            raise ValueError(f"ModelConfig {self.name!r}: int4 experts pack two rows per "
+                             f"byte: expert_group_size={g}, hidden_size={self.hidden_size} "
+                             f"and expert_ffn_size={self.expert_ffn_size} must be even")
 
     # ------------------------------------------------------------------ basics
     def replace(self, **changes) -> "ModelConfig":
@@ -139,26 +161,56 @@ class ModelConfig:
                 + self.num_moe_layers * self.num_experts * self.expert_params())
 
     # ----------------------------------------------------------------- bytes
+    @property
+    def expert_quantized(self) -> bool:
+        return self.expert_dtype is not None
+
+    @property
+    def expert_bits(self) -> int:
+        """Bits per stored expert weight (the model dtype's when not quantized)."""
+        return EXPERT_BITS.get(self.expert_dtype, 8 * self.bytes_per_param)
+
+    def expert_col_align(self) -> int:
+        """Granularity of FFN-column splits (resident columns, page starts): one w2 group
+        (w2's reduction axis is f), 1 when experts are not quantized."""
+        return self.expert_group_size if self.expert_quantized else 1
+
+    def expert_cols_bytes(self, cols: int) -> int:
+        """Bytes of `cols` FFN columns of one layer's w1, w3, w2 over all E experts, the
+        block starting on a group boundary: float 3·E·h·c·b; quantized
+        E·(3·h·c·bits/8 + s·(2·⌈h/G⌉·c + ⌈c/G⌉·h)) — w1, w3 have ⌈h/G⌉ scales per
+        column, w2 ⌈c/G⌉ per output (s: bytes of a scale, the model dtype's)."""
+        e, h, c = self.num_experts, self.hidden_size, int(cols)
+        if not self.expert_quantized:
+            return 3 * e * h * c * self.bytes_per_param
+        g, s = self.expert_group_size, self.bytes_per_param
+        return e * (3 * h * c * self.expert_bits // 8
+                    + s * (2 * -(-h // g) * c + -(-c // g) * h))
+
     def expert_bytes(self) -> int:
-        """Bytes of one expert of one layer."""
-        return self.expert_params() * self.bytes_per_param
+        """Bytes of one expert of one layer (quantized: codes + scales)."""
+        return self.expert_cols_bytes(self.expert_ffn_size) // self.num_experts
 
     def expert_bytes_per_layer(self) -> int:
         """W_E of docs/design.md §4: all experts of one MoE layer, 2·3·h·f·E in bf16."""
         return self.num_experts * self.expert_bytes()
 
-    def expert_col_bytes(self) -> int:
-        """One FFN column of a layer's w1, w3, w2 over all experts: 3·E·h·bytes."""
-        return 3 * self.num_experts * self.hidden_size * self.bytes_per_param
+    def expert_col_bytes(self) -> float:
+        """One FFN column of a layer's w1, w3, w2 over all experts: 3·E·h·bytes (int);
+        quantized, amortised over one group of columns (a float)."""
+        a = self.expert_col_align()
+        return self.expert_cols_bytes(a) / a if a > 1 else self.expert_cols_bytes(1)
 
     def page_cols(self, page_bytes: int) -> int:
-        """FFN columns of one streamed page (host_offload/weight_store.py): the most whose
-        bytes fit `page_bytes`, at least 1, at most f."""
-        return max(1, min(self.expert_ffn_size, int(page_bytes) // self.expert_col_bytes()))
+        """FFN columns of one streamed page (host_offload/weight_store.py): the most whole
+        groups of `expert_col_align` columns whose bytes fit `page_bytes`, at least one
+        group, at most f."""
+        a, f = self.expert_col_align(), self.expert_ffn_size
+        return min(f, max(a, int(page_bytes) // self.expert_cols_bytes(a) * a))
 
     def page_nbytes(self, page_bytes: int) -> int:
         """Bytes of one full streamed page under the `page_bytes` knob."""
-        return self.page_cols(page_bytes) * self.expert_col_bytes()
+        return self.expert_cols_bytes(self.page_cols(page_bytes))
 
     def expert_bytes_total(self) -> int:
         return self.num_moe_layers * self.expert_bytes_per_layer()
@@ -176,7 +228,7 @@ class ModelConfig:
         return self.non_expert_bytes() - proj + proj // devices
 
     def weight_bytes(self) -> int:
-        return self.total_params() * self.bytes_per_param
+        return self.non_expert_bytes() + self.expert_bytes_total()
 
     def kv_bytes_per_token_per_layer(self, kv_bytes_per_elem: int | None = None) -> int:
         """k and v of one token in one layer: 2·kv_heads·head_dim·bytes."""

@@ -18,7 +18,8 @@ def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_by
     """calls·t₀ + weight_bytes·t₀/bytes_expert + flops / R_gemm [s] (§4.3), else flops /
     P_gpu(dtype); t₀ is one expert's weight read."""
     if hw.gemm_flops_per_s is not None:
-        per_byte = (hw.gemm_intercept_s or 0.0) / m.expert_bytes()
+        # t₀ is a float expert's read: quantized experts are read as floats once dequantized
+        per_byte = (hw.gemm_intercept_s or 0.0) / m.replace(expert_dtype=None).expert_bytes()
         return (calls * hw.gemm_intercept_s + weight_bytes * per_byte
                 + flops / hw.gemm_flops_per_s)
     return flops / hw.gpu_flops_per_s(m.dtype)
@@ -107,15 +108,30 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
     return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
 
 
+def dequant_s(m: ModelConfig, hw: HardwareSpec, elems):
+    """Dequantizing `elems` expert weights [s]: elems / the calibrated rate of the
+    format (`dequant_int8_elems_per_s`, …), else the roofline of a dequantization fused
+    into the GEMM, elems·bits/8 / B_gpu (the codes read once); 0 for float experts."""
+    if not m.expert_quantized:
+        return 0.0 * np.asarray(elems, dtype=float)
+    rate = getattr(hw, f"dequant_{m.expert_dtype}_elems_per_s", None)
+    if rate is None:
+        rate = hw.gpu_memory_bytes_per_s / (m.expert_bits / 8)
+    return np.asarray(elems, dtype=float) / rate
+
+
 def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
               imbalance: float = 1.0):
-    """FFN [s]: MoE = `expected_work` rows and passes (§4.3), t₀ per pass; dense: MLP."""
+    """FFN [s]: MoE = `expected_work` rows and passes (§4.3), t₀ per pass, plus (quantized
+    experts) `dequant_s` of the whole layer, 3·h·f·E weights: both dispatch paths
+    dequantize every expert's part once per call; dense: MLP."""
     h, b = m.hidden_size, m.bytes_per_param
     if m.is_moe_layer(layer):
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
         flops = rows * 2 * m.expert_params()
         nbytes = m.expert_bytes_per_layer() + rows * (2 * h + 3 * m.expert_ffn_size) * b
-        return device_op_s(m, hw, flops, nbytes, calls=calls)
+        return device_op_s(m, hw, flops, nbytes, calls=calls) + dequant_s(
+            m, hw, m.num_experts * m.expert_params())
     f = m.dense_ffn_size
     flops = tokens * 2 * 3 * h * f
     nbytes = (3 * h * f + tokens * (2 * h + 3 * f)) * b

@@ -199,3 +199,34 @@ def search_micro_batches(model: ModelConfig, hw: HardwareSpec, workload: Workloa
         if best is None or key > best[0]:
             best = (key, pol)
     return best[1]
+
+
+def search_expert_dtype(model: ModelConfig, hw: HardwareSpec, workload: Workload,
+                        allowed_expert_dtypes, device_memory_bytes: float | None = None,
+                        group_size: int | None = None):
+    """(config, policy, prediction) of the fastest `search_policy` over the expert
+    formats in `allowed_expert_dtypes` (None = the model dtype, "int8", "int4"): the
+    chosen format is the returned config's `expert_dtype`, never applied silently; no
+    format outside the list is tried. ValueError if the list is empty or names another
+    format, or if nothing fits under any of them."""
+    from moejax.model_config.model import EXPERT_BITS
+
+    allowed = tuple(allowed_expert_dtypes or ())
+    bad = [d for d in allowed if d is not None and d not in EXPERT_BITS]
+    if not allowed or bad:
+        raise ValueError(f"allowed_expert_dtypes={allowed_expert_dtypes!r}: give a non-empty "
+                         "list of None, 'int8', 'int4'")
+    best, errors = None, []
+    for dt in allowed:
+        cfg = model.replace(expert_dtype=dt, **({"expert_group_size": group_size}
+                                                if group_size else {}))
+        try:
+            pol, pred = search_policy(cfg, hw, workload, device_memory_bytes)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        if best is None or pred.tokens_per_s > best[2].tokens_per_s:
+            best = (cfg, pol, pred)
+    if best is None:
+        raise ValueError(errors[0])
+    return best
