@@ -1,4 +1,4 @@
-"""Predicted tokens/s of k-device tensor parallel (docs/design.md §9) beside MoE-Lightning's
+"""Predicted tokens/s of k-device tensor parallel (docs/design.md §10) beside MoE-Lightning's
 measured figures and the MoE-Lens limit.
 
     python -m experiments.tp_targets [--presets mixtral_8x22b_t4x2,...] [--num_sequences N]

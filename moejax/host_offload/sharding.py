@@ -1,5 +1,5 @@
 """k devices on one host: a one-axis `jax.sharding.Mesh` ("tp") and where every weight
-lives on it (docs/design.md §9). Tensor parallel as MoE-Lightning runs it on 2 and 4 T4s:
+lives on it (docs/design.md §10). Tensor parallel as MoE-Lightning runs it on 2 and 4 T4s:
 
 - experts split along the FFN axis f: w1, w3 [E, h, f] and w2 [E, f, h] sharded on f, so
   each device holds 1/k of every resident column block and streams 1/k of every page over

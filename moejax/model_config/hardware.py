@@ -64,7 +64,7 @@ class HardwareSpec:
     # h2d transfers by size; `costs.h2d_s` interpolates it (log size), flat outside; None:
     # every transfer at h2d_bytes_per_s
     source: str = ""
-    # k tensor-parallel devices on one host (docs/design.md §9): every gpu_* and h2d/d2h
+    # k tensor-parallel devices on one host (docs/design.md §10): every gpu_* and h2d/d2h
     # field above is per device; each device has its own link
     num_devices: int = 1
     host_link_bytes_per_s: float | None = None  # all k links together at most this (they

@@ -1,6 +1,6 @@
 """Experiment setups (`--config mixtral_l4`): a model on a machine running a workload.
 Multi-GPU setups (MoE-Lightning's Mixtral 8x22B and DBRX on 2 and 4 T4s) are k-device
-`HardwareSpec`s (`num_devices`, docs/design.md §9): per-device memory, compute and link,
+`HardwareSpec`s (`num_devices`, docs/design.md §10): per-device memory, compute and link,
 k PCIe x16 links on one host (independent unless `shared_link_gib_s` caps them together),
 an all-reduce after o_proj and after w2 through the host's PCIe root complex."""
 
