@@ -3,6 +3,7 @@
     python -m experiments.generate --checkpoint DIR --prompts IN.jsonl --output OUT.jsonl
         [--max_new_tokens 64] [--temperature 0 --top_k 0 --top_p 1 --seed 0] [--chat]
         [--device_memory_gb G] [--host_kv_gb K] [--dtype bfloat16] [--batch_size 64]
+        [--ray_address HOST:PORT|local --ray_workers 2]
 
 Input lines: {"id": str|int, "prompt": str} or {"id", "messages": [{"role", "content"}]}
 (rendered with the checkpoint's chat template; --chat renders "prompt" lines as one
@@ -60,6 +61,11 @@ flags.DEFINE_enum("on_bad_request", "refuse", ["refuse", "skip"], "a bad request
                   "refuse the job before it starts, or skip that line")
 flags.DEFINE_bool("predict", True, "price the run with the performance model (calibrates "
                   "this machine once, 1-3 minutes; --nopredict skips it)")
+flags.DEFINE_string("ray_address", None, "spread the batches over a Ray cluster "
+                    "(HOST:PORT, ray://HOST:PORT, auto, or local: a cluster on this "
+                    "machine), one engine per worker (moejax.integrations.ray; the ray "
+                    "extra)")
+flags.DEFINE_integer("ray_workers", 2, "Ray workers (one engine each)", lower_bound=1)
 finite_flag("temperature")
 finite_flag("top_p")
 finite_flag("device_memory_gb", positive=True)
@@ -216,6 +222,52 @@ def generate_all(eng, tok, todo, size, samp, writer) -> dict:
     return n
 
 
+def check_ray() -> None:
+    """--ray_address: Ray importable and the cluster reachable, in one line, before any
+    weights load."""
+    if not FLAGS.ray_address:
+        return
+    try:
+        from moejax.integrations.ray import _ray, check_address
+
+        _ray()
+        check_address(FLAGS.ray_address)
+    except ValueError as e:
+        fail(f"--ray_address: {e}")
+
+
+def generate_ray(tok, todo, size, samp, writer) -> dict:
+    """generate_all over a Ray cluster: each finished batch's records written once."""
+    from moejax.integrations.ray import connect, run_requests
+
+    kw = {} if FLAGS.device_memory_gb is None else {
+        "device_memory_bytes": int(FLAGS.device_memory_gb * GB)}
+    n = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    t0, done = time.perf_counter(), set()
+    connect(FLAGS.ray_address, num_cpus=FLAGS.ray_workers)
+    reqs = [{"id": r.id, "index": r.index, "ids": r.ids,
+             "max_new_tokens": r.max_new_tokens} for r in todo]
+    try:
+        for recs in run_requests(FLAGS.checkpoint, reqs, FLAGS.ray_workers,
+                                 batch_size=size, engine_kwargs=kw, dtype=FLAGS.dtype,
+                                 sampling=samp):
+            for rec in recs:
+                key = json.dumps(rec["id"])
+                if key in done:
+                    continue
+                done.add(key)
+                writer.write(rec)
+                n["requests"] += 1
+                n["prompt_tokens"] += rec["prompt_tokens"]
+                n["completion_tokens"] += rec["completion_tokens"]
+    except RuntimeError as e:
+        writer.close()
+        fail(f"ray: {e}; every finished request is written, rerun to resume")
+    writer.close()
+    n["wall_s"], n["interrupted"] = time.perf_counter() - t0, False
+    return n
+
+
 def prediction(eng, cfg, reqs, policy) -> dict:
     """Predicted tok/s and the MoE-Lens limit for the first batch's policy on the
     calibrated local hardware (null, with the reason, under --nopredict)."""
@@ -265,6 +317,7 @@ def main(argv):
     no_extra_args(argv)
     quiet_logs()
     check_paths()
+    check_ray()
     samp = sampling()
     tok, cfg, reqs = load_job()
     try:
@@ -273,10 +326,12 @@ def main(argv):
         fail(str(e))
     todo = [r for r in reqs if r.key not in done]
     size = batch_cap(cfg, reqs)
-    eng = make_engine(cfg, reqs, size) if todo else None
+    ray = bool(FLAGS.ray_address)
+    eng = make_engine(cfg, reqs, size) if todo and not ray else None
     writer = Writer(FLAGS.output)
     try:
-        n = generate_all(eng, tok, todo, size, samp, writer)
+        n = generate_ray(tok, todo, size, samp, writer) if ray and todo else \
+            generate_all(eng, tok, todo, size, samp, writer)
     except KeyboardInterrupt:
         n = {"interrupted": True}
     if n.pop("interrupted"):
@@ -289,9 +344,9 @@ def main(argv):
              **n, "measured_tokens_per_s": n["completion_tokens"] / max(n["wall_s"], 1e-9),
              "sampling": None if samp is None else dataclasses.asdict(samp),
              "policy": policy_dict(policy) if policy else None}
-    stats.update(prediction(eng, cfg, todo, policy) if todo else {
+    stats.update(prediction(eng, cfg, todo, policy) if todo and not ray else {
         "predicted_tokens_per_s": None, "limit_tokens_per_s": None,
-        "prediction_skipped": "nothing ran"})
+        "prediction_skipped": "ray: one engine per worker" if ray else "nothing ran"})
     write_stats(FLAGS.output + ".stats.json", stats)
     print(summary(n, len(reqs) - len(todo), stats))
 

@@ -7,8 +7,11 @@ emulating an L4, say), within ~8 minutes, everything under --output_dir:
   1. the `gpu`-marked tests (pytest -m gpu);
   2. offloaded-engine parity on the GPU against the all-on-device reference, float32 at
      "highest" precision and bf16 (parity.json);
-  3. the link: 16 MiB pinned pages vs one big copy, from pinned and pageable memory
-     (link.json);
+  3. the link: 16 MiB pinned pages vs one big copy, from pinned and pageable memory, and
+     the same pages through the tensor-parallel stream code (a NamedSharding on a
+     1-device mesh) (link.json);
+  3b. tensor-parallel parity: `Engine(devices=[gpu])` (the mesh, sharded pages, the
+     shard_map FFN with its psum) against the reference (tensor_parallel.json);
   4. the throughput experiment on a Mixtral-shaped bf16 model larger than the budget,
      under an allocator-enforced --device_budget_gib: calibration, measured vs predicted
      tok/s and peak device bytes, overlap on and off side by side (throughput_*.json,
@@ -70,9 +73,10 @@ def gpu_tests() -> dict:
     return {"returncode": r.returncode, "summary": tail[0], "s": time.perf_counter() - t0}
 
 
-def parity(dtype: str) -> dict:
-    """The offloaded engine (streaming, CPU attention) against the all-on-device
-    reference on a tiny random model: greedy tokens and prompt logits."""
+def parity(dtype: str, devices=None) -> dict:
+    """The offloaded engine (streaming, CPU attention; on the `devices` mesh when given)
+    against the all-on-device reference on a tiny random model: greedy tokens and
+    prompt logits."""
     import numpy as np
 
     import moejax
@@ -82,13 +86,15 @@ def parity(dtype: str) -> dict:
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, cfg.vocab_size, n))) for n in (5, 11, 2, 7)]
     ref = moejax.Engine(model)
-    off = moejax.Engine(model, gpu_weight_fraction=0.3, page_bytes=cfg.page_nbytes(1))
+    off = moejax.Engine(model, gpu_weight_fraction=0.3, page_bytes=cfg.page_nbytes(1),
+                        devices=devices)
     want, got = ref.generate(prompts, 8), off.generate(prompts, 8)
     lr, lo = ref.prompt_logits(prompts), off.prompt_logits(prompts)
     err = float(np.max(np.abs(lo - lr)) / np.max(np.abs(lr)))
     agree = float(np.mean([a == b for x, y in zip(want, got) for a, b in zip(x, y)]))
     return {"dtype": dtype, "tokens_identical": want == got, "token_agreement": agree,
-            "logits_max_rel_err": err, "pages_per_layer": off.store.num_pages(0)}
+            "logits_max_rel_err": err, "pages_per_layer": off.store.num_pages(0),
+            "mesh_devices": None if devices is None else len(devices)}
 
 
 def link(total: int = GiB, page: int = 16 * 2**20) -> dict:
@@ -108,7 +114,13 @@ def link(total: int = GiB, page: int = 16 * 2**20) -> dict:
 
     best = lambda fn: total / median_seconds(fn, 3) / 1e9  # GB/s, median of 3 after a warm-up
     put = lambda x: jax.device_put(x, device_sharding(dev))
+    from moejax.host_offload import sharding as tp
+
+    mesh = tp.make_mesh([dev])  # the k-device stream code: a page as a NamedSharding
+    mput = lambda x: jax.device_put(x, tp.sharding(mesh, tp.REPLICATED))
     return {"pinned_pages_GBps": best(lambda: jax.block_until_ready([put(p) for p in pages])),
+            "mesh_pinned_pages_GBps": best(
+                lambda: jax.block_until_ready([mput(p) for p in pages])),
             "pinned_one_copy_GBps": best(lambda: put(pinned).block_until_ready()),
             "pageable_one_copy_GBps": best(lambda: put(host).block_until_ready()),
             "page_bytes": page, "total_bytes": total}
@@ -161,6 +173,8 @@ def main(argv):
         summary["gpu_tests"] = gpu_tests()
     summary["parity"] = [parity("float32"), parity("bfloat16")]
     write("parity.json", summary["parity"])
+    summary["tensor_parallel"] = [parity(d, [dev]) for d in ("float32", "bfloat16")]
+    write("tensor_parallel.json", summary["tensor_parallel"])
     summary["link"] = link()
     write("link.json", summary["link"])
     summary["throughput"] = {"overlap": throughput(True, png=True),

@@ -14,6 +14,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 GiB = 2**30
 MiB = 2**20
 GB = 1e9
@@ -64,6 +66,14 @@ class HardwareSpec:
     # h2d transfers by size; `costs.h2d_s` interpolates it (log size), flat outside; None:
     # every transfer at h2d_bytes_per_s
     source: str = ""
+    # k tensor-parallel devices on one host (docs/design.md §10): every gpu_* and h2d/d2h
+    # field above is per device; each device has its own link
+    num_devices: int = 1
+    host_link_bytes_per_s: float | None = None  # all k links together at most this (they
+    # share a root complex / host memory bandwidth); None: independent, k × per link
+    allreduce_bytes_per_s: float | None = None  # ring all-reduce bus bandwidth per device
+    # (NVLink, or PCIe peer-to-peer); None: through the host at d2h_bytes_per_s
+    allreduce_latency_s: float = 0.0  # fixed cost of one all-reduce
 
     def __post_init__(self):
         positive = ("gpu_fp16_flops_per_s", "gpu_fp32_flops_per_s", "gpu_memory_bytes",
@@ -94,6 +104,14 @@ class HardwareSpec:
             v = getattr(self, k)
             if v is not None and not (_pos(v) or v == 0):
                 bad.append(f"{k}={v!r}")
+        if isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) \
+                or self.num_devices < 1:
+            bad.append(f"num_devices={self.num_devices!r} (a whole number >= 1)")
+        for k in ("host_link_bytes_per_s", "allreduce_bytes_per_s"):
+            if getattr(self, k) is not None and not _pos(getattr(self, k)):
+                bad.append(f"{k}={getattr(self, k)!r}")
+        if not (_pos(self.allreduce_latency_s) or self.allreduce_latency_s == 0):
+            bad.append(f"allreduce_latency_s={self.allreduce_latency_s!r}")
         if bad:
             raise ValueError(f"HardwareSpec {self.name!r}: must be finite and > 0 "
                              "(latencies >= 0): "
@@ -109,6 +127,29 @@ class HardwareSpec:
         if dtype in ("bfloat16", "float16", "int8"):
             return self.gpu_fp16_flops_per_s
         raise ValueError(f"unknown dtype {dtype!r}")
+
+    def links_bytes_per_s(self, per_link):
+        """Host↔device bytes/s of all k links together: min(k·per_link, the shared cap)."""
+        agg = self.num_devices * per_link
+        cap = self.host_link_bytes_per_s
+        return agg if cap is None else np.minimum(agg, cap)
+
+    def aggregated(self) -> "HardwareSpec":
+        """One device with k× the compute, memory, device and link bandwidth (the links
+        capped by `host_link_bytes_per_s`): the ideal tensor parallel MoE-Lightning's
+        model (`schedule.hrm`) prices; self when k = 1."""
+        k = self.num_devices
+        if k == 1:
+            return self
+        return self.replace(
+            name=f"{self.name}(aggregated)", num_devices=1,
+            gpu_fp16_flops_per_s=k * self.gpu_fp16_flops_per_s,
+            gpu_fp32_flops_per_s=k * self.gpu_fp32_flops_per_s,
+            gpu_memory_bytes=k * self.gpu_memory_bytes,
+            gpu_memory_bytes_per_s=k * self.gpu_memory_bytes_per_s,
+            h2d_bytes_per_s=float(self.links_bytes_per_s(self.h2d_bytes_per_s)),
+            d2h_bytes_per_s=float(self.links_bytes_per_s(self.d2h_bytes_per_s)),
+            host_link_bytes_per_s=None)
 
     def replace(self, **changes) -> "HardwareSpec":
         return dataclasses.replace(self, **changes)

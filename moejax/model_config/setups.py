@@ -1,7 +1,8 @@
 """Experiment setups (`--config mixtral_l4`): a model on a machine running a workload.
-Multi-GPU setups (MoE-Lightning's Mixtral 8x22B on 2×T4, DBRX on 4×T4) are priced as one
-device with k× the memory, compute, device and link bandwidth (k PCIe x16 links) sharing
-one host: an ideal tensor-parallel approximation (docs/design.md §10), labelled as such."""
+Multi-GPU setups (MoE-Lightning's Mixtral 8x22B and DBRX on 2 and 4 T4s) are k-device
+`HardwareSpec`s (`num_devices`, docs/design.md §10): per-device memory, compute and link,
+k PCIe x16 links on one host (independent unless `shared_link_gib_s` caps them together),
+an all-reduce after o_proj and after w2 through the host's PCIe root complex."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Setup:
     num_gpus: int = 1
     device_memory_gib: float | None = None  # emulated device budget (None: the GPU's)
     host_memory_gb: float | None = None  # host RAM override (None: the preset's)
+    shared_link_gib_s: float | None = None  # k links together at most this (None: k×)
 
     @property
     def model(self) -> ModelConfig:
@@ -32,15 +34,38 @@ class Setup:
 
     @property
     def hardware(self) -> HardwareSpec:
-        hw = scale_gpus(get_hardware(self.hardware_name), self.num_gpus)
+        hw = tensor_parallel(get_hardware(self.hardware_name), self.num_gpus,
+                             self.shared_link_gib_s)
         if self.host_memory_gb is not None:
             hw = hw.replace(host_memory_bytes=self.host_memory_gb * 1e9,
                             source=hw.source + f"; host RAM {self.host_memory_gb:g} GB")
         return hw
 
 
+# T4s have no NVLink: an all-reduce goes over PCIe through the root complex (peer to peer
+# or via host memory), ~ one link's rate each way; ~20 µs per call (NCCL ring over PCIe,
+# small messages: an assumption, no measurement of ours)
+T4_ALLREDUCE_LATENCY_S = 20e-6
+
+
+def tensor_parallel(hw: HardwareSpec, k: int, shared_link_gib_s: float | None = None
+                    ) -> HardwareSpec:
+    """k devices like `hw`, one link each (together at most `shared_link_gib_s` GiB/s),
+    all-reduce over PCIe at one link's rate; `hw` itself for k = 1."""
+    if k == 1:
+        return hw
+    shared = f", links share {shared_link_gib_s:g} GiB/s" if shared_link_gib_s else ""
+    return hw.replace(
+        name=f"{hw.name}x{k}", num_devices=k,
+        host_link_bytes_per_s=None if shared_link_gib_s is None else
+        shared_link_gib_s * 2**30, allreduce_bytes_per_s=hw.d2h_bytes_per_s,
+        allreduce_latency_s=T4_ALLREDUCE_LATENCY_S,
+        source=f"{k} x ({hw.source}), tensor parallel, one link each{shared}")
+
+
 def scale_gpus(hw: HardwareSpec, k: int) -> HardwareSpec:
-    """k identical GPUs, ideal tensor parallelism, one shared host."""
+    """k identical GPUs, ideal tensor parallelism, one shared host (one device with k×
+    everything: what MoE-Lightning's model prices, `HardwareSpec.aggregated`)."""
     if k == 1:
         return hw
     return hw.replace(
@@ -61,6 +86,10 @@ _SETUPS = {s.name: s for s in (
     # T4s) is assumed — our notes do not give MoE-Lightning's host for these runs.
     Setup("mixtral_8x22b_t4x2", "mixtral_8x22b", "t4_moe_lightning", "mtbench_g32",
           num_gpus=2, host_memory_gb=416),
+    Setup("mixtral_8x22b_t4x4", "mixtral_8x22b", "t4_moe_lightning", "mtbench_g32",
+          num_gpus=4, host_memory_gb=416),
+    Setup("dbrx_t4x2", "dbrx", "t4_moe_lightning", "mtbench_g32", num_gpus=2,
+          host_memory_gb=416),
     Setup("dbrx_t4x4", "dbrx", "t4_moe_lightning", "mtbench_g32", num_gpus=4,
           host_memory_gb=416),
     Setup("qwen3_l4", "qwen3_30b_a3b", "l4_moe_lightning", "mtbench_g32"),

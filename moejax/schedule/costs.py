@@ -14,9 +14,14 @@ COPY_DEMAND_PAGE_BYTES = 4 * 2**20  # pages of the runs `calibrate` fits copy_co
 
 
 # ------------------------------------------------------------------ generic roofs
-def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_bytes=0):
+def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_bytes=0,
+                     split: bool = True):
     """calls·t₀ + weight_bytes·t₀/bytes_expert + flops / R_gemm [s] (§4.3), else flops /
-    P_gpu(dtype); t₀ is one expert's weight read."""
+    P_gpu(dtype); t₀ is one expert's weight read. `split`: on k tensor-parallel devices
+    each does 1/k of it (heads, FFN columns), at the same time."""
+    if split and hw.num_devices > 1:
+        k = hw.num_devices
+        return device_compute_s(m, hw, flops / k, calls, weight_bytes / k, False)
     if hw.gemm_flops_per_s is not None:
         # t₀ is a float expert's read: quantized experts are read as floats once dequantized
         per_byte = (hw.gemm_intercept_s or 0.0) / m.replace(expert_dtype=None).expert_bytes()
@@ -25,10 +30,24 @@ def device_compute_s(m: ModelConfig, hw: HardwareSpec, flops, calls=0, weight_by
     return flops / hw.gpu_flops_per_s(m.dtype)
 
 
-def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0, weight_bytes=0):
-    """One device op [s]: max(compute, bytes / B_gpu) + `device_op_overhead_s` (t_op)."""
-    return np.maximum(device_compute_s(m, hw, flops, calls, weight_bytes),
-                      nbytes / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
+def device_op_s(m: ModelConfig, hw: HardwareSpec, flops, nbytes, calls=0, weight_bytes=0,
+                split: bool = True):
+    """One device op [s]: max(compute, bytes / B_gpu) + `device_op_overhead_s` (t_op);
+    `split` as in `device_compute_s` (bytes too: each device reads its share)."""
+    k = hw.num_devices if split else 1
+    return np.maximum(device_compute_s(m, hw, flops, calls, weight_bytes, split),
+                      nbytes / k / hw.gpu_memory_bytes_per_s) + hw.device_op_overhead_s
+
+
+def allreduce_s(m: ModelConfig, hw: HardwareSpec, tokens, elem_bytes=None):
+    """Ring all-reduce of a [tokens, h] partial sum over k devices [s]: latency +
+    2·(k−1)/k·tokens·h·bytes / B_allreduce (after o_proj and after w2; 0 for k = 1)."""
+    k = hw.num_devices
+    if k == 1:
+        return 0.0 * np.asarray(tokens, dtype=float)
+    b = m.bytes_per_param if elem_bytes is None else elem_bytes
+    bw = hw.allreduce_bytes_per_s or hw.d2h_bytes_per_s
+    return hw.allreduce_latency_s + 2 * (k - 1) / k * tokens * m.hidden_size * b / bw
 
 
 def h2d_rate(hw: HardwareSpec, transfer_bytes):
@@ -41,14 +60,15 @@ def h2d_rate(hw: HardwareSpec, transfer_bytes):
 
 
 def h2d_s(hw: HardwareSpec, nbytes, transfers=1):
-    """Host → device copy: transfers·latency + bytes / B_h2d(bytes per transfer)."""
-    per = np.asarray(nbytes, dtype=float) / np.maximum(transfers, 1)
-    return transfers * hw.link_latency_s + nbytes / h2d_rate(hw, per)
+    """Host → device copy: transfers·latency + bytes / B_h2d(bytes per transfer). On k
+    devices each link carries 1/k of every transfer at once (`links_bytes_per_s`)."""
+    per = np.asarray(nbytes, dtype=float) / np.maximum(transfers, 1) / hw.num_devices
+    return transfers * hw.link_latency_s + nbytes / hw.links_bytes_per_s(h2d_rate(hw, per))
 
 
 def d2h_s(hw: HardwareSpec, nbytes, transfers=1):
-    """Device → host copy: transfers·latency + bytes / B_d2h."""
-    return transfers * hw.link_latency_s + nbytes / hw.d2h_bytes_per_s
+    """Device → host copy: transfers·latency + bytes / B_d2h (k links as `h2d_s`)."""
+    return transfers * hw.link_latency_s + nbytes / hw.links_bytes_per_s(hw.d2h_bytes_per_s)
 
 
 def num_pages(nbytes, page_bytes):
@@ -105,7 +125,8 @@ def gpu_post_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 
     flops = 2 * tokens * h * (o_in + router)
     weights = h * (o_in + router) * m.bytes_per_param
     nbytes = weights + tokens * (o_in + 3 * h) * m.bytes_per_param
-    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
+    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights) + allreduce_s(m, hw,
+                                                                                 tokens)
 
 
 def dequant_s(m: ModelConfig, hw: HardwareSpec, elems):
@@ -130,8 +151,11 @@ def gpu_ffn_s(m: ModelConfig, hw: HardwareSpec, tokens, layer: int = 0,
         rows, calls = expected_work(tokens, m.top_k, m.num_experts, imbalance)
         flops = rows * 2 * m.expert_params()
         nbytes = m.expert_bytes_per_layer() + rows * (2 * h + 3 * m.expert_ffn_size) * b
-        return device_op_s(m, hw, flops, nbytes, calls=calls) + dequant_s(
-            m, hw, m.num_experts * m.expert_params())
+        # k devices: each dequantizes its 1/k, and the partial sums are reduced in float32
+        # (ops._tp_moe_ffn)
+        return (device_op_s(m, hw, flops, nbytes, calls=calls)
+                + dequant_s(m, hw, m.num_experts * m.expert_params() / hw.num_devices)
+                + allreduce_s(m, hw, tokens, 4))
     f = m.dense_ffn_size
     flops = tokens * 2 * 3 * h * f
     nbytes = (3 * h * f + tokens * (2 * h + 3 * f)) * b
@@ -144,7 +168,8 @@ def gpu_lm_head_s(m: ModelConfig, hw: HardwareSpec, tokens):
     weights = m.hidden_size * m.vocab_size * m.bytes_per_param
     nbytes = weights + tokens * m.hidden_size * m.bytes_per_param \
         + tokens * m.vocab_size * LOGITS_BYTES
-    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights)
+    # replicated on k devices (host_offload/sharding.py): every device runs all of it
+    return device_op_s(m, hw, flops, nbytes, weight_bytes=weights, split=False)
 
 
 def gpu_decode_attention_s(m: ModelConfig, hw: HardwareSpec, tokens, context_len,

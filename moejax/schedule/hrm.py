@@ -159,6 +159,7 @@ def moe_lightning_evaluate(model: ModelConfig, hw: HardwareSpec, prompt_len: int
     """MoE-Lightning's prediction for one (ubs, n_ub); ValueError if no wg fits memory."""
     _check(model, hw, prompt_len, gen_len, micro_batch_size=micro_batch_size,
            num_micro_batches=num_micro_batches)
+    hw = hw.aggregated()  # k devices: its model prices an ideal tensor parallel
     r, why = _evaluate(model, hw, prompt_len, gen_len, micro_batch_size, num_micro_batches)
     if r is None:
         raise ValueError(f"infeasible micro_batch_size={micro_batch_size} x "
@@ -180,6 +181,7 @@ def moe_lightning_search(model: ModelConfig, hw: HardwareSpec, prompt_len: int,
     """Exhaustive search of docs/design.md §4.2 over the ubs grid and feasible n_ub (each
     loop stops at the first infeasible value); the first best decode throughput wins."""
     _check(model, hw, prompt_len, gen_len)
+    hw = hw.aggregated()  # k devices: its model prices an ideal tensor parallel
     best, first_why = None, ""
     for ubs in ubs_candidates():
         n_ub, any_feasible = 1, False

@@ -42,10 +42,11 @@ class MoELensBound:
 def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> MoELensBound:
     p, g = workload.prompt_len, workload.gen_len
     pme = 2 * (p + g) / ((2 * p + g) * g)
-    must_move = max(model.weight_bytes() - hw.gpu_memory_bytes * DEVICE_MEMORY_USABLE, 0.0)
+    must_move = max(model.weight_bytes() - hw.num_devices * hw.gpu_memory_bytes
+                    * DEVICE_MEMORY_USABLE, 0.0)
     host = hw.host_memory_bytes * HOST_MEMORY_USABLE - must_move
     m_tokens = max(host, 0.0) / model.kv_bytes_per_token(workload.kv_bytes_per_elem)
-    delta = must_move / hw.h2d_bytes_per_s
+    delta = must_move / hw.links_bytes_per_s(hw.h2d_bytes_per_s)
     per_layer = sum(model.attention_proj_flops_per_token()
                     + (model.expert_flops_per_token() if model.is_moe_layer(i)
                        else 2 * 3 * model.hidden_size * model.dense_ffn_size)
@@ -53,7 +54,7 @@ def moe_lens_bound(model: ModelConfig, hw: HardwareSpec, workload: Workload) -> 
     # a sequence runs p + g − 1 tokens through the layers (the last generated token is
     # never fed back) and g through the LM head
     flops = ((p + g - 1) * per_layer + g * 2 * model.hidden_size * model.vocab_size) / (p + g)
-    rate = hw.gemm_flops_per_s or hw.gpu_flops_per_s(model.dtype)
+    rate = (hw.gemm_flops_per_s or hw.gpu_flops_per_s(model.dtype)) * hw.num_devices
     kv_bound = pme * m_tokens / delta if delta > 0 else float("inf")
     gpu_bound = rate / flops
     t_max = min(kv_bound, gpu_bound)
@@ -105,7 +106,8 @@ def memory_bytes(model: ModelConfig, workload: Workload, ubs, n_ub, wg,
 
 
 def memory_budgets(hw: HardwareSpec, device_memory_bytes: float | None = None):
-    """(device, host) bytes the search may use; `device_memory_bytes` emulates a small GPU."""
+    """(device, host) bytes the search may use (device: per device of k);
+    `device_memory_bytes` emulates a small GPU."""
     dev = (hw.gpu_memory_bytes * DEVICE_MEMORY_USABLE if device_memory_bytes is None
            else float(device_memory_bytes))
     return dev, hw.host_memory_bytes * HOST_MEMORY_USABLE
@@ -312,7 +314,8 @@ def predict(model: ModelConfig, hw: HardwareSpec, workload: Workload,
                  [p.gpu_weight_fraction], p.attention_device, p.kv_cache_device,
                  p.page_bytes, p.overlap)
     dev, host = memory_bytes(model, workload, p.micro_batch_size, p.num_micro_batches,
-                             p.gpu_weight_fraction, p.attention_device, p.kv_cache_device)
+                             p.gpu_weight_fraction, p.attention_device, p.kv_cache_device,
+                             devices=hw.num_devices)
     bound = moe_lens_bound(model, hw, workload)
     f = {k: float(v[0]) for k, v in r.items()}
     return Prediction(

@@ -24,18 +24,19 @@ WG_STEP = 1e-6  # resolution of gpu_weight_fraction
 _CHUNK_ELEMS = 1 << 21  # candidates × decode steps priced per NumPy call
 
 
-def _streaming_line(model, wl, ubs, n_ub, placement=()):
+def _streaming_line(model, wl, ubs, n_ub, placement=(), devices=1):
     """(d0, d1, h0, h1): device and host bytes at wg = 0 and where the affine line of
-    the streaming placements (wg < 1, stream buffers counted) reaches wg = 1."""
-    d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement)
-    dh, hh = memory_bytes(model, wl, ubs, n_ub, 0.5, *placement)
+    the streaming placements (wg < 1, stream buffers counted) reaches wg = 1 (device:
+    per device of k)."""
+    d0, h0 = memory_bytes(model, wl, ubs, n_ub, 0.0, *placement, devices=devices)
+    dh, hh = memory_bytes(model, wl, ubs, n_ub, 0.5, *placement, devices=devices)
     return d0, 2 * dh - d0, h0, 2 * hh - h0
 
 
 def _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets):
     """(lo, hi) per candidate: streaming wg (< 1, WG_STEP grid) fitting both budgets."""
     dev_cap, host_cap = budgets
-    d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement)
+    d0, d1, h0, h1 = _streaming_line(model, wl, ubs, n_ub, placement, hw.num_devices)
     lo, hi = affine_interval(d0, d1 - d0, dev_cap)
     host_terms = [(h0, h1 - h0)]
     if hw.device_is_host:  # device and host share the same RAM
@@ -50,7 +51,7 @@ def _streaming_wg_range(model, hw, wl, ubs, n_ub, placement, budgets):
 def _resident_fits(model, hw, wl, ubs, n_ub, placement, budgets):
     """Whether wg = 1 (every expert resident, no stream buffers) fits."""
     dev_cap, host_cap = budgets
-    dr, hr = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement)
+    dr, hr = memory_bytes(model, wl, ubs, n_ub, 1.0, *placement, devices=hw.num_devices)
     fits = (dr <= dev_cap) & (hr <= host_cap)
     return fits & (dr + hr <= host_cap) if hw.device_is_host else fits
 
@@ -80,8 +81,9 @@ def _max_feasible(ok, limit: int) -> int:
 
 def _infeasible_error(model, hw, wl, budgets) -> ValueError:
     dev_cap, host_cap = budgets
-    d0, d1, h0, h1 = _streaming_line(model, wl, 1, 1)
-    dr, hr = memory_bytes(model, wl, 1, 1, 1.0)  # all resident: no stream buffers
+    d0, d1, h0, h1 = _streaming_line(model, wl, 1, 1, devices=hw.num_devices)
+    # all resident: no stream buffers
+    dr, hr = memory_bytes(model, wl, 1, 1, 1.0, devices=hw.num_devices)
     need = min(d0, d1, dr)
     parts = []
     if need > dev_cap:
@@ -193,7 +195,8 @@ def search_micro_batches(model: ModelConfig, hw: HardwareSpec, workload: Workloa
         pol = placement.replace(batch_size=ubs * n, micro_batch_size=ubs,
                                 num_micro_batches=n)
         dev = float(memory_bytes(model, workload, ubs, n, pol.gpu_weight_fraction,
-                                 pol.attention_device, pol.kv_cache_device)[0])
+                                 pol.attention_device, pol.kv_cache_device,
+                                 devices=hw.num_devices)[0])
         fits = device_memory_bytes is None or dev <= device_memory_bytes
         key = (fits, predict(model, hw, workload, pol).tokens_per_s if fits else -dev)
         if best is None or key > best[0]:
