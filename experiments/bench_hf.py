@@ -121,7 +121,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as d:
         hf = build_hf(d)
         engine = moejax.Engine(moejax.load_pretrained(d, dtype="float32"))
-    runners = {"moejax": lambda k: engine.generate(prompts, k),
+    runners = {"moejax": lambda k: engine.generate(prompts, k, batching="static"),
                "HF": hf_runner(hf, prompts)}
     t_cold, _, _ = timed(runners["moejax"], n)  # warm-up: compiles every shape of the job
     runners["HF"](2, rows=2)

@@ -112,7 +112,7 @@ def main(argv):
         wl = Workload(padded_len(FLAGS.prompt_len), FLAGS.gen_len)
         pol = e.policy_for(FLAGS.batch, wl.prompt_len, wl.gen_len)
         preds[v] = predict(m.config, local_hardware(m.config), wl, pol).tokens_per_s
-        e.generate(prompts, FLAGS.gen_len)  # compile the timed shapes; not timed
+        e.generate(prompts, FLAGS.gen_len, batching="static")  # compile the timed shapes; not timed
         err = logit_errors(np.asarray(ref_logits).reshape(-1, cfg.vocab_size),
                            np.asarray(m.logits(np.array(prompts)), np.float32)
                            .reshape(-1, cfg.vocab_size))["mean_rel_err"]
@@ -123,7 +123,7 @@ def main(argv):
     for r in range(FLAGS.rounds):
         for v, e in engines.items():
             t = time.perf_counter()
-            e.generate(prompts, FLAGS.gen_len)
+            e.generate(prompts, FLAGS.gen_len, batching="static")
             rows[v]["measured"].append(FLAGS.batch * FLAGS.gen_len / (time.perf_counter() - t))
             print(f"  round {r + 1} {v}: {rows[v]['measured'][-1]:.1f} tok/s", flush=True)
     base = statistics.median(rows["float32"]["measured"])

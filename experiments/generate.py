@@ -203,7 +203,7 @@ def generate_all(eng, tok, todo, size, samp, writer) -> dict:
                 break
             outs = eng.generate([r.ids for r in chunk], chunk[0].max_new_tokens,
                                 eos_token_id=sorted(eos) or None, sampling=samp,
-                                request_indices=[r.index for r in chunk])
+                                request_indices=[r.index for r in chunk], batching="static")
             for r, toks in zip(chunk, outs):
                 writer.write(record(r, toks, tok, eos))
                 n["requests"] += 1

@@ -103,14 +103,14 @@ def default_budget(cfg, page_bytes: int, workload=None, sequences: int = 8) -> f
 class Progress:
     """One-line progress bar on stderr."""
 
-    def __init__(self, label: str):
-        self.label, self.t0 = label, time.perf_counter()
+    def __init__(self, label: str, unit: str = "steps"):
+        self.label, self.unit, self.t0 = label, unit, time.perf_counter()
 
     def __call__(self, done: int, total: int):
         w = 30
         fill = w * done // total
         sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (w - fill)}] {done}/{total} "
-                         f"steps, {time.perf_counter() - self.t0:5.1f} s")
+                         f"{self.unit}, {time.perf_counter() - self.t0:5.1f} s")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -156,12 +156,27 @@ def gantt(run, cfg, hw, path: str, decode_steps: int = 2):
 
 
 
+def warm_up(engine, prompts, batching: str) -> None:
+    """Compile what a timed run will, untimed: a prefill micro-batch of each padded prompt
+    length (one call per length: a group's shape is its longest prompt's) and a decode
+    step, at the policy's micro-batch size (a call of ubs copies of the prompt)."""
+    from moejax.schedule.policy import padded_len
+
+    seen = {}
+    for p in prompts:
+        seen.setdefault(padded_len(len(p)), p)
+    ubs = engine.policy.micro_batch_size if engine.policy is not None else 1
+    for p in seen.values():
+        engine.generate([p] * ubs, 2, batching=batching)
+
+
 def measure(engine, prompts, gen_len: int, label: str | None = None,
             warm: bool = True) -> float:
     """Wall seconds of one timed `generate`, after (with `warm`) an untimed one that
     compiles the shapes of the timed run (same micro-batch, a few decode steps)."""
     if warm:
-        engine.generate(prompts, min(gen_len, 3))
+        engine.generate(prompts, min(gen_len, 3), batching="static")
     t0 = time.perf_counter()
-    engine.generate(prompts, gen_len, progress=Progress(label) if label else None)
+    engine.generate(prompts, gen_len, progress=Progress(label) if label else None,
+                    batching="static")
     return time.perf_counter() - t0

@@ -23,10 +23,15 @@ from absl import flags
 
 from experiments.cli import fail, finite_flag, no_extra_args, output_flag, quiet_logs, run
 from experiments.local import (GB, Progress, check_positions, default_budget, gantt,
-                               local_config, local_hardware, local_model, policy_dict)
+                               local_config, local_hardware, local_model, policy_dict,
+                               warm_up)
 from moejax.model_config.setups import setup_names
 
 FLAGS = flags.FLAGS
+TRACES = ("mtbench", "rag", "longgen")
+WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
+LOCAL_REQUESTS = 96  # a continuous local run of ~2-3 minutes at the preset's lengths
+TARGET_SEQUENCES = 4096
 flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "model + hardware + workload preset")
 flags.DEFINE_string("checkpoint", None, "HF or native checkpoint to run locally "
                     "(default: random weights of the scaled architecture)")
@@ -54,7 +59,19 @@ flags.DEFINE_string("output_json", "experiments/results/throughput_{config}.json
 flags.DEFINE_string("timeline_png", None, "Gantt chart of the measured vs predicted "
                     "timeline (prefill + first decode steps)")
 flags.DEFINE_bool("skip_local", False, "only the target section")
+flags.DEFINE_enum("batching", "continuous", ["continuous", "static"],
+                  "continuous (MoE-Lens's scheduler, docs/design.md §7) or static batches "
+                  "(the reference path)")
+flags.DEFINE_enum("workload", None, list(TRACES), "a length trace of experiments/workloads/ "
+                  "(default: the preset's fixed prompt and generation lengths)")
+flags.DEFINE_integer("num_requests", None, "requests of the local continuous run (default: "
+                     f"{LOCAL_REQUESTS}; the trace's first ones, cycled)", lower_bound=1)
+flags.DEFINE_float("host_kv_gb", None, "local host KV cache budget, GB (default: the "
+                   "engine's, a share of the host memory the weights leave)")
+flags.DEFINE_integer("target_sequences", TARGET_SEQUENCES, "requests of the target job "
+                     "(continuous: its ramp-up and drain are priced)", lower_bound=1)
 finite_flag("device_memory_gb", positive=True)
+finite_flag("host_kv_gb", positive=True)
 finite_flag("gpu_weight_fraction")
 output_flag("output_json", ".json", allow_empty=True)
 output_flag("timeline_png", ".png")
@@ -68,7 +85,32 @@ flags.register_multi_flags_validator(
             "whole micro-batches)")
 LOCAL_ONLY = ("checkpoint", "batch_size", "micro_batch_size", "gpu_weight_fraction",
               "attention_device", "device_memory_gb", "timeline_png", "overlap",
-              "local_hidden_size", "local_num_layers", "max_local_batch")
+              "local_hidden_size", "local_num_layers", "max_local_batch", "num_requests",
+              "host_kv_gb")
+flags.register_multi_flags_validator(
+    ["batching", "attention_device"],
+    lambda f: f["batching"] == "static" or f["attention_device"] in (None, "cpu"),
+    message="--batching=continuous runs decode attention on the cpu beside the host KV "
+            "cache: drop --attention_device=gpu or add --batching=static")
+flags.register_multi_flags_validator(
+    ["batching", "timeline_png", "max_local_batch"],
+    lambda f: f["batching"] == "static" or not (f["timeline_png"]
+                                                or FLAGS["max_local_batch"].present),
+    message="--timeline_png and --max_local_batch belong to the static path: add "
+            "--batching=static (continuous takes its concurrency from the search)")
+flags.register_multi_flags_validator(
+    ["batching", "num_requests", "host_kv_gb"],
+    lambda f: f["batching"] == "continuous" or not (f["num_requests"] or f["host_kv_gb"]),
+    message="--num_requests and --host_kv_gb belong to continuous batching: drop them or "
+            "--batching=static")
+flags.register_multi_flags_validator(
+    ["workload", "batching"], lambda f: not f["workload"] or f["batching"] == "continuous",
+    message="--workload runs ragged requests through continuous batching: drop "
+            "--batching=static (the static path runs the preset's fixed lengths)")
+flags.register_multi_flags_validator(
+    ["workload", "prompt_len", "gen_len"],
+    lambda f: not f["workload"] or not (f["prompt_len"] or f["gen_len"]),
+    message="--workload gives the lengths: drop --prompt_len and --gen_len")
 flags.register_multi_flags_validator(
     ["checkpoint", "local_hidden_size", "local_num_layers"],
     lambda f: not f["checkpoint"] or not (FLAGS["local_hidden_size"].present
@@ -102,6 +144,47 @@ def target_section(setup, workload) -> dict:
     except ValueError as e:
         out["moe_lightning"] = {"infeasible": str(e)}
     return out
+
+
+def target_continuous(setup, workload) -> dict:
+    """The target job under continuous batching: `search_continuous`'s policy and its
+    end-to-end prediction (ramp-up and drain of --target_sequences requests included)."""
+    from moejax.schedule import moe_lightning_search
+    from moejax.schedule.continuous import search_continuous
+
+    m, hw = setup.model, setup.hardware
+    gib = setup.device_memory_gib
+    wl = workload.replace(num_sequences=FLAGS.target_sequences)
+    try:
+        policy, pred = search_continuous(m, hw, wl, device_memory_bytes=None if gib is None
+                                         else gib * 2**30)
+    except ValueError as e:
+        return {"model": m.name, "hardware": hw.name, "infeasible": str(e)}
+    out = {"model": m.name, "hardware": hw.name, "hardware_source": hw.source,
+           "batching": "continuous", "workload": wl.name, "requests": wl.num_sequences,
+           "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
+           "policy": continuous_policy_dict(policy),
+           "predicted_tokens_per_s": pred.tokens_per_s,
+           "predicted_steady_tokens_per_s": pred.steady_tokens_per_s,
+           "limit_tokens_per_s": pred.limit_tokens_per_s,
+           "fraction_of_limit": pred.fraction_of_limit,
+           "mean_concurrency": pred.mean_concurrency,
+           "kv_capacity_tokens": pred.kv_capacity_tokens, "sweeps": pred.sweeps,
+           "peak_device_gb": pred.peak_device_bytes / GB}
+    try:
+        ml = moe_lightning_search(m, hw, wl.prompt_len, wl.gen_len)
+        out["moe_lightning"] = {"policy": policy_dict(ml.policy),
+                                "decode_tokens_per_s": ml.decode_tokens_per_s}
+    except ValueError as e:
+        out["moe_lightning"] = {"infeasible": str(e)}
+    return out
+
+
+def continuous_policy_dict(p) -> dict:
+    return {**policy_dict(p), "max_concurrency": p.concurrency,
+            "prefill_tokens_per_sweep": p.prefill_tokens_per_sweep,
+            "prefill_micro_batch_tokens": p.prefill_micro_batch_tokens,
+            "kv_reservation": p.kv_reservation}
 
 
 # ---------------------------------------------------------------------- local
@@ -186,11 +269,12 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     prompts = prompts.tolist()
     print(f"local: {policy}", flush=True)
     try:
-        engine.generate(prompts[:policy.micro_batch_size], 2)  # compile; not timed
+        engine.generate(prompts[:policy.micro_batch_size], 2, batching="static")  # compile
         # the prompts' routing, seen by that warm-up, prices the expert GEMMs
         wl = engine.last_run.with_routing(wl)
         t0 = time.perf_counter()
-        engine.generate(prompts, workload.gen_len, progress=Progress("local run"))
+        engine.generate(prompts, workload.gen_len, progress=Progress("local run"),
+                        batching="static")
         wall = time.perf_counter() - t0
     except ValueError as e:
         fail(str(e))
@@ -217,6 +301,102 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
     return out, engine, hw
 
 
+def continuous_policy(cfg, hw, wl, budget, kv_bytes):
+    """`search_continuous` on this machine (concurrency up to the job's requests, bounded
+    by the host KV budget and the device budget), with the flags' overrides applied."""
+    from moejax.schedule.continuous import search_continuous
+
+    try:
+        policy, _ = search_continuous(cfg, hw, wl, device_memory_bytes=budget,
+                                      host_kv_bytes=kv_bytes)
+    except ValueError as e:
+        fail(f"{budget_name(budget)}: {e}")
+    over = {"overlap": FLAGS.overlap}
+    if FLAGS.batch_size or FLAGS.micro_batch_size:
+        ubs = FLAGS.micro_batch_size or min(policy.micro_batch_size, FLAGS.batch_size)
+        b = FLAGS.batch_size or policy.batch_size
+        over.update(batch_size=ubs * math.ceil(b / ubs), micro_batch_size=ubs,
+                    num_micro_batches=math.ceil(b / ubs), max_concurrency=None)
+    if FLAGS.gpu_weight_fraction is not None:
+        over["gpu_weight_fraction"] = FLAGS.gpu_weight_fraction
+    try:
+        return policy.replace(**over)
+    except ValueError as e:
+        fail(str(e))
+
+
+def local_continuous(setup, workload) -> dict:
+    """The local continuous run: --num_requests requests of the workload's lengths
+    (random prompt tokens; each stops at its output length, where the trace's EOS is),
+    measured generated tokens/s against `predict_continuous` of the same requests."""
+    import numpy as np
+
+    import moejax
+    from moejax.engine import HOST_KV_SHARE
+    from moejax.host_offload.memory import available_host_bytes
+    from moejax.model_config.workload import Workload
+    from moejax.schedule.continuous import predict_continuous
+    from moejax.schedule.policy import DEFAULT_PAGE_BYTES, padded_len
+    from moejax.schedule.predict import DEVICE_MEMORY_USABLE
+
+    cfg, note = local_config(setup, FLAGS.checkpoint, FLAGS.local_hidden_size,
+                             FLAGS.local_num_layers)
+    print(f"local: {note}", flush=True)
+    reqs = workload.requests(FLAGS.num_requests or LOCAL_REQUESTS)
+    p_max, g_max = max(p for p, _ in reqs), max(g for _, g in reqs)
+    check_positions(cfg, p_max, g_max)
+    hw = local_hardware(cfg)
+    page = DEFAULT_PAGE_BYTES
+    budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
+        cfg, page, Workload(padded_len(p_max), g_max))
+    hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
+    wl = Workload.from_lengths([p for p, _ in reqs], [g for _, g in reqs],
+                               num_sequences=len(reqs), name=workload.name)
+    model = local_model(cfg, FLAGS.checkpoint)
+    free = available_host_bytes()
+    kv_bytes = int(FLAGS.host_kv_gb * GB) if FLAGS.host_kv_gb else int(
+        HOST_KV_SHARE * free) if free is not None else 2**30
+    policy = continuous_policy(cfg, hw, wl, budget, kv_bytes).replace(page_bytes=page)
+    try:
+        engine = moejax.Engine(model, policy=policy, device_memory_bytes=int(budget),
+                               host_kv_bytes=kv_bytes)
+    except ValueError as e:
+        fail(f"{budget_name(budget)}: {e}")
+    policy = policy.replace(gpu_weight_fraction=engine.store.gpu_weight_fraction)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, cfg.vocab_size, p).tolist() for p, _ in reqs]
+    gens = [g for _, g in reqs]
+    print(f"local: {len(reqs)} requests (prompt {wl.prompt_len}, output {wl.gen_len} mean), "
+          f"{policy}", flush=True)
+    try:
+        warm_up(engine, prompts, "continuous")
+        t0 = time.perf_counter()
+        engine.generate(prompts, gens, progress=Progress("local run", "tokens"))
+        wall = time.perf_counter() - t0
+    except ValueError as e:
+        fail(str(e))
+    pred = predict_continuous(cfg, hw, wl, policy, kv_bytes, requests=reqs)
+    measured = sum(gens) / wall
+    sweeps = engine.last_sweeps
+    return {"batching": "continuous", "model": cfg.name, "note": note, "hardware": hw.name,
+            "hardware_source": hw.source, "device_memory_gb": budget / GB,
+            "host_kv_bytes": kv_bytes, "workload": wl.name, "requests": len(reqs),
+            "prompt_len": wl.prompt_len, "gen_len": wl.gen_len,
+            "policy": continuous_policy_dict(policy),
+            "store_gpu_weight_fraction": engine.store.gpu_weight_fraction,
+            "predicted_tokens_per_s": pred.tokens_per_s,
+            "measured_tokens_per_s": measured, "limit_tokens_per_s": pred.limit_tokens_per_s,
+            "prediction_error": (pred.tokens_per_s - measured) / measured,
+            "wall_s": wall, "predicted_s": pred.total_s, "sweeps": len(sweeps),
+            "predicted_sweeps": pred.sweeps,
+            "mean_running": float(np.mean([sum(r.decode_rows) + sum(r.prefill_rows) for r in sweeps])),
+            "predicted_mean_concurrency": pred.mean_concurrency,
+            "kv_capacity_tokens": engine.kv_pool.capacity_tokens,
+            "measured_fraction_of_limit": measured / pred.limit_tokens_per_s,
+            "peak_device_bytes_predicted": pred.peak_device_bytes,
+            "device_budget_bytes": budget}
+
+
 def main(argv):
     no_extra_args(argv)
     given = [f"--{k}" for k in LOCAL_ONLY if FLAGS[k].present]
@@ -228,10 +408,19 @@ def main(argv):
 
     setup = get_setup(FLAGS.config)
     wl = setup.workload
+    if FLAGS.workload:
+        from moejax.model_config.workload import load_trace
+        wl = load_trace(os.path.join(WORKLOADS, f"{FLAGS.workload}.json"))
     wl = wl.replace(prompt_len=FLAGS.prompt_len or wl.prompt_len,
                     gen_len=FLAGS.gen_len or wl.gen_len)
-    check_positions(setup.model, wl.prompt_len, wl.gen_len)
-    result = {"config": FLAGS.config, "target": target_section(setup, wl)}
+    longest = max(p + g for p, g in wl.requests())
+    if longest > setup.model.max_positions:
+        check_positions(setup.model, wl.prompt_len, wl.gen_len)
+        fail(f"--workload={FLAGS.workload}: a request of {longest} tokens exceeds "
+             f"{setup.model.name}'s {setup.model.max_positions} positions")
+    cont = FLAGS.batching == "continuous"
+    result = {"config": FLAGS.config, "batching": FLAGS.batching,
+              "target": target_continuous(setup, wl) if cont else target_section(setup, wl)}
     t = result["target"]
     if "infeasible" in t:
         fail(f"--config={FLAGS.config}: {t['infeasible']}")
@@ -239,12 +428,25 @@ def main(argv):
     print(f"target ({t['model']} on {t['hardware']}, prompt {wl.prompt_len}, gen "
           f"{wl.gen_len}): policy {t['policy']['micro_batch_size']}×"
           f"{t['policy']['num_micro_batches']} wg={t['policy']['gpu_weight_fraction']:.3f}"
-          f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
+          + (f", {t['batching']} (mean concurrency {t['mean_concurrency']:.0f}, "
+             f"{100 * t['fraction_of_limit']:.0f} % of the limit)" if cont else "")
+          + f"; predicted {t['predicted_tokens_per_s']:.1f} tok/s end to end "
           f"(limit {t['limit_tokens_per_s']:.1f}); MoE-Lightning reproduced "
           + (f"{ml:.1f} decode tok/s" if ml else "infeasible"))
-    if not FLAGS.skip_local:
+    if not FLAGS.skip_local and cont:
+        loc = result["local"] = local_continuous(setup, wl)
+        print(f"local continuous ({loc['model']}, {loc['requests']} requests, "
+              f"{loc['device_memory_gb']:.3g} GB device budget, concurrency ≤ "
+              f"{loc['policy']['max_concurrency']}): measured "
+              f"{loc['measured_tokens_per_s']:.1f} tok/s, predicted "
+              f"{loc['predicted_tokens_per_s']:.1f} ({100 * loc['prediction_error']:+.1f} %)"
+              f", limit {loc['limit_tokens_per_s']:.1f}; {loc['sweeps']} sweeps in "
+              f"{loc['wall_s']:.1f} s (predicted {loc['predicted_sweeps']} in "
+              f"{loc['predicted_s']:.1f} s)")
+    elif not FLAGS.skip_local:
         loc, engine, hw = local_section(setup, wl)
         result["local"] = loc
+        loc["batching"] = "static"
         print(f"local ({loc['model']}, {loc['device_memory_gb']:.3g} GB device budget): "
               f"measured {loc['measured_tokens_per_s']:.1f} tok/s, predicted "
               f"{loc['predicted_tokens_per_s']:.1f} ({100 * loc['prediction_error']:+.1f} %)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +24,8 @@ from moejax.placement import resolve_placement, validate_request, validate_sampl
 from moejax.quant import with_expert_dtype
 from moejax.sampling import Sampling
 from moejax.runtime import BatchRun, DeviceWeights, SweepRun
+from moejax.schedule.continuous import admit, pack_prefill, prefill_tokens
+from moejax.schedule.continuous import device_bytes as cont_device_bytes
 from moejax.schedule.executor import Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, padded_len
 from moejax.schedule.predict import memory_bytes
@@ -148,8 +149,10 @@ class Engine:
         placement's knobs with `schedule.search.search_micro_batches` on the local hardware."""
         if self.policy is not None:
             ubs = min(self.policy.micro_batch_size, batch)
+            size, mc = ubs * math.ceil(batch / ubs), self.policy.max_concurrency
             return self.policy.replace(micro_batch_size=ubs, num_micro_batches=math.ceil(
-                batch / ubs), batch_size=ubs * math.ceil(batch / ubs))
+                batch / ubs), batch_size=size, max_concurrency=None if mc is None else
+                min(mc, size))
         if not self.offload:
             return self._base_policy(batch, 1)
         if self.micro_batch_size is not None:
@@ -276,21 +279,21 @@ class Engine:
                  progress: Callable[[int, int], None] | None = None,
                  sampling: Sampling | None = None,
                  request_indices: Sequence[int] | None = None, *,
-                 batching: str = "static") -> list[list[int]]:
+                 batching: str = "continuous") -> list[list[int]]:
         """Greedy (or `sampling`) decoding of ragged prompts: rows of `max_new_tokens` (an int,
         or one per prompt), or up to and including their first `eos_token_id` (one id or a
         list). Prompt i samples from the stream of `request_indices[i]` (default i): same
         index and seed, same tokens, whatever the batching.
-        batching "static" (the default for now; it flips to "continuous" once the benchmark
-        shows the win): batches larger than a policy's run one after the other, each to its
-        longest row; `progress(steps_done, steps_total)` after every step, steps_total = Σ
-        over batches of their max_new_tokens, ending at (steps_total, steps_total).
-        "continuous": `stream`'s rows in prompt order (MoE-Lens's scheduler where attention
-        is on the CPU); `progress(tokens_done, Σ max_new_tokens)` after every sweep, a
-        finished row counting all its max_new_tokens."""
+        batching "continuous" (the default): `stream`'s rows in prompt order (MoE-Lens's
+        scheduler where the engine is offloaded with attention on the CPU, else static);
+        `progress(tokens_done, Σ max_new_tokens)` after every sweep, a finished row counting
+        all its max_new_tokens. "static" (the reference): batches of the policy's batch_size
+        (at most what the host KV budget holds at full length) one after the other, each to
+        its longest row; `progress(steps_done, steps_total)` after every step, steps_total =
+        Σ over batches of their max_new_tokens, ending at (steps_total, steps_total)."""
         if batching not in BATCHING:
             raise ValueError(f"batching={batching!r} not in {BATCHING}")
-        if batching == "continuous":
+        if batching == "continuous" and self.continuous:
             if progress is not None and not callable(progress):
                 raise ValueError(f"progress must be callable, got {type(progress).__name__}")
             out: list = [None] * len(prompts) if isinstance(prompts, (list, tuple)) else []
@@ -332,6 +335,7 @@ class Engine:
         """(index, tokens, finish reason) of every row, batch after batch (each run to its
         longest max_new_tokens, rows cut to theirs)."""
         size = self.policy.batch_size if self.policy is not None else len(prompts)
+        size = min(size, self._static_kv_rows(prompts, max_new))
         starts = range(0, len(prompts), size)
         gens = [max(max_new[i:i + size]) for i in starts]
         total, done = sum(gens), 0
@@ -389,16 +393,35 @@ class Engine:
         item = 1 if int8 else np.dtype(jnp.dtype(self.kv_dtype or cfg.dtype)).itemsize
         return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim * item + 4 * int8)
 
+    def host_kv_budget(self) -> int:
+        """Bytes the host KV cache may take: `host_kv_bytes`, else HOST_KV_SHARE of the host
+        memory available now (what the weights left)."""
+        if self.host_kv_bytes is not None:
+            return int(self.host_kv_bytes)
+        free = available_host_bytes()
+        return int(HOST_KV_SHARE * free) if free is not None else 2 ** 30
+
+    def _static_kv_rows(self, prompts, max_new) -> int:
+        """Rows of a static batch whose host KV fits the budget at full length, padded
+        longest prompt + longest max_new_tokens (all rows, where the KV is on the device);
+        ValueError naming both sizes if not even one fits."""
+        if not self.continuous:
+            return len(prompts)
+        kv_bytes = self.host_kv_budget()
+        row = (padded_len(max(map(len, prompts))) + max(max_new)) * self._kv_bytes_per_token()
+        if row > kv_bytes:
+            raise ValueError(f"host_kv_bytes={kv_bytes} ({fmt_bytes(kv_bytes)}) is too small "
+                             f"for one static row of {row} bytes ({fmt_bytes(row)}): the "
+                             f"longest prompt padded + {max(max_new)} new tokens")
+        return kv_bytes // row
+
     def _kv_pool_for(self, prompts, max_new) -> PagedKVCache:
         """The paged host KV cache (built on first use), checked to hold the longest request."""
         per_tok, bt = self._kv_bytes_per_token(), self.kv_block_tokens
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
         need_tok = -(-(len(prompts[longest]) + max_new[longest]) // bt) * bt
         if self.kv_pool is None:
-            kv_bytes = self.host_kv_bytes
-            if kv_bytes is None:
-                free = available_host_bytes()
-                kv_bytes = int(HOST_KV_SHARE * free) if free is not None else 2 ** 30
+            kv_bytes = self.host_kv_budget()
             cap = kv_bytes // per_tok // bt * bt
         else:
             kv_bytes, cap = self.kv_pool.capacity_tokens * per_tok, self.kv_pool.capacity_tokens
@@ -418,30 +441,70 @@ class Engine:
         n = len(prompts) if self.policy is None else min(len(prompts),
                                                          self.policy.batch_size)
         policy = self.policy_for(n, t, max(max_new))
-        self._check_fits(policy, t, max(max_new))
+        if policy.kv_reservation != "max":
+            raise ValueError(f"kv_reservation={policy.kv_reservation!r}: the engine admits "
+                             "with 'max' only (the model prices 'lookahead'; no preemption "
+                             "is built)")
+        if self.store is not None and self.store.shards > 1:
+            self._check_fits(policy, t, max(max_new))  # the static bound, per device
+            return policy
+        if policy.prefill_tokens_per_sweep is None:  # all of them at once, if it fits;
+            try:                                     # else a micro-batch of them a sweep
+                self._check_fits_continuous(policy, prompts, max_new)
+                return policy
+            except ValueError:
+                policy = policy.replace(prefill_tokens_per_sweep=policy.micro_batch_size * t)
+        self._check_fits_continuous(policy, prompts, max_new)
         return policy
+
+    def _check_fits_continuous(self, policy: Policy, prompts, max_new) -> None:
+        """ValueError before running when `schedule.continuous.device_bytes` (decode
+        micro-batches of ubs rows, prefill ones of `prefill_rows`) exceeds the budget."""
+        budget = self.store.budget if self.store is not None else None
+        if budget is None:
+            return
+        wl = Workload.from_lengths(list(map(len, prompts)), max_new, kv_bytes_per_elem=1
+                                   if self.kv_dtype == "int8" else None)
+        need = float(cont_device_bytes(
+            self.cfg, wl, policy.micro_batch_size, policy.batch_size,
+            self.store.gpu_weight_fraction, prefill_tokens(
+                wl, policy.prefill_tokens_per_sweep, policy.concurrency),
+            policy.prefill_micro_batch_tokens))
+        if need > budget:
+            raise ValueError(
+                f"continuous batching of up to {policy.concurrency} sequences (micro-batches "
+                f"of {policy.micro_batch_size}, prefill ≤ {policy.prefill_tokens_per_sweep} "
+                f"tokens a sweep in micro-batches of ≤ {policy.prefill_micro_batch_tokens}) "
+                f"needs ~{fmt_bytes(need)} of device memory; device_memory_bytes={budget} "
+                f"({fmt_bytes(budget)}) is too small: use smaller micro-batches, a prefill "
+                "budget, a larger budget, or batching='static'")
 
     def _continuous_rows(self, kv: PagedKVCache, policy: Policy, prompts, max_new,
                          eos_token_id, sampling, indices, progress=None):
-        cfg, ubs, cap = self.cfg, policy.micro_batch_size, policy.batch_size
-        eos, plan, bt = set(self._eos_list(eos_token_id)), self._stream_plan(), kv.block_tokens
-        pending, new = deque(range(len(prompts))), []
-        running: dict[int, list[int]] = {}  # admission order
+        cfg, ubs = self.cfg, policy.micro_batch_size
+        eos, plan = set(self._eos_list(eos_token_id)), self._stream_plan()
+        reqs = [(len(p), g) for p, g in zip(prompts, max_new)]
+        nxt, running = 0, {}  # running: index -> tokens so far, in admission order
         total, done_tokens = sum(max_new), 0
         self.last_sweeps = []
         sweep = 0
+
+        def try_reserve(p, g):  # the sequence nxt + admitted so far, prompt + max new
+            i = nxt + len(new)
+            if kv.blocks_for(p + g) > kv.num_free_blocks:
+                return False
+            kv.reserve(i, p + g)
+            new.append(i)
+            return True
+
         try:
-            while pending or running:
-                while pending and len(running) + len(new) < cap:
-                    i = pending[0]
-                    need = len(prompts[i]) + max_new[i]
-                    if -(-need // bt) > kv.num_free_blocks:
-                        break
-                    kv.reserve(i, need)
-                    new.append(pending.popleft())
+            while nxt < len(prompts) or running:
+                new: list[int] = []
+                nxt += admit(reqs, nxt, len(running), policy, try_reserve)
                 dec = list(running)
                 dgroups = [dec[j:j + ubs] for j in range(0, len(dec), ubs)]
-                pgroups = [new[j:j + ubs] for j in range(0, len(new), ubs)]
+                pgroups = [[new[j] for j in g] for g in pack_prefill(
+                    [reqs[i][0] for i in new], ubs, policy.prefill_micro_batch_tokens)]
                 decode = [(g, [running[i][-1] for i in g],
                            [len(prompts[i]) + len(running[i]) - 1 for i in g],
                            [indices[i] for i in g], [len(running[i]) for i in g])
@@ -458,7 +521,7 @@ class Engine:
                     trace.makespan_s))
                 for i in new:
                     running[i] = []
-                new, sweep, finished = [], sweep + 1, []
+                sweep, finished = sweep + 1, []
                 for k, g in enumerate(dgroups + pgroups):
                     for i, tok in zip(g, run.results[k].tolist()):
                         toks = running[i]

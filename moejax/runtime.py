@@ -14,6 +14,7 @@ import numpy as np
 
 from moejax import ops
 from moejax.layers.attention import causal_mask
+from moejax.schedule.continuous import prefill_rows
 from moejax.schedule.executor import StopTimeline
 from moejax.schedule.policy import padded_len
 from moejax.schedule.routing import fit_imbalance
@@ -251,8 +252,9 @@ class SweepRun(BatchRun):
     decode   per micro-batch (seqs, tokens, positions, request_index, steps): each row's
              last token, its position (context − 1), its stream and tokens so far
     prefill  per micro-batch (seqs, prompts, request_index)
-    Micro-batch ids: decode 0..n_d−1, prefill n_d..; every micro-batch is padded to `ubs`
-    rows (prefill to `padded_len` of its longest prompt) so shapes repeat across sweeps;
+    Micro-batch ids: decode 0..n_d−1, prefill n_d..; a decode micro-batch is padded to
+    `ubs` rows, a prefill one to `prefill_rows` × `padded_len` of its longest prompt, so
+    shapes repeat across sweeps;
     CPU attention and the KV cache see only the real rows. `results[k]`: the next token of
     micro-batch k's real rows.
     """
@@ -279,8 +281,11 @@ class SweepRun(BatchRun):
             k = n_d + j
             lens = np.array([len(p) for p in prompts], np.int64)
             t = padded_len(int(lens.max()))
-            tok = np.zeros((ubs, t), np.int32)
-            for r in range(ubs):  # padding rows repeat the first prompt
+            rows = prefill_rows(t, ubs, policy.prefill_micro_batch_tokens)
+            pad = lambda a, fill, rows=rows: np.concatenate(
+                [np.asarray(a), np.full(rows - len(a), fill, np.asarray(a).dtype)])
+            tok = np.zeros((rows, t), np.int32)
+            for r in range(rows):  # padding rows repeat the first prompt
                 p = prompts[r] if r < len(prompts) else prompts[0]
                 tok[r, :len(p)] = p
             lens = pad(lens, lens[0])
@@ -288,10 +293,10 @@ class SweepRun(BatchRun):
             self.tokens[k] = jnp.asarray(tok)
             am = np.arange(t)[None, :] < lens[:, None]
             self.masks[k] = causal_mask(jnp.asarray(am, jnp.int32))
-            self.prefill_positions[k] = jnp.broadcast_to(jnp.arange(t), (ubs, t))
+            self.prefill_positions[k] = jnp.broadcast_to(jnp.arange(t), (rows, t))
             self.last[k] = jnp.asarray(lens - 1)
             idx.append(pad(np.asarray(req, np.int32), 0))
-            steps.append(np.zeros(ubs, np.int32))
+            steps.append(np.zeros(rows, np.int32))
         g = weights.global_params()
         self.embed_params, self.head_params = {"embed": g["embed"]}, g
         self.block_ops = not getattr(weights, "accelerator_path", False)

@@ -6,6 +6,8 @@ import pytest
 
 import moejax
 from moejax.schedule import Policy
+from moejax.schedule.continuous import admission
+from moejax.schedule.policy import padded_len
 from tests.oracle import hf_model
 
 PAGE = 4 * 1000
@@ -116,8 +118,10 @@ def test_bad_inputs_are_one_line_errors(engine, model, prompts, alone):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="host_kv_bytes"):
         moejax.Engine(model, gpu_weight_fraction=0.0, host_kv_bytes=0)
-    assert small.generate(prompts, MAX_NEW) == alone  # static still runs
-    assert engine.generate(prompts, MAX_NEW, batching="continuous") == alone
+    with pytest.raises(ValueError, match="host_kv_bytes=100 .*one static row") as err:
+        small.generate(prompts, MAX_NEW, batching="static")  # the budget binds both modes
+    assert "\n" not in str(err.value)
+    assert engine.generate(prompts, MAX_NEW) == alone  # still usable
 
 
 def test_kv_capacity_bounds_admission_and_closing_frees_blocks(model, prompts, alone):
@@ -132,3 +136,29 @@ def test_kv_capacity_bounds_admission_and_closing_frees_blocks(model, prompts, a
     next(it)
     it.close()  # stopped early: every block back
     assert e.kv_pool.num_free_blocks == e.kv_pool.num_blocks
+
+
+def test_engine_admits_as_the_model_does(model, prompts, alone):
+    # concurrency 3 < 6 prompts, ≤ 32 padded prompt tokens a sweep (two of 16), prefill
+    # micro-batches of ≤ 2 prompts: the engine's sweeps are the model's `admission`
+    pol = Policy.from_micro_batches(2, 2, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                                    max_concurrency=3, prefill_tokens_per_sweep=32)
+    e = moejax.Engine(model, policy=pol)
+    assert e.generate(prompts, MAX_NEW) == alone  # the default is continuous
+    sh = admission(list(zip(LENS, MAX_NEW)), 1e9, pol).shape
+    sw = e.last_sweeps
+    assert len(sw) == len(sh.n_d)
+    assert [len(s.prefill_rows) for s in sw] == sh.n_p.astype(int).tolist()
+    assert [sum(s.prefill_rows) for s in sw] == np.rint(sh.n_p * sh.rows_p).tolist()
+    assert [sum(s.decode_rows) for s in sw] == np.rint(sh.n_d * sh.rows_d).tolist()
+    assert max(sum(s.prefill_rows) for s in sw) == 2 < 3 == max(
+        sum(s.decode_rows) + sum(s.prefill_rows) for s in sw)
+
+
+def test_static_batches_fit_the_host_kv_budget(model, prompts, alone):
+    probe = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE)
+    row = (padded_len(max(LENS)) + max(MAX_NEW)) * probe._kv_bytes_per_token()
+    e = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                      host_kv_bytes=2 * row + 1)
+    assert e.generate(prompts, MAX_NEW, batching="static") == alone
+    assert e.last_run.policy.batch_size == 2  # six prompts in batches of two

@@ -73,7 +73,7 @@ def test_budget_that_fits_only_streaming_every_expert(model, prompts, reference)
                       page_bytes=4 * 1000)
     assert e.store.num_pages(0) > 0
     assert e.store.device_bytes <= budget
-    assert e.generate(prompts, NEW) == reference
+    assert e.generate(prompts, NEW, batching="static") == reference
 
 
 def test_budget_alone_leaves_room_for_activations(model):
@@ -180,7 +180,7 @@ def test_searched_micro_batching_keeps_to_the_budget(model, prompts, reference):
     assert memory_bytes(model.config, wl, 4, 1, 0.0)[0] > budget
     e = moejax.Engine(model, device_memory_bytes=budget, gpu_weight_fraction=0.0,
                       page_bytes=4 * 1000)
-    assert e.generate(prompts, NEW) == reference
+    assert e.generate(prompts, NEW, batching="static") == reference
     assert e.last_run.policy.micro_batch_size <= 2
 
 
@@ -222,7 +222,7 @@ def test_check_memory_says_before_generate_would(model, prompts):
     roomy = moejax.Engine(model, device_memory_bytes=_need(model, 0.0),
                           gpu_weight_fraction=0.0, page_bytes=4 * 1000)
     roomy.check_memory(len(prompts), 11, NEW)  # fits: no error
-    assert len(roomy.generate(prompts, np.int64(2))[0]) == 2  # NumPy ints as in the API
+    assert len(roomy.generate(prompts, np.int64(2), batching="static")[0]) == 2  # NumPy ints
 
 
 def test_all_resident_store_runs_an_all_resident_policy_of_any_page_size(model, prompts,

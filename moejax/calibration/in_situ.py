@@ -35,7 +35,7 @@ def overlapped_runs(model, repeats: int):
                                                 (32, 32)).tolist()
     runs = []
     for i in range(repeats + 1):  # the first run compiles
-        engine.generate(prompts, 16)
+        engine.generate(prompts, 16, batching="static")
         runs += [engine.last_run] if i else []
     return runs
 
@@ -89,7 +89,7 @@ def page_rates(model, page_bytes: int, runs: int, latency_s: float = 0.0,
                                                 (8, 16)).tolist()
     rates = []
     for i in range(runs + 1):  # the first run compiles
-        engine.generate(prompts, 4)
+        engine.generate(prompts, 4, batching="static")
         if i:
             rates.append(_page_rate(engine.last_run, int(page_bytes), latency_s))
             if records is not None:

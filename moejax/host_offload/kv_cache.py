@@ -124,10 +124,14 @@ class PagedKVCache:
             raise ValueError(f"sequence {seq!r} holds no blocks (reserve it first)")
         return self._tables[seq]
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens: ⌈num_tokens / block_tokens⌉."""
+        return -(-int(num_tokens) // self.block_tokens)
+
     def reserve(self, seq, num_tokens: int) -> None:
         """Lowest free blocks covering `num_tokens` (consecutive: one GEMM per run)."""
         num_tokens = _positive("num_tokens", num_tokens)
-        need = -(-num_tokens // self.block_tokens)
+        need = self.blocks_for(num_tokens)
         with self._lock:
             if seq in self._tables:
                 raise ValueError(f"sequence {seq!r} already holds "

@@ -166,7 +166,7 @@ def kv_capacity_tokens(m: ModelConfig, hw: HardwareSpec, wl: Workload, batch_siz
     return np.maximum(host_kv_bytes, 0.0) / m.kv_bytes_per_token(wl.kv_bytes_per_elem)
 
 
-def _prefill_tokens(wl: Workload, policy_budget, concurrency) -> float:
+def prefill_tokens(wl: Workload, policy_budget, concurrency) -> float:
     """Padded prompt tokens of a sweep's prefill at most: the budget, else everything."""
     return (float(policy_budget) if policy_budget is not None
             else concurrency * padded_len(max(wl.prompt_lens or (wl.prompt_len,))))
@@ -178,9 +178,10 @@ def device_bytes(m: ModelConfig, wl: Workload, ubs, batch_size, wg, prefill_toke
     [wg < 1]·2·(1 − wg)·W_E + 2·N·h·b + T·h·b + max(2 decode micro-batch working sets, one
     prefill of T_mb tokens + T_mb·heads·s·4 fp32 scores at the longest prompt s) + logits."""
     h, b = m.hidden_size, m.bytes_per_param
-    t_mb = prefill_tokens if prefill_mb_tokens is None else np.minimum(prefill_mb_tokens,
-                                                                       prefill_tokens)
     s = padded_len(max(wl.prompt_lens or (wl.prompt_len,)))
+    t_mb = np.minimum(prefill_tokens, ubs * s)  # `pack_prefill`: ≤ ubs prompts, ≤ cap tokens
+    if prefill_mb_tokens is not None:
+        t_mb = np.minimum(t_mb, prefill_mb_tokens)
     prefill_ws = working_set_bytes(m, t_mb) + t_mb * m.num_heads * s * 4
     act = (2 * batch_size * h * b + prefill_tokens * h * b
            + np.maximum(2 * working_set_bytes(m, ubs), prefill_ws)
@@ -202,16 +203,42 @@ class Admission:
     reserved_tokens: np.ndarray  # KV reserved during the sweep
 
 
-def _pack_prefill(prompts, cap) -> list[list[int]]:
-    """Sorted prompts into micro-batches of ≤ cap padded tokens (None: one group)."""
+def prefill_rows(padded: int, ubs: int, cap=None) -> int:
+    """Rows a prefill micro-batch of padded prompt length `padded` holds, and is padded to
+    on the device: ubs, or with a token cap ⌊cap / padded⌋ (at least 1) where fewer. It
+    depends on the length alone, so the jitted shapes repeat across sweeps."""
+    return ubs if cap is None else max(1, min(ubs, int(cap) // int(padded)))
+
+
+def pack_prefill(prompt_lens, ubs: int, cap=None) -> list[list[int]]:
+    """A sweep's prefill micro-batches, the one rule the engine and the model share:
+    positions into `prompt_lens`, sorted by length, each group at most `prefill_rows` of
+    its longest padded prompt (≤ ubs prompts, ≤ cap padded tokens; a longer one alone)."""
     groups: list[list[int]] = []
-    for p in sorted(prompts):
+    for i in sorted(range(len(prompt_lens)), key=lambda j: prompt_lens[j]):
         g = groups[-1] if groups else None
-        if g is not None and (cap is None or (len(g) + 1) * padded_len(max(max(g), p)) <= cap):
-            g.append(p)
+        if g is not None and len(g) < prefill_rows(padded_len(
+                max(prompt_lens[g[-1]], prompt_lens[i])), ubs, cap):
+            g.append(i)
         else:
-            groups.append([p])
+            groups.append([i])
     return groups
+
+
+def admit(requests, start: int, running: int, policy: Policy, try_reserve) -> int:
+    """How many of requests[start:] ((prompt, max_new) pairs, FIFO) the next sweep admits,
+    the one rule the engine and the model share: while running + admitted <
+    `policy.concurrency`, their padded prompts sum to ≤ `policy.prefill_tokens_per_sweep`
+    (the first always counts) and `try_reserve(p, g)` reserves the KV (False: stop)."""
+    budget, n, tok = policy.prefill_tokens_per_sweep, 0, 0
+    while start + n < len(requests) and running + n < policy.concurrency:
+        p, g = requests[start + n]
+        if budget is not None and n and tok + padded_len(p) > budget:
+            break
+        if not try_reserve(int(p), int(g)):
+            break
+        n, tok = n + 1, tok + padded_len(p)
+    return n
 
 
 def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
@@ -224,31 +251,32 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
     if (p_all + g_all).max(initial=0) > kv_tokens:
         raise ValueError(f"a request of {int((p_all + g_all).max())} tokens (prompt + "
                          f"max new) exceeds the KV capacity of {kv_tokens:.0f} tokens")
-    ubs, budget = policy.micro_batch_size, policy.prefill_tokens_per_sweep
-    grow = policy.kv_reservation == "lookahead"
+    ubs, grow = policy.micro_batch_size, policy.kv_reservation == "lookahead"
     ramp = 1.0 + np.arange(int(g_all.max(initial=1)) + 1)
     occ = np.zeros(ramp.size)  # lookahead: planned KV tokens per sweep, from this one
     reserved = 0  # max: KV reserved now (it only falls until the next admission)
     act_p = act_g = act_n = np.zeros(0, dtype=np.int64)
-    nxt, out = 0, []
+    nxt, out, reqs = 0, [], list(zip(p_all.tolist(), g_all.tolist()))
+
+    def try_reserve(p, g):
+        nonlocal occ, reserved
+        if grow:
+            plan = occ[:g] + p + ramp[:g]
+            if plan.max() > kv_tokens:
+                return False
+            occ[:g] = plan
+        elif reserved + p + g > kv_tokens:
+            return False
+        reserved += p + g
+        return True
+
     while nxt < len(p_all) or act_p.size:
-        adm, tok = [], 0
-        while nxt < len(p_all) and act_p.size + len(adm) < policy.concurrency:
-            p, g = int(p_all[nxt]), int(g_all[nxt])
-            if budget is not None and adm and tok + padded_len(p) > budget:
-                break
-            if grow:
-                plan = occ[:g] + p + ramp[:g]
-                if plan.max() > kv_tokens:
-                    break
-                occ[:g] = plan
-            elif reserved + p + g > kv_tokens:
-                break
-            reserved += p + g
-            adm.append(nxt)
-            tok, nxt = tok + padded_len(p), nxt + 1
+        n = admit(reqs, nxt, act_p.size, policy, try_reserve)
+        adm, nxt = list(range(nxt, nxt + n)), nxt + n
         rows = act_p.size
-        groups = _pack_prefill([int(p_all[i]) for i in adm], policy.prefill_micro_batch_tokens)
+        lens = [int(p_all[i]) for i in adm]
+        groups = [[lens[j] for j in g]
+                  for g in pack_prefill(lens, ubs, policy.prefill_micro_batch_tokens)]
         n_d = -(-rows // ubs)
         padded = sum(len(g) * padded_len(max(g)) for g in groups)
         out.append((n_d, rows / max(n_d, 1), (act_p + act_n).sum() / max(rows, 1),
@@ -272,7 +300,7 @@ def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
     ("max") or p + (g+1)/2 ("lookahead") KV tokens held over g sweeps:
         λ = min(M / E[r·g], C_max / E[g], B / E[padded p])   [sequences / sweep]
     C = λ·E[g]; decode rows R = λ·(E[g] − 1) in ⌈R/ubs⌉ micro-batches, Σ contexts
-    λ·E[(g−1)·p + g(g−1)/2]; prefill in ⌈λ·E[pp]/T_mb⌉ micro-batches (group padding left out)."""
+    λ·E[(g−1)·p + g(g−1)/2]; prefill in max(⌈λ/ubs⌉, ⌈λ·E[pp]/T_mb⌉) micro-batches (group padding left out)."""
     req = np.array(wl.requests(len(wl.prompt_lens) if wl.prompt_lens else 1), dtype=float)
     p, g = req[:, 0], req[:, 1]
     pp = np.array([padded_len(int(x)) for x in p], dtype=float)
@@ -284,8 +312,9 @@ def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
     rows = lam * (g.mean() - 1)
     n_d = np.ceil(rows / ubs - 1e-9)
     ctx = lam * np.mean((g - 1) * p + g * (g - 1) / 2) / np.maximum(rows, 1e-9)
-    n_p = (np.ones_like(lam) if prefill_mb_tokens is None
-           else np.maximum(np.ceil(lam * pp.mean() / prefill_mb_tokens - 1e-9), 1))
+    n_p = np.maximum(np.ceil(lam / ubs - 1e-9), 1)  # `pack_prefill`: ≤ ubs prompts a group
+    if prefill_mb_tokens is not None:
+        n_p = np.maximum(n_p, np.ceil(lam * pp.mean() / prefill_mb_tokens - 1e-9))
     shape = SweepShape(n_d, rows / np.maximum(n_d, 1), ctx, n_p, lam / n_p,
                        np.full_like(lam, pp.mean()))
     return lam, lam * g.mean(), shape
@@ -334,7 +363,7 @@ def predict_continuous(model: ModelConfig, hw: HardwareSpec, workload: Workload,
     m, wl, pol = model, workload, policy
     peak = float(device_bytes(m, wl, pol.micro_batch_size, pol.batch_size,
                               pol.gpu_weight_fraction,
-                              _prefill_tokens(wl, pol.prefill_tokens_per_sweep,
+                              prefill_tokens(wl, pol.prefill_tokens_per_sweep,
                                               pol.concurrency),
                               pol.prefill_micro_batch_tokens))
     kv = float(kv_capacity_tokens(m, hw, wl, pol.batch_size, pol.gpu_weight_fraction,
@@ -386,7 +415,8 @@ def _candidates(m, hw, wl, dev_cap, host_kv_bytes, cap):
     ok = ~np.isnan(wg)
     c = [x[ok] for x in (ubs, n_ub, bud, tmb, wg)]
     dev_at = device_bytes(m, wl, c[0], c[0] * c[1], c[4], c[2], np.where(c[3] > 0, c[3], c[2]))
-    kv = kv_capacity_tokens(m, hw, wl, c[0] * c[1], c[4], host_kv_bytes, dev_at)
+    kv = np.broadcast_to(kv_capacity_tokens(m, hw, wl, c[0] * c[1], c[4], host_kv_bytes,
+                                            dev_at), c[0].shape)  # a given budget: scalar
     longest = max(p + g for p, g in wl.requests(len(wl.prompt_lens or (1,))))
     ok = kv >= longest
     return [x[ok] for x in c] + [kv[ok]]

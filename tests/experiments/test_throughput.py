@@ -22,10 +22,11 @@ def test_tiny_run_writes_both_sections(tmp_path):
     r = run("--config", "mixtral_l4", "--local_hidden_size", "64", "--local_num_layers",
             "2", "--prompt_len", "8", "--gen_len", "3", "--max_local_batch", "4",
             "--gpu_weight_fraction", "0.3", "--output_json", str(out),
-            "--timeline_png", str(png))
+            "--timeline_png", str(png), "--batching", "static")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     t, loc = d["target"], d["local"]
+    assert d["batching"] == loc["batching"] == "static"
     assert t["policy"]["batch_size"] > 1000  # the L4 policy batches thousands
     assert t["limit_tokens_per_s"] >= t["predicted_tokens_per_s"] > 0
     assert t["moe_lightning"]["decode_tokens_per_s"] > 0
@@ -41,7 +42,29 @@ def test_tiny_run_writes_both_sections(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_continuous_by_default_runs_a_trace(tmp_path):
+    out = tmp_path / "c.json"
+    r = run("--config", "mixtral_l4", "--local_hidden_size", "64", "--local_num_layers",
+            "2", "--workload", "mtbench", "--num_requests", "6", "--target_sequences",
+            "256", "--output_json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    t, loc = d["target"], d["local"]
+    assert d["batching"] == t["batching"] == loc["batching"] == "continuous"
+    assert t["limit_tokens_per_s"] >= t["predicted_tokens_per_s"] > 0
+    assert t["requests"] == 256 and t["policy"]["prefill_tokens_per_sweep"] > 0
+    assert loc["requests"] == 6 and loc["measured_tokens_per_s"] > 0
+    assert loc["sweeps"] >= 32 and loc["predicted_sweeps"] >= 32  # the trace's outputs
+    assert loc["policy"]["max_concurrency"] <= 6
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--batching", "dynamic"], "--batching"),
+    (["--workload", "nope"], "--workload"),
+    (["--attention_device", "gpu"], "drop --attention_device=gpu or add --batching=static"),
+    (["--workload", "rag", "--prompt_len", "5"], "--workload gives the lengths"),
+    (["--workload", "rag", "--batching", "static"], "--workload runs ragged requests"),
+    (["--batching", "static", "--num_requests", "4"], "belong to continuous batching"),
     (["--config", "nope"], "--config"),
     (["--batch_size", "0"], "--batch_size"),
     (["--checkpoint", "/nonexistent/ckpt"], "--checkpoint"),
@@ -55,7 +78,7 @@ def test_tiny_run_writes_both_sections(tmp_path):
     (["--checkpoint", "experiments", "--local_num_layers", "2"],
      "drop --local_hidden_size and --local_num_layers"),
     (["--skip_local", "--prompt_len", "40000"], "exceeds mixtral_8x7b's 32768 positions"),
-    (["--skip_local", "--prompt_len", "30000"],
+    (["--skip_local", "--batching", "static", "--prompt_len", "30000"],
      "--config=mixtral_l4: no policy fits mixtral_8x7b"),
     (["--bogus"], "Unknown command line flag 'bogus'"),
     (["stray"], "throughput: unexpected arguments: stray"),
@@ -83,7 +106,8 @@ def test_budget_nothing_fits_is_one_line(tmp_path):
 def test_batch_whose_activations_do_not_fit_is_one_line():
     r = run("--local_hidden_size", "64", "--local_num_layers", "2", "--prompt_len", "200",
             "--gen_len", "2", "--batch_size", "64", "--micro_batch_size", "64",
-            "--attention_device", "gpu", "--device_memory_gb", "0.05", "--output_json", "")
+            "--attention_device", "gpu", "--device_memory_gb", "0.05", "--output_json", "",
+            "--batching", "static")
     assert r.returncode != 0, r.stdout[-1000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("throughput: --device_memory_gb=0.05: a batch of 64") \

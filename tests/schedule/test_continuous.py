@@ -8,8 +8,9 @@ from moejax.model_config import get_model
 from moejax.model_config.hardware import get_hardware
 from moejax.model_config.setups import get_setup
 from moejax.model_config.workload import Workload
-from moejax.schedule.continuous import (SweepShape, admission, predict_continuous,
-                                        search_continuous, steady_state, sweep_s)
+from moejax.schedule.continuous import (SweepShape, admission, admit, pack_prefill,
+                                        predict_continuous, search_continuous,
+                                        steady_state, sweep_s)
 from moejax.schedule.policy import Policy
 from moejax.schedule.simulate import simulate
 from moejax.schedule.timeline import build_sweep
@@ -133,3 +134,22 @@ def test_search_continuous_fits_and_is_deterministic():
                                  device_memory_bytes=12 * 2**30)
     assert small.gpu_weight_fraction < pol.gpu_weight_fraction
     assert np.isfinite(pred.sweep_s) and pred.sweeps > wl.gen_len
+
+
+def test_pack_prefill_caps_prompts_and_padded_tokens():
+    lens = [70, 5, 33, 20, 17, 90]  # padded 80, 16, 48, 32, 32, 96
+    assert pack_prefill(lens, 2) == [[1, 4], [3, 2], [0, 5]]  # sorted, ≤ 2 prompts
+    assert pack_prefill(lens, 8, cap=100) == [[1, 4, 3], [2], [0], [5]]  # 3·32 ≤ 100
+    assert pack_prefill([500], 4, cap=100) == [[0]]  # a longer prompt goes alone
+
+
+def test_admit_stops_at_concurrency_budget_and_kv():
+    pol = Policy.from_micro_batches(2, 2, max_concurrency=3, prefill_tokens_per_sweep=40)
+    reqs = [(10, 4)] * 3 + [(40, 4)]
+    taken = []
+    yes = lambda p, g: taken.append((p, g)) or True
+    assert admit(reqs, 0, 0, pol, yes) == 2  # 16 + 16 ≤ 40 < 48
+    assert admit(reqs, 0, 2, pol, yes) == 1  # 2 running + 1 = concurrency 3
+    assert admit(reqs, 3, 0, pol, yes) == 1  # 48 > 40, but the first always counts
+    assert admit(reqs, 0, 0, pol, lambda p, g: False) == 0  # KV full
+    assert taken == [(10, 4)] * 3 + [(40, 4)]
