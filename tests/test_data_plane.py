@@ -27,7 +27,7 @@ def test_only_the_link_lane_issues_page_copies(model, prompts, reference):
         return out
 
     e.store.prefetch_page = spy
-    assert e.generate(prompts, 6) == reference
+    assert e.generate(prompts, 6, batching="static") == reference
     assert issued and set(issued) == {"moejax-h2d"}  # never the compute (gpu) lane
 
 
@@ -41,7 +41,7 @@ def test_qkv_leave_the_device_as_one_transfer(model, prompts, reference):
 
     moejax.host_offload.HostKVCache.to_host = staticmethod(spy)
     try:
-        assert e.generate(prompts, 6) == reference
+        assert e.generate(prompts, 6, batching="static") == reference
     finally:
         moejax.host_offload.HostKVCache.to_host = staticmethod(real)
     decode_qkv = [n for n in calls if n == 1]
@@ -101,7 +101,7 @@ def test_a_budget_is_enforced_only_before_the_backend_starts():
 @pytest.mark.gpu
 def test_measured_peak_stays_within_the_predicted_one(model, prompts):
     e = moejax.Engine(model, device_memory_bytes=2**30)
-    e.generate(prompts, 6)
+    e.generate(prompts, 6, batching="static")
     run = e.last_run
     assert run.peak_device_bytes_measured is not None
     assert run.peak_device_bytes_measured <= e.store.budget
