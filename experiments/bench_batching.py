@@ -6,8 +6,10 @@ The same scaled Mixtral, device budget, host KV budget and requests (prompt and 
 lengths from a trace in experiments/workloads/, outputs scaled by --gen_scale so a round
 fits minutes while keeping the trace's spread; random prompt tokens, each request
 stopping at its output length) run static and continuous in alternating rounds in one
-process. The concurrency is continuous batching's: `search_continuous` on the calibrated
-local hardware bounded by the host KV budget; static runs batches of that many.
+process. Continuous batching takes `search_continuous`'s policy on the calibrated local
+hardware (concurrency bounded by the host KV budget); static runs the requests in batches
+of as many as that KV budget holds at full length, each with its own searched
+micro-batching (the engine's static path).
 Measured generated tokens/s (median of the rounds, and the spread) beside the model's
 predictions (`predict` of the static batches, `predict_continuous` of the same requests)
 and the MoE-Lens limit. Then the target presets' predictions, static and continuous, next
@@ -39,7 +41,7 @@ flags.DEFINE_integer("max_concurrency", 64, "cap on the searched concurrency",
 flags.DEFINE_float("host_kv_gb", None, "host KV cache budget, GB (default: the engine's)")
 flags.DEFINE_float("gpu_weight_fraction", 0.15, "resident expert fraction (both modes)",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_list("presets", ["mixtral_l4", "mixtral_t4", "dbrx_t4x4"],
+flags.DEFINE_list("target_presets", ["mixtral_l4", "mixtral_t4", "dbrx_t4x4"],
                   "target presets of the prediction table ('' to skip it)")
 flags.DEFINE_integer("target_sequences", 16384, "requests of each target job",
                      lower_bound=1)
@@ -67,7 +69,7 @@ def timed(engine, prompts, gens, batching: str) -> float:
     return sum(gens) / wall
 
 
-def predictions(cfg, hw, engine, reqs, kv_bytes) -> dict:
+def predictions(cfg, hw, engines, reqs, kv_bytes) -> dict:
     """Static: `predict` of each batch the engine runs (its policy, padded prompt, longest
     output); continuous: `predict_continuous` of the same requests."""
     from moejax.model_config.workload import Workload
@@ -75,16 +77,24 @@ def predictions(cfg, hw, engine, reqs, kv_bytes) -> dict:
     from moejax.schedule.policy import padded_len
     from moejax.schedule.predict import predict
 
-    n, total, gen = engine.policy.batch_size, 0.0, sum(g for _, g in reqs)
+    st, n = engines["static"], static_batch(engines["static"], reqs)
+    total, gen = 0.0, sum(g for _, g in reqs)
     for i in range(0, len(reqs), n):
         chunk = reqs[i:i + n]
         wl = Workload(padded_len(max(p for p, _ in chunk)), max(g for _, g in chunk))
-        pol = engine.policy_for(len(chunk), wl.prompt_len, wl.gen_len)
+        pol = st.policy_for(len(chunk), wl.prompt_len, wl.gen_len)
         total += predict(cfg, hw, wl, pol).total_s
     wl = Workload.from_lengths([p for p, _ in reqs], [g for _, g in reqs])
-    cont = predict_continuous(cfg, hw, wl, engine.policy, kv_bytes, requests=reqs)
+    cont = predict_continuous(cfg, hw, wl, engines["continuous"].policy, kv_bytes,
+                              requests=reqs)
     return {"static": gen / total, "continuous": cont.tokens_per_s,
             "limit": cont.limit_tokens_per_s}
+
+
+def static_batch(engine, reqs) -> int:
+    """Rows of the static engine's batches: all the requests, as the KV budget allows."""
+    prompts = [[1] * p for p, _ in reqs]
+    return min(len(reqs), engine._static_kv_rows(prompts, [g for _, g in reqs]))
 
 
 def static_occupancy(reqs, batch: int) -> list[int]:
@@ -144,11 +154,12 @@ def local_policy(cfg, hw, reqs, budget, kv_bytes):
 
 def targets(out) -> None:
     """The target presets' predictions (`batching_targets`), printed and stored."""
-    from experiments.batching_targets import markdown, targets_table
+    from experiments.batching_targets import markdown, targets_table  # defines its flags
 
-    if not [p for p in FLAGS.presets if p]:
+    presets = [p for p in FLAGS.target_presets if p]
+    if not presets:
         return
-    rows = targets_table([p for p in FLAGS.presets if p], FLAGS.target_sequences)
+    rows = targets_table(presets, FLAGS.target_sequences)
     print(f"\ntarget presets ({FLAGS.target_sequences} requests a job, predicted tok/s):")
     print(markdown(rows))
     out["targets"] = {"num_sequences": FLAGS.target_sequences, "rows": rows}
@@ -179,11 +190,16 @@ def main(argv):
     kv_bytes = int(FLAGS.host_kv_gb * 1e9) if FLAGS.host_kv_gb else (
         int(HOST_KV_SHARE * free) if free is not None else 2**30)
     policy = local_policy(cfg, hw, reqs, budget, kv_bytes)
-    try:
-        engine = moejax.Engine(model, policy=policy, device_memory_bytes=int(budget),
-                               host_kv_bytes=kv_bytes)
+    try:  # continuous: the searched policy; static: its own micro-batching per batch
+        engines = {"static": moejax.Engine(
+            model, device_memory_bytes=int(budget), host_kv_bytes=kv_bytes,
+            gpu_weight_fraction=policy.gpu_weight_fraction, page_bytes=policy.page_bytes),
+            "continuous": moejax.Engine(model, policy=policy,
+                                        device_memory_bytes=int(budget),
+                                        host_kv_bytes=kv_bytes)}
     except ValueError as e:
         fail(str(e))
+    engine = engines["continuous"]
     policy = engine.policy = policy.replace(
         gpu_weight_fraction=engine.store.gpu_weight_fraction)
     rng = np.random.default_rng(0)
@@ -193,20 +209,22 @@ def main(argv):
           f"{FLAGS.gen_scale:g}: {min(gens)}–{max(gens)}), concurrency {policy.concurrency}"
           f" ({policy.micro_batch_size}×{policy.num_micro_batches}), wg "
           f"{policy.gpu_weight_fraction:.3f}", flush=True)
-    for batching in ("static", "continuous"):  # compile both; not timed
-        warm_up(engine, prompts, batching)
+    warm_up(engine, prompts, "continuous")  # compile; not timed
+    engines["static"].generate(prompts, 2, batching="static")
     rates = {"static": [], "continuous": []}
     sweeps = []
     for r in range(FLAGS.rounds):
         for batching in ("static", "continuous"):
-            rates[batching].append(timed(engine, prompts, gens, batching))
+            rates[batching].append(timed(engines[batching], prompts, gens, batching))
             if batching == "continuous":
                 sweeps = list(engine.last_sweeps)
             print(f"  round {r + 1} {batching}: {rates[batching][-1]:.1f} tok/s", flush=True)
-    pred = predictions(cfg, hw, engine, reqs, kv_bytes)
+    pred = predictions(cfg, hw, engines, reqs, kv_bytes)
+    batch = static_batch(engines["static"], reqs)
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {"workload": FLAGS.workload, "gen_scale": FLAGS.gen_scale, "requests": reqs,
            "policy": str(policy), "concurrency": policy.concurrency,
+           "static_batch": batch,
            "host_kv_bytes": kv_bytes, "measured_tokens_per_s": rates,
            "median_tokens_per_s": med,
            "predicted_tokens_per_s": {k: pred[k] for k in ("static", "continuous")},
@@ -220,7 +238,7 @@ def main(argv):
     print(f"continuous / static measured: {out['continuous_over_static']:.2f}×; "
           f"MoE-Lens limit {pred['limit']:.1f} tok/s")
     if FLAGS.batching_png:
-        picture(FLAGS.batching_png, rates, pred, reqs, policy.batch_size, sweeps)
+        picture(FLAGS.batching_png, rates, pred, reqs, batch, sweeps)
         print(f"wrote {FLAGS.batching_png}")
     targets(out)
     os.makedirs(os.path.dirname(FLAGS.batching_json) or ".", exist_ok=True)

@@ -13,6 +13,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=4").strip()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # xdist workers share the cores: one thread
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -28,15 +33,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def local_calibration(tmp_path_factory):
+def _calibrate_once(root) -> str:
+    """The tiny calibration at root/local_hw.json, made by the first xdist worker (an
+    O_EXCL lock file) while the others wait for it to appear (written, then renamed)."""
+    import time
+
     from moejax.calibration import calibrate
 
-    path = str(tmp_path_factory.mktemp("calibration") / "local_hw.json")
+    path, lock = root / "local_hw.json", root / "local_hw.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        t0 = time.monotonic()
+        while not path.exists() and time.monotonic() - t0 < 600:
+            time.sleep(0.2)
+        return str(path)
+    tmp = root / "local_hw.partial.json"
+    calibrate("tiny_mixtral", token_counts=(8, 16), copy_bytes=1 << 22, read_bytes=1 << 22,
+              attention_batch=4, attention_context=32, repeats=1, path=str(tmp))
+    os.replace(tmp, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_calibration(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    path = _calibrate_once(root)
     old = os.environ.get("MOEJAX_CALIBRATION")
     os.environ["MOEJAX_CALIBRATION"] = path
-    calibrate("tiny_mixtral", token_counts=(8, 16), copy_bytes=1 << 22, read_bytes=1 << 22,
-              attention_batch=4, attention_context=32, repeats=1, path=path)
     yield path
     if old is None:
         os.environ.pop("MOEJAX_CALIBRATION", None)
