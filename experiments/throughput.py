@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 TRACES = ("mtbench", "rag", "longgen")
 WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
 LOCAL_REQUESTS = 96  # a continuous local run of ~2-3 minutes at the preset's lengths
-TARGET_SEQUENCES = 4096
+TARGET_SEQUENCES = 16384  # as experiments.batching_targets: ramp-up and drain stay small
 flags.DEFINE_enum("config", "mixtral_l4", setup_names(), "model + hardware + workload preset")
 flags.DEFINE_string("checkpoint", None, "HF or native checkpoint to run locally "
                     "(default: random weights of the scaled architecture)")
