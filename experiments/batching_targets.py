@@ -19,7 +19,7 @@ import os
 
 from absl import flags
 
-from experiments.cli import fail, no_extra_args, output_flag, quiet_logs, run
+from experiments.cli import check_presets, no_extra_args, output_flag, quiet_logs, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = ("mixtral_l4", "mixtral_t4", "dbrx_t4x4")
@@ -127,11 +127,7 @@ def markdown(rows) -> str:
 def main(argv):
     no_extra_args(argv)
     quiet_logs()
-    from moejax.model_config.setups import setup_names
-
-    bad = [p for p in FLAGS.presets if p not in setup_names()]
-    if bad:
-        fail(f"unknown preset(s) {', '.join(bad)}; valid: {', '.join(setup_names())}")
+    check_presets(FLAGS.presets)
     rows = targets_table(FLAGS.presets, FLAGS.num_sequences)
     print(markdown(rows))
     if FLAGS.output_json:

@@ -60,6 +60,15 @@ def finite_flag(name: str, positive: bool = False) -> None:
         message="must be a finite number" + (" > 0" if positive else ""))
 
 
+def check_presets(names) -> None:
+    """One-line exit naming the setups (model_config/setups.py) that do not exist."""
+    from moejax.model_config.setups import setup_names
+
+    bad = [p for p in names if p not in setup_names()]
+    if bad:
+        fail(f"unknown preset(s) {', '.join(bad)}; valid: {', '.join(setup_names())}")
+
+
 def no_extra_args(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")

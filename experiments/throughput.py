@@ -121,7 +121,7 @@ flags.register_multi_flags_validator(
 
 # --------------------------------------------------------------------- target
 def target_section(setup, workload) -> dict:
-    from moejax.schedule import moe_lightning_search, search_policy
+    from moejax.schedule import search_policy
 
     m, hw = setup.model, setup.hardware
     gib = setup.device_memory_gib  # the preset's emulated device, if it has one
@@ -137,19 +137,12 @@ def target_section(setup, workload) -> dict:
            "limit_tokens_per_s": pred.limit_tokens_per_s, "bottleneck": pred.bottleneck,
            "peak_device_gb": pred.peak_device_bytes / GB,
            "peak_host_gb": pred.peak_host_bytes / GB}
-    try:
-        ml = moe_lightning_search(m, hw, workload.prompt_len, workload.gen_len)
-        out["moe_lightning"] = {"policy": policy_dict(ml.policy),
-                                "decode_tokens_per_s": ml.decode_tokens_per_s}
-    except ValueError as e:
-        out["moe_lightning"] = {"infeasible": str(e)}
-    return out
+    return {**out, "moe_lightning": moe_lightning_figure(m, hw, workload)}
 
 
 def target_continuous(setup, workload) -> dict:
     """The target job under continuous batching: `search_continuous`'s policy and its
     end-to-end prediction (ramp-up and drain of --target_sequences requests included)."""
-    from moejax.schedule import moe_lightning_search
     from moejax.schedule.continuous import search_continuous
 
     m, hw = setup.model, setup.hardware
@@ -171,13 +164,19 @@ def target_continuous(setup, workload) -> dict:
            "mean_concurrency": pred.mean_concurrency,
            "kv_capacity_tokens": pred.kv_capacity_tokens, "sweeps": pred.sweeps,
            "peak_device_gb": pred.peak_device_bytes / GB}
+    return {**out, "moe_lightning": moe_lightning_figure(m, hw, wl)}
+
+
+def moe_lightning_figure(m, hw, wl) -> dict:
+    """MoE-Lightning's reproduced policy and decode tok/s at the workload's lengths, or
+    why it is infeasible."""
+    from moejax.schedule import moe_lightning_search
+
     try:
         ml = moe_lightning_search(m, hw, wl.prompt_len, wl.gen_len)
-        out["moe_lightning"] = {"policy": policy_dict(ml.policy),
-                                "decode_tokens_per_s": ml.decode_tokens_per_s}
     except ValueError as e:
-        out["moe_lightning"] = {"infeasible": str(e)}
-    return out
+        return {"infeasible": str(e)}
+    return {"policy": policy_dict(ml.policy), "decode_tokens_per_s": ml.decode_tokens_per_s}
 
 
 def continuous_policy_dict(p) -> dict:

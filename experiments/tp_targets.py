@@ -18,7 +18,7 @@ import os
 
 from absl import flags
 
-from experiments.cli import fail, no_extra_args, output_flag, quiet_logs, run
+from experiments.cli import check_presets, no_extra_args, output_flag, quiet_logs, run
 
 PRESETS = ("mixtral_8x22b_t4x2", "mixtral_8x22b_t4x4", "dbrx_t4x2", "dbrx_t4x4")
 GENS = (32, 64, 128, 256)
@@ -81,11 +81,7 @@ def markdown(rows) -> str:
 def main(argv):
     no_extra_args(argv)
     quiet_logs()
-    from moejax.model_config.setups import setup_names
-
-    bad = [p for p in FLAGS.presets if p not in setup_names()]
-    if bad:
-        fail(f"unknown preset(s) {', '.join(bad)}; valid: {', '.join(setup_names())}")
+    check_presets(FLAGS.presets)
     rows = [target_row(p, g, FLAGS.num_sequences) for p in FLAGS.presets for g in GENS]
     print(markdown(rows))
     if FLAGS.output_json:
