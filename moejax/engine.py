@@ -24,7 +24,7 @@ from moejax.placement import resolve_placement, validate_request, validate_sampl
 from moejax.quant import with_expert_dtype
 from moejax.sampling import Sampling
 from moejax.runtime import BatchRun, DeviceWeights, SweepRun
-from moejax.schedule.continuous import admit, pack_prefill, prefill_tokens
+from moejax.schedule.continuous import KVPlan, admit, pack_prefill, prefill_tokens
 from moejax.schedule.continuous import device_bytes as cont_device_bytes
 from moejax.schedule.executor import Trace, execute
 from moejax.schedule.policy import DEFAULT_PAGE_BYTES, Policy, padded_len
@@ -371,8 +371,9 @@ class Engine:
         """Yield (prompt index, new tokens, finish reason "eos" | "length") as each sequence
         finishes; `max_new_tokens` an int or one per prompt. Offloaded with attention on the
         CPU: continuous batching (docs/design.md §7) — a paged host KV cache of
-        `host_kv_bytes`; FIFO admission while it can reserve prompt + max_new_tokens and
-        fewer than the policy's batch_size run; each sweep runs every running sequence's
+        `host_kv_bytes`; FIFO admission while its KV plan fits (`continuous.KVPlan`: prompt
+        + max_new_tokens, or with policy.kv_reservation="lookahead" the KV as it grows, at
+        every future sweep) and fewer than the policy's batch_size run; each sweep runs every running sequence's
         decode token (micro-batches of the policy's micro_batch_size) and the prefill of
         those admitted since the last one (`timeline.build_sweep`); a finished sequence
         frees its blocks at once. Elsewhere: static batches, rows yielded per batch.
@@ -441,10 +442,6 @@ class Engine:
         n = len(prompts) if self.policy is None else min(len(prompts),
                                                          self.policy.batch_size)
         policy = self.policy_for(n, t, max(max_new))
-        if policy.kv_reservation != "max":
-            raise ValueError(f"kv_reservation={policy.kv_reservation!r}: the engine admits "
-                             "with 'max' only (the model prices 'lookahead'; no preemption "
-                             "is built)")
         if self.store is not None and self.store.shards > 1:
             self._check_fits(policy, t, max(max_new))  # the static bound, per device
             return policy
@@ -489,11 +486,14 @@ class Engine:
         self.last_sweeps = []
         sweep = 0
 
-        def try_reserve(p, g):  # the sequence nxt + admitted so far, prompt + max new
+        kvp = KVPlan(kv.num_free_blocks, max(max_new), kv.block_tokens,
+                      policy.kv_reservation)
+
+        def try_reserve(p, g):  # the sequence nxt + admitted so far
             i = nxt + len(new)
-            if kv.blocks_for(p + g) > kv.num_free_blocks:
+            if not kvp.try_reserve(p, g, seq=i):
                 return False
-            kv.reserve(i, p + g)
+            kv.reserve(i, kvp.tokens(p, g, 0))
             new.append(i)
             return True
 
@@ -502,6 +502,8 @@ class Engine:
                 new: list[int] = []
                 nxt += admit(reqs, nxt, len(running), policy, try_reserve)
                 dec = list(running)
+                for i in dec:  # lookahead: the blocks its next token needs (planned)
+                    kv.grow(i, kvp.tokens(reqs[i][0], max_new[i], len(running[i])))
                 dgroups = [dec[j:j + ubs] for j in range(0, len(dec), ubs)]
                 pgroups = [[new[j] for j in g] for g in pack_prefill(
                     [reqs[i][0] for i in new], ubs, policy.prefill_micro_batch_tokens)]
@@ -531,9 +533,11 @@ class Engine:
                                   "length" if len(toks) >= max_new[i] else None)
                         if reason is not None:
                             kv.release(i)
+                            kvp.finish(i)
                             del running[i]
                             done_tokens += max_new[i] - len(toks)
                             finished.append((i, toks, reason))
+                kvp.advance()
                 if progress is not None:
                     progress(done_tokens, total)
                 yield from finished

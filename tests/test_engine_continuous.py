@@ -162,3 +162,35 @@ def test_static_batches_fit_the_host_kv_budget(model, prompts, alone):
                       host_kv_bytes=2 * row + 1)
     assert e.generate(prompts, MAX_NEW, batching="static") == alone
     assert e.last_run.policy.batch_size == 2  # six prompts in batches of two
+
+
+def _kv_engine(model, tokens, block, reservation):
+    probe = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE)
+    pol = Policy.from_micro_batches(2, 3, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                                    kv_reservation=reservation)  # up to 6 running
+    e = moejax.Engine(model, policy=pol, host_kv_bytes=tokens * probe._kv_bytes_per_token())
+    e.kv_block_tokens = block
+    return e
+
+
+def _peak_running(e):
+    return max(sum(s.decode_rows) + sum(s.prefill_rows) for s in e.last_sweeps)
+
+
+def test_lookahead_admits_more_in_the_same_kv_and_equals_alone(model, prompts, alone):
+    peak = {}
+    for res in ("max", "lookahead"):
+        e = _kv_engine(model, 32, 4, res)  # 8 blocks of 4
+        assert e.generate(prompts, MAX_NEW) == alone
+        assert e.kv_pool.num_free_blocks == e.kv_pool.num_blocks
+        peak[res] = _peak_running(e)
+    assert peak["max"] < peak["lookahead"]
+
+
+def test_lookahead_engine_admits_as_the_model_does(model, prompts, alone):
+    e = _kv_engine(model, 24, 1, "lookahead")  # blocks of one token: the model's unit
+    assert e.generate(prompts, MAX_NEW) == alone
+    a = admission(list(zip(LENS, MAX_NEW)), 24, e.policy)
+    assert [len(s.prefill_rows) for s in e.last_sweeps] == a.shape.n_p.astype(int).tolist()
+    assert [sum(s.decode_rows) + sum(s.prefill_rows) for s in e.last_sweeps] == \
+        a.running.astype(int).tolist()

@@ -146,6 +146,28 @@ class PagedKVCache:
             self._free[blocks] = False
             self._tables[seq], self._reserved[seq] = blocks, num_tokens
 
+    def grow(self, seq, num_tokens: int) -> None:
+        """Extend `seq`'s reservation to `num_tokens` (no-op if it holds that many): the
+        block after its last if free (one run for the kernel), else the lowest free ones.
+        Why: lookahead admission takes a sequence's blocks as its KV grows."""
+        num_tokens = _positive("num_tokens", num_tokens)
+        with self._lock:
+            blocks = self.table(seq)
+            need = self.blocks_for(num_tokens) - len(blocks)
+            if need > 0:
+                free = np.flatnonzero(self._free)
+                if need > len(free):
+                    raise ValueError(
+                        f"cannot grow sequence {seq!r} to {num_tokens} tokens: only "
+                        f"{len(free) * self.block_tokens} tokens are free")
+                nxt = blocks[-1] + 1
+                at = np.searchsorted(free, nxt)
+                run = free[at:at + need]
+                new = run if len(run) == need and run[-1] - nxt == need - 1 else free[:need]
+                self._free[new] = False
+                self._tables[seq] = np.concatenate([blocks, new])
+            self._reserved[seq] = max(self._reserved[seq], num_tokens)
+
     def release(self, seq) -> None:
         """Free `seq`'s blocks at once (their contents are left; a new owner overwrites)."""
         with self._lock:

@@ -241,37 +241,73 @@ def admit(requests, start: int, running: int, policy: Policy, try_reserve) -> in
     return n
 
 
+class KVPlan:
+    """KV each admitted sequence will hold at every future sweep, in units of `unit` tokens
+    (1 for the model, the block size for the engine's paged cache), against `capacity`
+    units: the one reservation rule of the engine and the model. Admitted at sweep s, a
+    sequence of prompt p and at most g new tokens holds at s + j (j < g) ⌈(p + g)/unit⌉
+    ("max") or ⌈(p + j + 1)/unit⌉ ("lookahead": its KV as it grows). A sequence is admitted
+    only if the plan stays within capacity at every future sweep; outputs only end early
+    (EOS), so no sequence is ever preempted. `finish` drops the rest of an early finisher's
+    plan, `advance` moves to the next sweep."""
+
+    def __init__(self, capacity: float, horizon: int, unit: int = 1,
+                 kv_reservation: str = "max"):
+        self.capacity, self.unit = float(capacity), int(unit)
+        self.lookahead = kv_reservation == "lookahead"
+        self.occ = np.zeros(int(horizon) + 1)  # [sweeps from now] planned units
+        self.sweep, self._live = 0, {}  # seq -> (its plan, sweep admitted)
+
+    def tokens(self, p: int, g: int, age):
+        """KV tokens the sequence holds `age` sweeps after its admission (age < g)."""
+        return p + 1 + age if self.lookahead else p + g + 0 * age  # (shaped as age)
+
+    def try_reserve(self, p: int, g: int, seq=None) -> bool:
+        """Admit (True) if the plan stays within capacity; `seq` (a key) tracks it for
+        `finish`."""
+        need = -(-self.tokens(int(p), int(g), np.arange(int(g))) // self.unit).astype(float)
+        if need.size >= self.occ.size:
+            self.occ = np.append(self.occ, np.zeros(need.size - self.occ.size + 1))
+        plan = self.occ[:need.size] + need
+        if plan.max(initial=0.0) > self.capacity:
+            return False
+        self.occ[:need.size] = plan
+        if seq is not None:
+            self._live[seq] = (need, self.sweep)
+        return True
+
+    def finish(self, seq) -> None:
+        """Tracked `seq` ended at this sweep: its units from the next sweep on are free."""
+        need, s0 = self._live.pop(seq)
+        rest = need[self.sweep - s0 + 1:]
+        self.occ[1:1 + rest.size] -= rest
+
+    def advance(self) -> None:
+        self.occ = np.append(self.occ[1:], 0.0)
+        self.sweep += 1
+
+    @property
+    def now(self) -> float:
+        """Units planned for the current sweep."""
+        return float(self.occ[0])
+
+
 def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
-    """Continuous batching per sweep (docs/design.md §7): admit FIFO while the KV plan fits
-    `kv_tokens` at every future sweep, running ≤ `policy.concurrency`, Σ padded prompts ≤
-    `policy.prefill_tokens_per_sweep` (≥ one). Admitted at s, a sequence holds at s + j (j < g)
-    p + g ("max") or p + j + 1 ("lookahead"); one token per sweep. ValueError if never fits."""
+    """Continuous batching per sweep (docs/design.md §7): admit FIFO while the `KVPlan` of
+    `kv_tokens` admits (policy.kv_reservation), running ≤ `policy.concurrency`, Σ padded
+    prompts ≤ `policy.prefill_tokens_per_sweep` (≥ one); one token per sweep. ValueError if
+    a request never fits."""
     p_all = np.array([r[0] for r in requests], dtype=np.int64)
     g_all = np.array([r[1] for r in requests], dtype=np.int64)
     if (p_all + g_all).max(initial=0) > kv_tokens:
         raise ValueError(f"a request of {int((p_all + g_all).max())} tokens (prompt + "
                          f"max new) exceeds the KV capacity of {kv_tokens:.0f} tokens")
-    ubs, grow = policy.micro_batch_size, policy.kv_reservation == "lookahead"
-    ramp = 1.0 + np.arange(int(g_all.max(initial=1)) + 1)
-    occ = np.zeros(ramp.size)  # lookahead: planned KV tokens per sweep, from this one
-    reserved = 0  # max: KV reserved now (it only falls until the next admission)
+    ubs = policy.micro_batch_size
+    plan = KVPlan(kv_tokens, int(g_all.max(initial=1)), 1, policy.kv_reservation)
     act_p = act_g = act_n = np.zeros(0, dtype=np.int64)
     nxt, out, reqs = 0, [], list(zip(p_all.tolist(), g_all.tolist()))
-
-    def try_reserve(p, g):
-        nonlocal occ, reserved
-        if grow:
-            plan = occ[:g] + p + ramp[:g]
-            if plan.max() > kv_tokens:
-                return False
-            occ[:g] = plan
-        elif reserved + p + g > kv_tokens:
-            return False
-        reserved += p + g
-        return True
-
     while nxt < len(p_all) or act_p.size:
-        n = admit(reqs, nxt, act_p.size, policy, try_reserve)
+        n = admit(reqs, nxt, act_p.size, policy, plan.try_reserve)
         adm, nxt = list(range(nxt, nxt + n)), nxt + n
         rows = act_p.size
         lens = [int(p_all[i]) for i in adm]
@@ -281,13 +317,12 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
         padded = sum(len(g) * padded_len(max(g)) for g in groups)
         out.append((n_d, rows / max(n_d, 1), (act_p + act_n).sum() / max(rows, 1),
                     len(groups), len(adm) / max(len(groups), 1), padded / max(len(adm), 1),
-                    rows + len(adm), rows + len(adm), occ[0] if grow else reserved))
-        occ = np.append(occ[1:], 0.0)
+                    rows + len(adm), rows + len(adm), plan.now))
+        plan.advance()
         act_p = np.concatenate([act_p, p_all[adm]])
         act_g = np.concatenate([act_g, g_all[adm]])
         act_n = np.concatenate([act_n + 1, np.ones(len(adm), dtype=np.int64)])
         done = act_n >= act_g
-        reserved -= int((act_p[done] + act_g[done]).sum())
         act_p, act_g, act_n = act_p[~done], act_g[~done], act_n[~done]
     cols = np.array(out, dtype=float).T if out else np.zeros((9, 0))
     return Admission(SweepShape(*cols[:6]), cols[6], cols[7], cols[8])

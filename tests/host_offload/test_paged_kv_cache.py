@@ -117,6 +117,41 @@ def test_blocks_are_reused_at_once_after_release():
     assert kv.nbytes == nbytes and kv.num_free_blocks == 4
 
 
+def test_grow_takes_the_next_block_else_the_lowest_free():
+    kv = PagedKVCache(CFG, 8 * BT, BT)
+    kv.reserve("a", BT)          # [0]
+    kv.grow("a", 2 * BT)         # the next block is free: [0, 1]
+    kv.reserve("b", 1)           # [2]
+    kv.grow("a", 2 * BT - 1)     # already holds that many: unchanged
+    np.testing.assert_array_equal(kv.table("a"), [0, 1])
+    kv.grow("a", 3 * BT + 1)     # block 2 is taken: the lowest free, 3 and 4
+    np.testing.assert_array_equal(kv.table("a"), [0, 1, 3, 4])
+    assert kv.num_free_blocks == 3
+    with pytest.raises(ValueError, match=r"^cannot grow sequence 'b' to 17 tokens: only "
+                                         r"12 tokens are free"):
+        kv.grow("b", 4 * BT + 1)
+    np.testing.assert_array_equal(kv.table("b"), [2])  # a refused grow changes nothing
+    kv.release("a")
+    assert kv.num_free_blocks == 7
+
+
+def test_grown_sequence_attends_as_one_reserved_at_full_length(prompt):
+    """A sequence grown block by block (lookahead) reads as one reserved up front."""
+    grown, full = PagedKVCache(CFG, 128, BT), PagedKVCache(CFG, 128, BT)
+    for i, s in enumerate(SEQS):
+        grown.reserve(s, int(LENS[i]))
+        grown.reserve(("pad", i), 1)  # the next block is taken: grow jumps over it
+        full.reserve(s, int(LENS[i]) + 3)
+    q, k, v = prompt
+    outs = [kv.prefill_host(1, SEQS, q, k, v, LENS) for kv in (grown, full)]
+    for j, (q1, k1, v1) in enumerate(decode_steps()):
+        for i, s in enumerate(SEQS):
+            grown.grow(s, int(LENS[i]) + j + 1)
+        outs += [kv.decode_host(1, SEQS, q1, k1, v1, LENS + j) for kv in (grown, full)]
+    for a, b in zip(outs[::2], outs[1::2]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
 def test_free_tokens_accounting():
     kv = PagedKVCache(CFG, 10 * BT + 1, BT)  # rounds up to whole blocks
     assert kv.capacity_tokens == kv.free_tokens == 11 * BT and kv.num_blocks == 11

@@ -8,7 +8,7 @@ from moejax.model_config import get_model
 from moejax.model_config.hardware import get_hardware
 from moejax.model_config.setups import get_setup
 from moejax.model_config.workload import Workload
-from moejax.schedule.continuous import (SweepShape, admission, admit, pack_prefill,
+from moejax.schedule.continuous import (KVPlan, SweepShape, admission, admit, pack_prefill,
                                         predict_continuous, search_continuous,
                                         steady_state, sweep_s)
 from moejax.schedule.policy import Policy
@@ -77,6 +77,23 @@ def test_admission_by_hand():
     assert grow.reserved_tokens.tolist() == [12, 14, 29, 6, 7, 8, 9]  # p + tokens so far
     with pytest.raises(ValueError, match="exceeds the KV capacity"):
         admission([(40, 1)], 30, pol)
+
+
+def test_kv_plan_in_blocks_frees_an_early_finisher():
+    # blocks of 4, capacity 5 blocks; lookahead: a (p 5, g 4) holds ⌈(5+1+j)/4⌉ = 2,2,2,3
+    plan = KVPlan(5, 8, unit=4, kv_reservation="lookahead")
+    assert plan.try_reserve(5, 4, seq="a") and plan.now == 2
+    assert plan.try_reserve(3, 2, seq="b")        # ⌈4/4⌉, ⌈5/4⌉ = 1, 2
+    assert not plan.try_reserve(5, 4)             # sweep 1: 2 + 2 + 2 > 5
+    plan.finish("b")                              # ended at sweep 0: its sweep 1 is free
+    assert plan.try_reserve(3, 3, seq="c")        # 1, 2, 2: sweeps 4, 4, 4, 3 planned
+    assert plan.now == 4 and not plan.try_reserve(5, 1)  # ⌈6/4⌉ = 2 > 1 left
+    plan.advance()
+    assert plan.now == 4 and plan.sweep == 1
+    assert plan.try_reserve(1, 2) and not plan.try_reserve(1, 1)  # sweeps 1, 2 now full
+    maxp = KVPlan(5, 8, unit=4)                   # "max": ⌈(p + g)/4⌉ from admission
+    assert maxp.try_reserve(5, 4, seq="a") and maxp.now == 3 and maxp.tokens(5, 4, 2) == 9
+    assert not maxp.try_reserve(5, 4)
 
 
 def test_steady_state_by_hand():
