@@ -195,6 +195,17 @@ def budget_name(budget: float) -> str:
             "set --device_memory_gb)")
 
 
+def check_weights_fit(cfg, page: int, budget: float) -> None:
+    """The store's own rule (`make_plan`: resident weights + two stream buffers), checked
+    before calibrating so a budget nothing fits fails at once."""
+    from moejax.host_offload import make_plan
+
+    try:
+        make_plan(cfg, page, device_memory_bytes=max(1, int(budget)))
+    except ValueError as e:
+        fail(f"{budget_name(budget)}: {e}")
+
+
 def local_policy(cfg, hw, workload, budget):
     """The searched policy for this machine, with the flags' overrides applied."""
     from moejax.schedule import Policy, search_policy
@@ -242,10 +253,11 @@ def local_section(setup, workload) -> tuple[dict, object, object]:
                              FLAGS.local_num_layers)
     print(f"local: {note}", flush=True)
     check_positions(cfg, workload.prompt_len, workload.gen_len)
-    hw = local_hardware(cfg)
     page = DEFAULT_PAGE_BYTES
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page, Workload(padded_len(workload.prompt_len), workload.gen_len))
+    check_weights_fit(cfg, page, budget)
+    hw = local_hardware(cfg)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
     t = padded_len(workload.prompt_len)  # the prompt length the engine runs
     wl = Workload(t, workload.gen_len, num_sequences=FLAGS.batch_size or
@@ -344,10 +356,11 @@ def local_continuous(setup, workload) -> dict:
     reqs = workload.requests(FLAGS.num_requests or LOCAL_REQUESTS)
     p_max, g_max = max(p for p, _ in reqs), max(g for _, g in reqs)
     check_positions(cfg, p_max, g_max)
-    hw = local_hardware(cfg)
     page = DEFAULT_PAGE_BYTES
     budget = FLAGS.device_memory_gb * GB if FLAGS.device_memory_gb else default_budget(
         cfg, page, Workload(padded_len(p_max), g_max))
+    check_weights_fit(cfg, page, budget)
+    hw = local_hardware(cfg)
     hw = hw.replace(gpu_memory_bytes=budget / DEVICE_MEMORY_USABLE)
     wl = Workload.from_lengths([p for p, _ in reqs], [g for _, g in reqs],
                                num_sequences=len(reqs), name=workload.name)
