@@ -45,6 +45,7 @@ class SweepRecord:
     prefill_rows: tuple[int, ...]
     entries: int
     seconds: float
+    device_rows: tuple[int, ...] = ()  # rows each micro-batch ran on the device (padded)
 
 
 @dataclass
@@ -520,7 +521,7 @@ class Engine:
                 trace = execute(entries, run.handlers(), overlap=policy.overlap)
                 self.last_sweeps.append(SweepRecord(
                     tuple(map(len, dgroups)), tuple(map(len, pgroups)), len(entries),
-                    trace.makespan_s))
+                    trace.makespan_s, run.device_rows))
                 for i in new:
                     running[i] = []
                 sweep, finished = sweep + 1, []

@@ -14,7 +14,7 @@ import numpy as np
 
 from moejax import ops
 from moejax.layers.attention import causal_mask
-from moejax.schedule.continuous import prefill_rows
+from moejax.schedule.policy import padded_rows, prefill_device_rows
 from moejax.schedule.executor import StopTimeline
 from moejax.schedule.policy import padded_len
 from moejax.schedule.routing import fit_imbalance
@@ -253,8 +253,8 @@ class SweepRun(BatchRun):
              last token, its position (context − 1), its stream and tokens so far
     prefill  per micro-batch (seqs, prompts, request_index)
     Micro-batch ids: decode 0..n_d−1, prefill n_d..; a decode micro-batch is padded to
-    `ubs` rows, a prefill one to `prefill_rows` × `padded_len` of its longest prompt, so
-    shapes repeat across sweeps;
+    `padded_rows(rows, ubs)` rows, a prefill one to `prefill_device_rows` × `padded_len` of
+    its longest prompt (the timeline's sizes), so shapes repeat across sweeps;
     CPU attention and the KV cache see only the real rows. `results[k]`: the next token of
     micro-batch k's real rows.
     """
@@ -266,37 +266,40 @@ class SweepRun(BatchRun):
         self.last_mb = n_d - 1 if n_d else len(mbs) - 1  # build_sweep's order
         self.seqs = [list(m[0]) for m in mbs]
         self.n_real = [len(s) for s in self.seqs]
-        pad = lambda a, fill: np.concatenate(
-            [np.asarray(a), np.full(ubs - len(a), fill, np.asarray(a).dtype)])
+
+        def pad(a, fill, rows):
+            a = np.asarray(a)
+            return np.concatenate([a, np.full(rows - len(a), fill, a.dtype)])
+
         self.tokens, self.masks, self.prefill_positions, self.last = {}, {}, {}, {}
         self.decode_pos, self.prompt_lens = {}, {}
         self.nxt, idx, steps = {}, [], []
         for k, (seqs, tok, pos, req, st) in enumerate(decode):
-            self.nxt[k] = jnp.asarray(pad(np.asarray(tok, np.int32), 0))
+            rows = padded_rows(len(seqs), ubs)
+            self.nxt[k] = jnp.asarray(pad(np.asarray(tok, np.int32), 0, rows))
             self.decode_pos[k] = np.asarray(pos, np.int64)
-            self.decode_pos[(k, "dev")] = jnp.asarray(pad(np.asarray(pos, np.int32), 0))
-            idx.append(pad(np.asarray(req, np.int32), 0))
-            steps.append(pad(np.asarray(st, np.int32), 0))
+            self.decode_pos[(k, "dev")] = jnp.asarray(pad(np.asarray(pos, np.int32), 0, rows))
+            idx.append(pad(np.asarray(req, np.int32), 0, rows))
+            steps.append(pad(np.asarray(st, np.int32), 0, rows))
         for j, (seqs, prompts, req) in enumerate(prefill):
             k = n_d + j
             lens = np.array([len(p) for p in prompts], np.int64)
             t = padded_len(int(lens.max()))
-            rows = prefill_rows(t, ubs, policy.prefill_micro_batch_tokens)
-            pad = lambda a, fill, rows=rows: np.concatenate(
-                [np.asarray(a), np.full(rows - len(a), fill, np.asarray(a).dtype)])
+            rows = prefill_device_rows(lens, ubs, policy.prefill_micro_batch_tokens)
             tok = np.zeros((rows, t), np.int32)
             for r in range(rows):  # padding rows repeat the first prompt
                 p = prompts[r] if r < len(prompts) else prompts[0]
                 tok[r, :len(p)] = p
-            lens = pad(lens, lens[0])
+            lens = pad(lens, lens[0], rows)
             self.prompt_lens[k] = lens[:len(prompts)]
             self.tokens[k] = jnp.asarray(tok)
             am = np.arange(t)[None, :] < lens[:, None]
             self.masks[k] = causal_mask(jnp.asarray(am, jnp.int32))
             self.prefill_positions[k] = jnp.broadcast_to(jnp.arange(t), (rows, t))
             self.last[k] = jnp.asarray(lens - 1)
-            idx.append(pad(np.asarray(req, np.int32), 0))
+            idx.append(pad(np.asarray(req, np.int32), 0, rows))
             steps.append(np.zeros(rows, np.int32))
+        self.device_rows = tuple(len(i) for i in idx)
         g = weights.global_params()
         self.embed_params, self.head_params = {"embed": g["embed"]}, g
         self.block_ops = not getattr(weights, "accelerator_path", False)

@@ -155,6 +155,22 @@ def test_engine_admits_as_the_model_does(model, prompts, alone):
         sum(s.decode_rows) + sum(s.prefill_rows) for s in sw)
 
 
+def test_device_runs_the_padded_rows_the_model_prices(model, prompts, alone):
+    # micro-batches of up to 4, 3 running, prefill ≤ 48 padded tokens (three of 16): groups
+    # of 3 run as 4 device rows (the next power of two), of 1 as 1, as `admission` prices
+    pol = Policy.from_micro_batches(4, 1, gpu_weight_fraction=0.0, page_bytes=PAGE,
+                                    max_concurrency=3, prefill_tokens_per_sweep=48)
+    e = moejax.Engine(model, policy=pol)
+    assert e.generate(prompts, MAX_NEW) == alone
+    sh = admission(list(zip(LENS, MAX_NEW)), 1e9, pol).shape
+    sw = e.last_sweeps
+    dev_d = [sum(s.device_rows[:len(s.decode_rows)]) for s in sw]
+    dev_p = [sum(s.device_rows[len(s.decode_rows):]) for s in sw]
+    assert dev_d == np.rint(sh.n_d * sh.dev_rows_d).tolist()
+    assert dev_p == np.rint(sh.n_p * sh.dev_rows_p).tolist()
+    assert 3 in [sum(s.prefill_rows) for s in sw] and 4 in dev_p and 1 in dev_d
+
+
 def test_static_batches_fit_the_host_kv_budget(model, prompts, alone):
     probe = moejax.Engine(model, gpu_weight_fraction=0.0, page_bytes=PAGE)
     row = (padded_len(max(LENS)) + max(MAX_NEW)) * probe._kv_bytes_per_token()

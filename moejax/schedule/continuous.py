@@ -15,10 +15,12 @@ from moejax.model_config.hardware import HardwareSpec
 from moejax.model_config.model import ModelConfig
 from moejax.model_config.workload import Workload
 from moejax.schedule import costs
-from moejax.schedule.policy import Policy, affine_interval, padded_len
+from moejax.schedule.policy import (Policy, affine_interval, padded_len, padded_rows,
+                                    prefill_device_rows, prefill_rows)
 from moejax.schedule.predict import (Knobs, MoELensBound, _combine, _layer_kinds, _stream,
                                      check_inputs, memory_budgets, moe_lens_bound,
                                      working_set_bytes)
+from moejax.schedule.timeline import sweep_micro_batches
 
 
 # ------------------------------------------------------------------ sweep shape
@@ -26,7 +28,8 @@ from moejax.schedule.predict import (Knobs, MoELensBound, _combine, _layer_kinds
 class SweepShape:
     """A sweep as two uniform groups (arrays broadcast): `n_d` decode micro-batches of `rows_d`
     rows attending to `ctx_d` keys (mean, itself included); `n_p` prefill micro-batches of
-    `rows_p` prompts padded to `len_p` (mean; padded tokens exact)."""
+    `rows_p` prompts padded to `len_p` (mean over device rows; padded tokens exact). The
+    device runs `dev_rows_d`, `dev_rows_p` rows a micro-batch (`padded_rows`; None: rows)."""
 
     n_d: object
     rows_d: object
@@ -34,27 +37,39 @@ class SweepShape:
     n_p: object = 0.0
     rows_p: object = 0.0
     len_p: object = 0.0
+    dev_rows_d: object = None
+    dev_rows_p: object = None
 
     @classmethod
-    def of(cls, decode, prefill) -> "SweepShape":
-        """The shape of `build_sweep(decode, prefill)`'s micro-batches, as their means."""
-        d_rows = sum(len(g) for g in decode)
-        p_rows = sum(len(g) for g in prefill)
-        padded = sum(len(g) * padded_len(max(g)) for g in prefill)
-        keys = sum(len(g) * -(-sum(g) // len(g)) for g in decode)  # as build_sweep rounds
-        return cls(len(decode), d_rows / max(len(decode), 1), keys / max(d_rows, 1),
-                   len(prefill),
-                   p_rows / max(len(prefill), 1), padded / max(p_rows, 1))
+    def of(cls, decode, prefill, policy: Policy) -> "SweepShape":
+        """The shape of `build_sweep(policy, decode, prefill)`'s micro-batches, as means."""
+        mbs = sweep_micro_batches(decode, prefill, policy)
+        dec = [m for m in mbs if m[0] == "decode"]
+        pre = [m for m in mbs if m[0] == "prefill"]
+        d_rows = sum(m[3] for m in dec)
+        keys = sum(m[3] * m[2] for m in dec)  # as build_sweep rounds
+        p_dev = sum(m[1] // m[2] for m in pre)
+        n_d, n_p = max(len(dec), 1), max(len(pre), 1)
+        return cls(len(dec), d_rows / n_d, keys / max(d_rows, 1), len(pre),
+                   sum(len(g) for g in prefill) / n_p, sum(m[1] for m in pre) / max(p_dev, 1),
+                   sum(m[1] for m in dec) / n_d, p_dev / n_p)
+
+    @property
+    def device_rows(self) -> tuple:
+        """(decode, prefill) rows a micro-batch the device runs."""
+        return (self.rows_d if self.dev_rows_d is None else self.dev_rows_d,
+                self.rows_p if self.dev_rows_p is None else self.dev_rows_p)
 
 
-def _decode_mb(m, hw, wl, layer, rows, ctx, host_bytes):
-    """(pre, post + FFN, cpu attention, h2d, d2h) [s] of one decode micro-batch, one layer."""
-    pre = costs.gpu_pre_attention_s(m, hw, rows)
-    post = (costs.gpu_post_attention_s(m, hw, rows, layer)
-            + costs.gpu_ffn_s(m, hw, rows, layer, wl.imbalance["decode"]))
+def _decode_mb(m, hw, wl, layer, rows, dev, ctx, host_bytes):
+    """(pre, post + FFN, cpu attention, h2d, d2h) [s] of one decode micro-batch of `rows`
+    (`dev` on the device), one layer."""
+    pre = costs.gpu_pre_attention_s(m, hw, dev)
+    post = (costs.gpu_post_attention_s(m, hw, dev, layer)
+            + costs.gpu_ffn_s(m, hw, dev, layer, wl.imbalance["decode"]))
     cpu = costs.cpu_attention_s(m, hw, rows, ctx, wl.kv_bytes_per_elem, host_bytes)
-    return (pre, post, cpu, costs.h2d_s(hw, costs.attn_out_bytes(m, rows)),
-            costs.d2h_s(hw, costs.qkv_bytes(m, rows)))
+    return (pre, post, cpu, costs.h2d_s(hw, costs.attn_out_bytes(m, dev)),
+            costs.d2h_s(hw, costs.qkv_bytes(m, dev)))
 
 
 def _prefill_mb(m, hw, wl, layer, rows, s):
@@ -78,13 +93,15 @@ def knobs_of(policy) -> Knobs:
 def _mb_prices(m, hw, wl, layer, k: Knobs, sh: "SweepShape"):
     """Per-micro-batch prices (0 where a group is empty) and the layer's stream [s]."""
     has_d, has_p = np.asarray(sh.n_d) > 0, np.asarray(sh.n_p) > 0
-    rows_d, rows_p = np.maximum(sh.rows_d, 1), np.maximum(sh.rows_p, 1)
+    rows_d = np.maximum(sh.rows_d, 1)
+    dev_d, dev_p = (np.maximum(r, 1) for r in sh.device_rows)
     stream_s, stream = _stream(m, hw, layer, k.wg, k.page_bytes)
-    act = costs.attn_out_bytes(m, rows_d) + costs.qkv_bytes(m, rows_d)
+    act = costs.attn_out_bytes(m, dev_d) + costs.qkv_bytes(m, dev_d)
     host = (stream / np.maximum(sh.n_d, 1) + act) if k.overlap else 0.0
-    d = [np.where(has_d, x, 0.0) for x in _decode_mb(m, hw, wl, layer, rows_d, sh.ctx_d, host)]
+    d = [np.where(has_d, x, 0.0)
+         for x in _decode_mb(m, hw, wl, layer, rows_d, dev_d, sh.ctx_d, host)]
     p = [np.where(has_p, x, 0.0) for x in
-         _prefill_mb(m, hw, wl, layer, rows_p, np.maximum(sh.len_p, 1))]
+         _prefill_mb(m, hw, wl, layer, dev_p, np.maximum(sh.len_p, 1))]
     return has_d, d, p, stream_s
 
 
@@ -146,10 +163,11 @@ def sweep_s(m: ModelConfig, hw: HardwareSpec, wl: Workload, policy, sh: SweepSha
 
 
 def _heads_s(m, hw, sh: SweepShape):
-    """LM heads [s] of a sweep's micro-batches: one token per sequence."""
-    return (np.where(np.asarray(sh.n_d) > 0, sh.n_d * costs.gpu_lm_head_s(
-        m, hw, np.maximum(sh.rows_d, 1)), 0.0) + np.where(np.asarray(sh.n_p) > 0, sh.n_p
-        * costs.gpu_lm_head_s(m, hw, np.maximum(sh.rows_p, 1)), 0.0))
+    """LM heads [s] of a sweep's micro-batches: one token per device row."""
+    dev_d, dev_p = (np.maximum(r, 1) for r in sh.device_rows)
+    return (np.where(np.asarray(sh.n_d) > 0, sh.n_d * costs.gpu_lm_head_s(m, hw, dev_d), 0.0)
+            + np.where(np.asarray(sh.n_p) > 0, sh.n_p * costs.gpu_lm_head_s(m, hw, dev_p),
+                       0.0))
 
 
 # ------------------------------------------------------------------- memory
@@ -201,13 +219,6 @@ class Admission:
     tokens: np.ndarray
     running: np.ndarray
     reserved_tokens: np.ndarray  # KV reserved during the sweep
-
-
-def prefill_rows(padded: int, ubs: int, cap=None) -> int:
-    """Rows a prefill micro-batch of padded prompt length `padded` holds, and is padded to
-    on the device: ubs, or with a token cap ⌊cap / padded⌋ (at least 1) where fewer. It
-    depends on the length alone, so the jitted shapes repeat across sweeps."""
-    return ubs if cap is None else max(1, min(ubs, int(cap) // int(padded)))
 
 
 def pack_prefill(prompt_lens, ubs: int, cap=None) -> list[list[int]]:
@@ -311,12 +322,16 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
         adm, nxt = list(range(nxt, nxt + n)), nxt + n
         rows = act_p.size
         lens = [int(p_all[i]) for i in adm]
-        groups = [[lens[j] for j in g]
-                  for g in pack_prefill(lens, ubs, policy.prefill_micro_batch_tokens)]
+        cap = policy.prefill_micro_batch_tokens
+        groups = [[lens[j] for j in g] for g in pack_prefill(lens, ubs, cap)]
         n_d = -(-rows // ubs)
-        padded = sum(len(g) * padded_len(max(g)) for g in groups)
+        dev_d = sum(padded_rows(min(ubs, rows - j), ubs) for j in range(0, rows, ubs))
+        dev_p = [prefill_device_rows(g, ubs, cap) for g in groups]
+        padded = sum(r * padded_len(max(g)) for r, g in zip(dev_p, groups))
+        n_g = max(len(groups), 1)
         out.append((n_d, rows / max(n_d, 1), (act_p + act_n).sum() / max(rows, 1),
-                    len(groups), len(adm) / max(len(groups), 1), padded / max(len(adm), 1),
+                    len(groups), len(adm) / n_g, padded / max(sum(dev_p), 1),
+                    dev_d / max(n_d, 1), sum(dev_p) / n_g,
                     rows + len(adm), rows + len(adm), plan.now))
         plan.advance()
         act_p = np.concatenate([act_p, p_all[adm]])
@@ -324,8 +339,8 @@ def admission(requests, kv_tokens: float, policy: Policy) -> Admission:
         act_n = np.concatenate([act_n + 1, np.ones(len(adm), dtype=np.int64)])
         done = act_n >= act_g
         act_p, act_g, act_n = act_p[~done], act_g[~done], act_n[~done]
-    cols = np.array(out, dtype=float).T if out else np.zeros((9, 0))
-    return Admission(SweepShape(*cols[:6]), cols[6], cols[7], cols[8])
+    cols = np.array(out, dtype=float).T if out else np.zeros((11, 0))
+    return Admission(SweepShape(*cols[:8]), cols[8], cols[9], cols[10])
 
 
 # ------------------------------------------------------------------ steady state
@@ -335,7 +350,8 @@ def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
     ("max") or p + (g+1)/2 ("lookahead") KV tokens held over g sweeps:
         λ = min(M / E[r·g], C_max / E[g], B / E[padded p])   [sequences / sweep]
     C = λ·E[g]; decode rows R = λ·(E[g] − 1) in ⌈R/ubs⌉ micro-batches, Σ contexts
-    λ·E[(g−1)·p + g(g−1)/2]; prefill in max(⌈λ/ubs⌉, ⌈λ·E[pp]/T_mb⌉) micro-batches (group padding left out)."""
+    λ·E[(g−1)·p + g(g−1)/2]; prefill in max(⌈λ/ubs⌉, ⌈λ·E[pp]/T_mb⌉) micro-batches; the device
+    runs the mean rows `padded_rows` (the last decode micro-batch; length padding left out)."""
     req = np.array(wl.requests(len(wl.prompt_lens) if wl.prompt_lens else 1), dtype=float)
     p, g = req[:, 0], req[:, 1]
     pp = np.array([padded_len(int(x)) for x in p], dtype=float)
@@ -348,10 +364,14 @@ def steady_state(wl: Workload, kv_tokens, ubs, concurrency, prefill_budget=None,
     n_d = np.ceil(rows / ubs - 1e-9)
     ctx = lam * np.mean((g - 1) * p + g * (g - 1) / 2) / np.maximum(rows, 1e-9)
     n_p = np.maximum(np.ceil(lam / ubs - 1e-9), 1)  # `pack_prefill`: ≤ ubs prompts a group
+    cap_p = ubs
     if prefill_mb_tokens is not None:
         n_p = np.maximum(n_p, np.ceil(lam * pp.mean() / prefill_mb_tokens - 1e-9))
+        cap_p = np.maximum(1, np.minimum(ubs, np.floor(prefill_mb_tokens / pp.mean())))
+    last = rows - np.maximum(n_d - 1, 0) * ubs  # the last decode micro-batch, padded
+    dev_d = (np.maximum(n_d - 1, 0) * ubs + padded_rows(last, ubs)) / np.maximum(n_d, 1)
     shape = SweepShape(n_d, rows / np.maximum(n_d, 1), ctx, n_p, lam / n_p,
-                       np.full_like(lam, pp.mean()))
+                       np.full_like(lam, pp.mean()), dev_d, padded_rows(lam / n_p, cap_p))
     return lam, lam * g.mean(), shape
 
 

@@ -18,6 +18,28 @@ def padded_len(n: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-int(n) // multiple) * multiple
 
 
+def padded_rows(rows, cap):
+    """Rows a micro-batch of `rows` real rows is padded to on the device, broadcast: the
+    next power of two, at most `cap`. Shapes (and compilations) still repeat across sweeps,
+    ⌈log2 cap⌉ + 1 of them, while a nearly empty micro-batch costs its own rows, not cap's."""
+    r = np.minimum(cap, 2.0 ** np.ceil(np.log2(np.maximum(rows, 1))))
+    return int(r) if isinstance(rows, (int, np.integer)) and np.ndim(cap) == 0 else r
+
+
+def prefill_rows(padded: int, ubs: int, cap=None) -> int:
+    """Rows a prefill micro-batch of padded prompt length `padded` holds at most: ubs, or
+    with a token cap ⌊cap / padded⌋ (at least 1) where fewer. It depends on the length
+    alone, so with `padded_rows` the jitted shapes repeat across sweeps."""
+    return ubs if cap is None else max(1, min(ubs, int(cap) // int(padded)))
+
+
+def prefill_device_rows(prompt_lens, ubs: int, cap=None) -> int:
+    """Device rows of a prefill micro-batch of these prompts: `padded_rows` of their
+    count, at most `prefill_rows` of the longest padded prompt. The runtime pads to it,
+    the timeline and the model price it."""
+    return padded_rows(len(prompt_lens), prefill_rows(padded_len(max(prompt_lens)), ubs, cap))
+
+
 @dataclass(frozen=True)
 class Policy:
     """How a batch is run (docs/design.md §2-§4): N = ubs·n_ub sequences, n_ub micro-batches

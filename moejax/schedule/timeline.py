@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moejax.model_config.model import ModelConfig
-from moejax.schedule.policy import PAD_MULTIPLE, Policy, padded_len
+from moejax.schedule.policy import (PAD_MULTIPLE, Policy, padded_len, padded_rows,
+                                    prefill_device_rows)
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
 # op → resource. "attn" runs on the gpu (prefill, or decode with attention_device="gpu").
@@ -92,19 +93,20 @@ class _Builder:
 
 def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attention: bool,
                    order=None):
-    """Entries of one pass over micro-batches `mbs` = [(stage, tokens, context)] by id,
+    """Entries of one pass over micro-batches `mbs` = [(stage, tokens, context, host
+    tokens)] by id (host tokens: the rows its CPU attention reads, tokens the device's),
     taken in `order` (default: by id); returns each micro-batch's last op (post_attn), by
     id. A decode micro-batch with CPU attention interleaves its output with a chunk of
     the next pass's pages; in a pass with none, every chunk precedes the first post."""
     n = len(mbs)
     order = list(range(n)) if order is None else list(order)
     chunks = b.page_chunks(p + 1, *nxt, n) if nxt else [lambda: None] * n
-    via_host = [st == "decode" and cpu_attention for st, _, _ in mbs]
+    via_host = [st == "decode" and cpu_attention for st, *_ in mbs]
     pre, out, post = [None] * n, [None] * n, [None] * n
     pages = lambda: tuple(b.pages.get(p, ()))
 
     def pre_attn(k):
-        stage, tokens, context = mbs[k]
+        stage, tokens, context, host = mbs[k]
         sizes = dict(tokens=tokens, context=context)
         pre[k] = b.add("pre_attn", stage, step, layer, k, deps=(prev_out[k],), **sizes)
         if not via_host[k]:
@@ -116,11 +118,12 @@ def _pass_schedule(b: _Builder, p, step, layer, nxt, prev_out, mbs, cpu_attentio
         else:  # the first decode attention reads the prompt's k, v from the host cache
             q = b.add("d2h_qkv", stage, step, layer, k, deps=(pre[k],), **sizes)
             out[k] = b.add("cpu_attn", stage, step, layer, k,
-                           deps=(q, b.kv_written.get((layer, k))), **sizes)
+                           deps=(q, b.kv_written.get((layer, k))), tokens=host,
+                           context=context)
 
     def post_attn(i):  # i: position in `order`
         k = order[i]
-        stage, tokens, context = mbs[k]
+        stage, tokens, context, _ = mbs[k]
         if via_host[k]:
             # the last output goes before its chunk (module docstring)
             emit_out = lambda: b.add("h2d_attn", stage, step, layer, k, deps=(out[k],),
@@ -172,20 +175,22 @@ def build_timeline(cfg: ModelConfig, policy: Policy, prompt_len: int, decode_ste
             prev = [b.add("embed", stage, step, 0, k, deps=(prev[k],), tokens=tokens)
                     for k in range(n)]
         nxt = passes[p + 1] if p + 1 < len(passes) else None
-        prev = _pass_schedule(b, p, step, layer, nxt, prev, [(stage, tokens, context)] * n,
-                              cpu_attention)
+        prev = _pass_schedule(b, p, step, layer, nxt, prev,
+                              [(stage, tokens, context, tokens)] * n, cpu_attention)
         if layer == L - 1:
             prev = [b.add("head", stage, step, layer, k, deps=(prev[k],), tokens=ubs)
                     for k in range(n)]
     return b.entries
 
 
-def sweep_micro_batches(decode, prefill, multiple: int = PAD_MULTIPLE):
-    """[(stage, tokens, context)] of a sweep's micro-batches, decode first. A decode
-    micro-batch of contexts c_i: tokens = rows, context = ⌈Σ c_i / rows⌉ (tokens ×
-    context ≥ Σ c_i, the keys its attention reads). A prefill micro-batch of prompts s_i:
-    context = padded_len(max s_i), tokens = rows × context (the runtime's padding)."""
-    out = []
+def sweep_micro_batches(decode, prefill, policy: Policy, multiple: int = PAD_MULTIPLE):
+    """[(stage, tokens, context, host tokens)] of a sweep's micro-batches, decode first,
+    with the runtime's padding (`padded_rows`, `prefill_device_rows`). A decode
+    micro-batch of contexts c_i: tokens = its device rows, host tokens = its rows and
+    context = ⌈Σ c_i / rows⌉ (host tokens × context ≥ Σ c_i, the keys its CPU attention
+    reads). A prefill micro-batch of prompts s_i: context = padded_len(max s_i), tokens =
+    device rows × context."""
+    out, ubs, cap = [], policy.micro_batch_size, policy.prefill_micro_batch_tokens
     for stage, groups in (("decode", decode), ("prefill", prefill)):
         for g in groups:
             lens = [int(x) for x in g]
@@ -193,10 +198,12 @@ def sweep_micro_batches(decode, prefill, multiple: int = PAD_MULTIPLE):
                 raise ValueError(f"build_sweep: a {stage} micro-batch {list(g)!r} must "
                                  "be a non-empty list of positive lengths")
             if stage == "decode":
-                out.append((stage, len(lens), -(-sum(lens) // len(lens))))
+                out.append((stage, padded_rows(len(lens), ubs),
+                            -(-sum(lens) // len(lens)), len(lens)))
             else:
                 s = padded_len(max(lens), multiple)
-                out.append((stage, len(lens) * s, s))
+                t = prefill_device_rows(lens, ubs, cap) * s
+                out.append((stage, t, s, t))
     return out
 
 
@@ -221,21 +228,21 @@ def build_sweep(cfg: ModelConfig, policy: Policy, decode, prefill,
                          "kv_cache_device='cpu')")
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"build_sweep: step={step!r} must be an integer >= 0")
-    mbs = sweep_micro_batches(decode, prefill)
+    mbs = sweep_micro_batches(decode, prefill, policy)
     if not mbs:
         raise ValueError("build_sweep: a sweep needs at least one micro-batch")
     b = _Builder(cfg, policy, plan or StreamPlan.uniform(cfg, policy))
     L, p0, first_stage = cfg.num_layers, step * cfg.num_layers, mbs[0][0]
     if first_pages:
         b.page_chunks(p0, first_stage, step, 0, 1)[0]()
-    prev = [b.add("embed", st, step, 0, k, tokens=t) for k, (st, t, _) in enumerate(mbs)]
+    prev = [b.add("embed", st, step, 0, k, tokens=t) for k, (st, t, *_) in enumerate(mbs)]
     n_d = len(decode)
     order = list(range(n_d - 1)) + list(range(n_d, len(mbs))) + [n_d - 1] if n_d else None
     for layer in range(L):
         nxt = ((first_stage, step, layer + 1) if layer + 1 < L
                else ("decode", step + 1, 0) if next_pages else None)
         prev = _pass_schedule(b, p0 + layer, step, layer, nxt, prev, mbs, True, order)
-    for k, (st, t, c) in enumerate(mbs):
+    for k, (st, t, c, _) in enumerate(mbs):
         b.add("head", st, step, L - 1, k, deps=(prev[k],),
               tokens=t if st == "decode" else t // c)
     return b.entries

@@ -23,7 +23,7 @@ WL = Workload(77, 32)
 def _sim_and_closed_form(m, hw, pol, decode, prefill):
     tl = build_sweep(m, pol, decode, prefill, first_pages=False, next_pages=True)
     sim = simulate(tl, m, hw, pol).sweep_s(tl)
-    return sim, float(sweep_s(m, hw, WL, pol, SweepShape.of(decode, prefill)))
+    return sim, float(sweep_s(m, hw, WL, pol, SweepShape.of(decode, prefill, pol)))
 
 
 @pytest.mark.parametrize("hw_name", ["l4", "l4_moe_lightning"])
@@ -57,7 +57,7 @@ def test_serial_sweep_is_the_sum_of_its_prices():
     tl = build_sweep(hand.M, pol, decode, prefill, first_pages=False)
     sim = simulate(tl, hand.M, hand.HW, pol)
     assert sim.makespan_s == pytest.approx(sum(sim.busy_s.values()))
-    cf = float(sweep_s(hand.M, hand.HW, WL, pol, SweepShape.of(decode, prefill)))
+    cf = float(sweep_s(hand.M, hand.HW, WL, pol, SweepShape.of(decode, prefill, pol)))
     assert cf == pytest.approx(sim.sweep_s(tl), rel=1e-9)
 
 

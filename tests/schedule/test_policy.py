@@ -1,6 +1,21 @@
 import pytest
 
-from moejax.schedule.policy import Policy, affine_interval
+import numpy as np
+
+from moejax.schedule.policy import (Policy, affine_interval, padded_rows,
+                                   prefill_device_rows)
+
+
+def test_padded_rows_next_power_of_two_at_most_cap():
+    assert [padded_rows(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert padded_rows(40, 48) == 48  # a cap that is not a power of two
+    assert padded_rows(np.array([3.0, 6.7, 0.0]), 4).tolist() == [4, 4, 1]
+
+
+def test_prefill_device_rows_pads_the_count_within_the_token_cap():
+    assert prefill_device_rows([10, 12, 9], 8) == 4  # 3 prompts -> 4 rows
+    assert prefill_device_rows([20, 40, 30], 8, cap=100) == 2  # ⌊100 / 48⌋ = 2 rows
+    assert prefill_device_rows([500], 8, cap=100) == 1
 
 
 def test_from_micro_batches():

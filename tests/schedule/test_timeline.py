@@ -222,15 +222,18 @@ def test_sweep_micro_batches_stages_and_sizes():
                                                             if e.op != "page"} == {3}
     sizes = {(e.micro_batch, e.stage, e.tokens, e.context) for e in tl
              if e.op == "pre_attn"}
-    # decode: tokens = rows, context = ⌈Σ contexts / rows⌉; prefill: padded to 32
-    assert sizes == {(0, "decode", 3, 11), (1, "decode", 1, 20), (2, "prefill", 64, 32)}
+    # decode: device rows padded to a power of two (3 -> 4), context = ⌈Σ contexts /
+    # rows⌉, CPU attention over the real rows; prefill: 2 rows padded to 32 positions
+    assert sizes == {(0, "decode", 4, 11), (1, "decode", 1, 20), (2, "prefill", 64, 32)}
+    assert {(e.micro_batch, e.tokens, e.context) for e in tl if e.op == "cpu_attn"} == {
+        (0, 3, 11), (1, 1, 20)}
     ops = Counter((e.op, e.micro_batch) for e in tl if e.op != "page")
     L = CFG.num_layers
     for k in (0, 1):
         assert ops[("cpu_attn", k)] == ops[("h2d_attn", k)] == L and ops[("attn", k)] == 0
     assert ops[("attn", 2)] == ops[("d2h_kv", 2)] == L and ops[("cpu_attn", 2)] == 0
     heads = {e.micro_batch: e.tokens for e in tl if e.op == "head"}
-    assert heads == {0: 3, 1: 1, 2: 2}  # one token per sequence
+    assert heads == {0: 4, 1: 1, 2: 2}  # one token per device row
     for k in range(3):  # embed opens, head closes every micro-batch
         own = [e for e in tl if e.micro_batch == k]
         assert own[0].op == "embed" and own[-1].op == "head"
