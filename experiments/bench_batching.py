@@ -9,7 +9,8 @@ stopping at its output length) run static and continuous in alternating rounds i
 process. Continuous batching takes `search_continuous`'s policy on the calibrated local
 hardware (concurrency bounded by the host KV budget); static runs the requests in batches
 of as many as that KV budget holds at full length, each with its own searched
-micro-batching (the engine's static path).
+micro-batching (the engine's static path). Untimed first: the continuous job itself and
+a short static run, so the timed rounds compile nothing (`local.warm_up`).
 Measured generated tokens/s (median of the rounds, and the spread) beside the model's
 predictions (`predict` of the static batches, `predict_continuous` of the same requests)
 and the MoE-Lens limit. Then the target presets' predictions, static and continuous, next
@@ -209,7 +210,7 @@ def main(argv):
           f"{FLAGS.gen_scale:g}: {min(gens)}–{max(gens)}), concurrency {policy.concurrency}"
           f" ({policy.micro_batch_size}×{policy.num_micro_batches}), wg "
           f"{policy.gpu_weight_fraction:.3f}", flush=True)
-    warm_up(engine, prompts, "continuous")  # compile; not timed
+    warm_up(engine, prompts, "continuous", gens)  # compile; not timed
     engines["static"].generate(prompts, 2, batching="static")
     rates = {"static": [], "continuous": []}
     sweeps = []

@@ -156,12 +156,17 @@ def gantt(run, cfg, hw, path: str, decode_steps: int = 2):
 
 
 
-def warm_up(engine, prompts, batching: str) -> None:
-    """Compile what a timed run will, untimed: a prefill micro-batch of each padded prompt
-    length (one call per length: a group's shape is its longest prompt's) and a decode
-    step, at the policy's micro-batch size (a call of ubs copies of the prompt)."""
+def warm_up(engine, prompts, batching: str, max_new=None) -> None:
+    """Compile what a timed run will, untimed. Continuous with `max_new`: the job itself
+    (its admissions, hence its padded micro-batch shapes, are deterministic, so the timed
+    run compiles nothing). Else a prefill micro-batch of each padded prompt length (one
+    call per length: a group's shape is its longest prompt's) and a decode step, at the
+    policy's micro-batch size (a call of ubs copies of the prompt)."""
     from moejax.schedule.policy import padded_len
 
+    if batching == "continuous" and max_new is not None:
+        engine.generate(prompts, max_new, batching="continuous")
+        return
     seen = {}
     for p in prompts:
         seen.setdefault(padded_len(len(p)), p)

@@ -381,7 +381,7 @@ def local_continuous(setup, workload) -> dict:
     print(f"local: {len(reqs)} requests (prompt {wl.prompt_len}, output {wl.gen_len} mean), "
           f"{policy}", flush=True)
     try:
-        warm_up(engine, prompts, "continuous")
+        warm_up(engine, prompts, "continuous", gens)
         t0 = time.perf_counter()
         engine.generate(prompts, gens, progress=Progress("local run", "tokens"))
         wall = time.perf_counter() - t0
